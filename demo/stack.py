@@ -1,0 +1,323 @@
+"""Starts a real Prefect server and process workers, and seeds them through the REST API.
+
+The server runs from its own virtual environment (full `prefect`), apart from the exporter's
+(`prefect-client` only), as a separate deployment would in production.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_VENV = Path(os.environ.get("PREFECT_SERVER_VENV", ROOT / ".venv-prefect-server"))
+FLOWS_DIR = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.25
+) -> Any:
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = condition()
+        except Exception as exc:  # the condition may fail while the thing starts up
+            last_error = exc
+        else:
+            if result:
+                return result
+        time.sleep(interval)
+    raise TimeoutError(
+        f"timed out after {timeout:g}s waiting for {what} (last error: {last_error})"
+    )
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _clean_env(extra: Mapping[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+class PrefectServer:
+    """`prefect server start` on a free port with a throw-away PREFECT_HOME (SQLite)."""
+
+    def __init__(self, home: Path, port: int | None = None, log_path: Path | None = None) -> None:
+        self.home = home
+        self.port = port or free_port()
+        self.log_path = log_path or home / "server.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def env(self) -> dict[str, str]:
+        return _clean_env({"PREFECT_HOME": str(self.home), "PREFECT_API_URL": self.api_url})
+
+    def start(self, timeout: float = 180) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = _clean_env({"PREFECT_HOME": str(self.home)})
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(SERVER_VENV / "bin" / "prefect"),
+                    "server",
+                    "start",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--no-ui",
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+        def healthy() -> bool:
+            # A healthy answer counts only while our own process is alive (the port could
+            # belong to another server otherwise).
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"prefect server exited; see {self.log_path}")
+            return httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200
+
+        wait_for(healthy, timeout, f"the Prefect server on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+
+
+class Worker:
+    """A `prefect worker start --type process` subprocess."""
+
+    def __init__(
+        self,
+        server: PrefectServer,
+        pool: str,
+        name: str,
+        queues: Iterable[str] = (),
+        heartbeat_seconds: int = 30,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.server, self.pool, self.name = server, pool, name
+        self.queues = list(queues)
+        self.heartbeat_seconds = heartbeat_seconds
+        self.extra_env = dict(extra_env or {})
+        self.log_path = server.home / f"worker-{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [
+            str(SERVER_VENV / "bin" / "prefect"),
+            "worker",
+            "start",
+            "--pool",
+            self.pool,
+            "--type",
+            "process",
+            "--name",
+            self.name,
+        ]
+        for queue in self.queues:
+            command += ["--work-queue", queue]
+        env = self.server.env()
+        env.update(
+            {
+                "PREFECT_WORKER_HEARTBEAT_SECONDS": str(self.heartbeat_seconds),
+                "PREFECT_WORKER_QUERY_SECONDS": "2",
+                **self.extra_env,
+            }
+        )
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=FLOWS_DIR,
+                start_new_session=True,
+            )
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its flow-run children: no goodbye, like a crashed node."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            # Prefect's worker escalates on the second signal; give it one graceful chance.
+            os.killpg(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class PrefectAdmin:
+    """Seeds pools, queues, deployments and runs through the REST API (test and demo only)."""
+
+    def __init__(self, api_url: str) -> None:
+        self.client = httpx.Client(base_url=api_url + "/", timeout=30)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def request(self, method: str, path: str, body: Any = None, retries: int = 20) -> Any:
+        # SQLite answers 503 while locked; seeding retries where the exporter never would.
+        for attempt in range(retries):
+            response = self.client.request(method, path, json=body)
+            if response.status_code != 503:
+                response.raise_for_status()
+                return response.json() if response.content else None
+            time.sleep(min(2.0, 0.1 * (attempt + 1)))
+        response.raise_for_status()
+        return None
+
+    def create_pool(
+        self, name: str, concurrency_limit: int | None = None, paused: bool = False
+    ) -> dict[str, Any]:
+        pool: dict[str, Any] = self.request(
+            "POST",
+            "work_pools/",
+            {
+                "name": name,
+                "type": "process",
+                "concurrency_limit": concurrency_limit,
+                "is_paused": paused,
+            },
+        )
+        return pool
+
+    def create_queue(
+        self,
+        pool: str,
+        name: str,
+        priority: int | None = None,
+        concurrency_limit: int | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "concurrency_limit": concurrency_limit}
+        if priority is not None:
+            body["priority"] = priority
+        queue: dict[str, Any] = self.request("POST", f"work_pools/{pool}/queues", body)
+        return queue
+
+    def create_deployment(
+        self,
+        name: str,
+        pool: str,
+        queue: str,
+        flow: str = "quick",
+        concurrency_limit: int | None = None,
+    ) -> str:
+        flow_id = self.request("POST", "flows/", {"name": flow})["id"]
+        deployment = self.request(
+            "POST",
+            "deployments/",
+            {
+                "name": name,
+                "flow_id": flow_id,
+                "work_pool_name": pool,
+                "work_queue_name": queue,
+                "entrypoint": f"flows.py:{flow}",
+                "path": str(FLOWS_DIR),
+                "concurrency_limit": concurrency_limit,
+            },
+        )
+        return str(deployment["id"])
+
+    def create_runs(
+        self,
+        deployment_id: str,
+        count: int,
+        scheduled: datetime | None = None,
+        parameters: Mapping[str, Any] | None = None,
+    ) -> list[str]:
+        """Create `count` runs in bulk, re-submitting the ones SQLite refused."""
+        state: dict[str, Any] = {"type": "SCHEDULED"}
+        if scheduled is not None:
+            state["state_details"] = {"scheduled_time": iso(scheduled)}
+        created: list[str] = []
+        while len(created) < count:
+            batch = min(100, count - len(created))
+            answer = self.request(
+                "POST",
+                f"deployments/{deployment_id}/create_flow_run/bulk",
+                [{"state": state, "parameters": dict(parameters or {})} for _ in range(batch)],
+            )
+            created += [r["flow_run_id"] for r in answer["results"] if r["status"] == "CREATED"]
+        return created
+
+    def create_pending_run(self, pool: str, queue: str, flow: str = "pending-only") -> str:
+        """A run that sits in Pending: nothing will ever start it."""
+        flow_id = self.request("POST", "flows/", {"name": flow})["id"]
+        run = self.request(
+            "POST",
+            "flow_runs/",
+            {
+                "flow_id": flow_id,
+                "work_pool_name": pool,
+                "work_queue_name": queue,
+                "state": {"type": "PENDING"},
+            },
+        )
+        return str(run["id"])
+
+    def pause_pool(self, name: str, paused: bool = True) -> None:
+        self.request("PATCH", f"work_pools/{name}", {"is_paused": paused})
+
+    def workers(self, pool: str) -> list[dict[str, Any]]:
+        workers: list[dict[str, Any]] = self.request(
+            "POST", f"work_pools/{pool}/workers/filter", {}
+        )
+        return workers
+
+    def queues(self) -> list[dict[str, Any]]:
+        queues: list[dict[str, Any]] = self.request("POST", "work_queues/filter", {})
+        return queues
+
+    def pools(self) -> list[dict[str, Any]]:
+        pools: list[dict[str, Any]] = self.request("POST", "work_pools/filter", {})
+        return pools
+
+    def runs(self, body: Mapping[str, Any]) -> list[dict[str, Any]]:
+        runs: list[dict[str, Any]] = self.request("POST", "flow_runs/filter", dict(body))
+        return runs
+
+    def count(self, body: Mapping[str, Any]) -> int:
+        return int(self.request("POST", "flow_runs/count", dict(body)))
+
+
+def past(seconds: float) -> datetime:
+    return datetime.now(UTC) - timedelta(seconds=seconds)

@@ -1,0 +1,116 @@
+"""Entry point: reads settings and environment, wires the parts together, runs until signalled."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry
+from structlog.typing import FilteringBoundLogger
+
+from exporter import __version__, logs
+from exporter.budget import RequestBudget
+from exporter.collector import ExporterCollector, SnapshotCollector
+from exporter.config import ConfigError, Settings, load_settings
+from exporter.exposition import Exposition, render
+from exporter.poller import Poller, PollMetrics, PollSettings
+from exporter.prefect_api import ApiMetrics, Connection, PrefectApi
+from exporter.server import App, MetricsServer
+from exporter.snapshot import Snapshot
+from exporter.store import Store
+
+
+def render_snapshot(snapshot: Snapshot) -> Exposition:
+    return render(SnapshotCollector(snapshot))
+
+
+async def serve(settings: Settings, log: FilteringBoundLogger) -> int:
+    """Run the poller and the HTTP server until SIGTERM or SIGINT."""
+    registry = CollectorRegistry(auto_describe=True)
+    store: Store[Exposition] = Store(render_snapshot, settings.max_staleness)
+    registry.register(ExporterCollector(store.status))
+    api = PrefectApi(
+        Connection(
+            api_url=settings.api_url,
+            api_key=settings.api_key,
+            auth_string=settings.auth_string,
+            request_timeout=settings.request_timeout,
+        ),
+        ApiMetrics(registry),
+        RequestBudget(settings.requests_per_minute),
+    )
+    poller = Poller(
+        api,
+        store,
+        PollSettings(
+            interval=settings.poll_interval,
+            timeout=settings.poll_timeout,
+            concurrency=settings.poll_concurrency,
+            heartbeat_multiple=settings.heartbeat_multiple,
+        ),
+        PollMetrics(registry),
+        log,
+    )
+    app = App(
+        store,
+        registry,
+        settings.telemetry_path,
+        # Healthy while the loop turns: one interval plus a whole poll, with room for one miss.
+        health_window=2 * (settings.poll_interval + settings.poll_timeout),
+        api_url=settings.api_url,
+        monotonic=time.monotonic,
+        started_at=time.monotonic(),
+    )
+    try:
+        server = MetricsServer(settings.listen_host, settings.listen_port, app)
+    except OSError as exc:
+        log.error(
+            "listen_failed",
+            address=f"{settings.listen_host}:{settings.listen_port}",
+            error=exc.strerror or str(exc),
+        )
+        await api.aclose()
+        return 1
+    server.start()
+    log.info(
+        "exporter_started",
+        version=__version__,
+        listen=f"{settings.listen_host or '0.0.0.0'}:{server.port}",
+        telemetry_path=settings.telemetry_path,
+        api_url=settings.api_url,
+        poll_interval_seconds=settings.poll_interval,
+        requests_per_minute=settings.requests_per_minute,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await poller.run(stop)
+    finally:
+        server.stop()
+        await api.aclose()
+        log.info("exporter_stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = load_settings(sys.argv[1:] if argv is None else argv, os.environ)
+    except ConfigError as exc:
+        print("prefect-exporter: invalid configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    log = logs.configure(settings.log_level, settings.log_format)
+    if settings.api_url_from_default:
+        log.warning(
+            "api_url_not_configured",
+            api_url=settings.api_url,
+            hint="set PREFECT_API_URL or --prefect.api-url; using Prefect's default local address",
+        )
+    return asyncio.run(serve(settings, log))

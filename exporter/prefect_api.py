@@ -1,0 +1,502 @@
+"""The only module that speaks HTTP to Prefect: read-only calls, each response counted and timed.
+
+Exceptions, all expected failures of a remote API (the poll fails, the exporter keeps serving):
+
+    PrefectApiError            reason: a closed set used as a metric label
+    ├── ApiTimeout             "timeout"
+    ├── ApiConnectionError     "connection"
+    ├── ApiStatusError         "http_status" (carries the status and any Retry-After)
+    ├── MalformedResponse      "malformed_response"
+    └── ApiBudgetExhausted     "budget"
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import json
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import prefect
+from prefect.client.constants import SERVER_API_VERSION
+from prefect.client.schemas.objects import TERMINAL_STATES, StateType
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from exporter import __version__
+from exporter.budget import BudgetExhausted, RequestBudget
+from exporter.config import Secret
+from exporter.records import (
+    PoolRecord,
+    QueueRecord,
+    QueueRunStats,
+    StateCount,
+    WorkerRecord,
+)
+from exporter.snapshot import AWAITING_CONCURRENCY_SLOT
+
+USER_AGENT = f"prefect-exporter/{__version__} (prefect-client/{prefect.__version__})"
+PAGE_SIZE = 200  # the server's maximum page size
+MAX_PAGES = 100  # a list this long is a misbehaving server, not a Prefect installation
+# Pending runs sampled per queue to find the one waiting longest: the API cannot sort by state
+# timestamp, so we take the earliest-due few (claim order follows due order) and compare.
+PENDING_SAMPLE = 10
+_HISTORY_START = "2000-01-01T00:00:00Z"
+_HISTORY_END = "2100-01-01T00:00:00Z"
+_HISTORY_SECONDS = (datetime(2100, 1, 1) - datetime(2000, 1, 1)).total_seconds()
+_TERMINAL = sorted(s.value for s in TERMINAL_STATES)
+ERROR_REASONS = ("timeout", "connection", "http_status", "malformed_response", "budget")
+
+
+class PrefectApiError(Exception):
+    """An expected failure of the Prefect API."""
+
+    reason = "http_status"
+
+
+class ApiTimeout(PrefectApiError):
+    reason = "timeout"
+
+
+class ApiConnectionError(PrefectApiError):
+    reason = "connection"
+
+
+class MalformedResponse(PrefectApiError):
+    reason = "malformed_response"
+
+
+class ApiBudgetExhausted(PrefectApiError):
+    reason = "budget"
+
+
+class ApiStatusError(PrefectApiError):
+    reason = "http_status"
+
+    def __init__(self, endpoint: str, status: int, retry_after: float | None) -> None:
+        super().__init__(f"{endpoint} answered HTTP {status}")
+        self.status = status
+        self.retry_after = retry_after
+
+
+class ApiMetrics:
+    """The adapter's own counters: every response by route template, method and status code."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "prefect_exporter_api_requests",
+            "Requests the exporter made to the Prefect API, by route template, method and "
+            "HTTP status code (timeout or connection_error when no response arrived).",
+            ["endpoint", "method", "code"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "prefect_exporter_api_request_duration_seconds",
+            "Time the exporter waited for Prefect API responses, in seconds.",
+            ["endpoint"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.response_bytes = Counter(
+            "prefect_exporter_api_response_bytes",
+            "Bytes of response bodies the exporter read from the Prefect API.",
+            ["endpoint"],
+            registry=registry,
+        )
+
+    def observe(self, endpoint: str, method: str, code: str, seconds: float, size: int) -> None:
+        self.requests.labels(endpoint, method, code).inc()
+        self.duration.labels(endpoint).observe(seconds)
+        if size:
+            self.response_bytes.labels(endpoint).inc(size)
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where the API is and how to authenticate; secrets stay wrapped until the header is built."""
+
+    api_url: str
+    api_key: Secret | None = None
+    auth_string: Secret | None = None
+    request_timeout: float = 10.0
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now)
+
+
+def _auth_header(connection: Connection) -> dict[str, str]:
+    # Prefect's client sends the auth string when both are set; so do we.
+    if connection.auth_string is not None:
+        encoded = base64.b64encode(connection.auth_string.reveal().encode()).decode()
+        return {"Authorization": f"Basic {encoded}"}
+    if connection.api_key is not None:
+        return {"Authorization": f"Bearer {connection.api_key.reveal()}"}
+    return {}
+
+
+def to_timestamp(value: object, where: str) -> float | None:
+    """Epoch seconds from the API's ISO-8601 strings; None stays None."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise MalformedResponse(f"{where}: expected a timestamp, got {type(value).__name__}")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise MalformedResponse(f"{where}: not an ISO-8601 timestamp") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _get(obj: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], where: str) -> Any:
+    value = obj.get(key)
+    if value is None:
+        return None
+    # bool is an int in Python, but never a valid count or limit in the API.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool):
+        raise MalformedResponse(f"{where}.{key}: unexpected {type(value).__name__}")
+    return value
+
+
+def _required(obj: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], where: str) -> Any:
+    value = _get(obj, key, kinds, where)
+    if value is None:
+        raise MalformedResponse(f"{where}.{key}: missing")
+    return value
+
+
+def _objects(payload: Any, where: str) -> list[Mapping[str, Any]]:
+    if not isinstance(payload, list) or not all(isinstance(item, dict) for item in payload):
+        raise MalformedResponse(f"{where}: expected a list of objects")
+    return payload
+
+
+def parse_pool(obj: Mapping[str, Any]) -> PoolRecord:
+    where = "work_pool"
+    return PoolRecord(
+        name=_required(obj, "name", str, where),
+        type=_get(obj, "type", str, where) or "unknown",
+        status=_get(obj, "status", str, where),
+        is_paused=bool(_get(obj, "is_paused", bool, where)),
+        concurrency_limit=_get(obj, "concurrency_limit", int, where),
+    )
+
+
+def parse_queue(obj: Mapping[str, Any]) -> QueueRecord:
+    where = "work_queue"
+    return QueueRecord(
+        id=_required(obj, "id", str, where),
+        name=_required(obj, "name", str, where),
+        pool=_required(obj, "work_pool_name", str, where),
+        status=_get(obj, "status", str, where),
+        is_paused=bool(_get(obj, "is_paused", bool, where)),
+        priority=_get(obj, "priority", int, where) or 0,
+        concurrency_limit=_get(obj, "concurrency_limit", int, where),
+        last_polled=to_timestamp(obj.get("last_polled"), f"{where}.last_polled"),
+    )
+
+
+def parse_worker(pool: str, obj: Mapping[str, Any]) -> WorkerRecord:
+    where = "worker"
+    interval = _get(obj, "heartbeat_interval_seconds", (int, float), where)
+    return WorkerRecord(
+        pool=pool,
+        name=_required(obj, "name", str, where),
+        last_heartbeat=to_timestamp(obj.get("last_heartbeat_time"), f"{where}.last_heartbeat_time"),
+        heartbeat_interval=float(interval) if interval is not None else None,
+    )
+
+
+def parse_history(payload: Any) -> tuple[StateCount, ...]:
+    """Sum the single-bucket /flow_runs/history answer by state type and name."""
+    totals: dict[tuple[str, str], int] = {}
+    for bucket in _objects(payload, "history"):
+        for state in _objects(bucket.get("states", []), "history.states"):
+            key = (
+                _required(state, "state_type", str, "history.state"),
+                _required(state, "state_name", str, "history.state"),
+            )
+            count = _required(state, "count_runs", int, "history.state")
+            totals[key] = totals.get(key, 0) + count
+    return tuple(StateCount(t, n, c) for (t, n), c in sorted(totals.items()))
+
+
+class PrefectApi:
+    """Read-only client for the Prefect 3 REST API.
+
+    It never calls endpoints that change state or record a worker poll
+    (`get_scheduled_flow_runs`, `work_queues/{id}/get_runs`), never retries silently (every
+    attempt is counted), and draws one budget token per request.
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        metrics: ApiMetrics,
+        budget: RequestBudget,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._connection = connection
+        self._metrics = metrics
+        self._budget = budget
+        self._clock = clock
+        self._monotonic = monotonic
+        self._csrf: dict[str, str] = {}
+        self.requests_sent = 0
+        self._client = httpx.AsyncClient(
+            base_url=connection.api_url + "/",
+            headers={
+                "User-Agent": USER_AGENT,
+                "X-PREFECT-API-VERSION": SERVER_API_VERSION,
+                **_auth_header(connection),
+            },
+            transport=transport,
+            timeout=connection.request_timeout,
+            follow_redirects=False,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def work_pools(self, deadline: float) -> list[PoolRecord]:
+        rows = await self._paged("/work_pools/filter", "work_pools/filter", {}, deadline)
+        return [parse_pool(row) for row in rows]
+
+    async def work_queues(self, deadline: float) -> list[QueueRecord]:
+        rows = await self._paged("/work_queues/filter", "work_queues/filter", {}, deadline)
+        return [parse_queue(row) for row in rows]
+
+    async def workers(self, pool: str, deadline: float) -> list[WorkerRecord]:
+        path = f"work_pools/{quote(pool, safe='')}/workers/filter"
+        rows = await self._paged("/work_pools/{name}/workers/filter", path, {}, deadline)
+        return [parse_worker(pool, row) for row in rows]
+
+    async def queue_run_stats(self, queue_id: str, now: float, deadline: float) -> QueueRunStats:
+        """Counts by state, backlog and oldest waits of one queue in 1 to 4 requests.
+
+        The follow-up requests are made only when the counts say there is something to find,
+        so an idle queue costs one request and the cost never grows with the number of runs.
+        """
+        history = await self._call(
+            "POST",
+            "/flow_runs/history",
+            "flow_runs/history",
+            {
+                "history_start": _HISTORY_START,
+                "history_end": _HISTORY_END,
+                "history_interval_seconds": _HISTORY_SECONDS,
+                # Body-key trap: /history names the queue filter `work_queues`.
+                "work_queues": {"id": {"any_": [queue_id]}},
+                "flow_runs": {"state": {"type": {"not_any_": _TERMINAL}}},
+            },
+            deadline,
+        )
+        counts = parse_history(history)
+        in_queue = {"work_pool_queues": {"id": {"any_": [queue_id]}}}
+        due_filter = {
+            **in_queue,
+            "flow_runs": {
+                "state": {
+                    "type": {"any_": [StateType.SCHEDULED.value]},
+                    "name": {"not_any_": [AWAITING_CONCURRENCY_SLOT]},
+                },
+                "next_scheduled_start_time": {"before_": _iso(now)},
+            },
+        }
+        scheduled = sum(c.count for c in counts if c.state_type == StateType.SCHEDULED.value)
+        awaiting = sum(c.count for c in counts if c.state_name == AWAITING_CONCURRENCY_SLOT)
+        pending = sum(c.count for c in counts if c.state_type == StateType.PENDING.value)
+
+        due, oldest_due, oldest_awaiting, oldest_pending = 0, None, None, None
+        if scheduled > awaiting:
+            due = await self._count(due_filter, deadline)
+        if due:
+            oldest_due = await self._first_run_time(
+                due_filter, "NEXT_SCHEDULED_START_TIME_ASC", "next_scheduled_start_time", deadline
+            )
+        if awaiting:
+            awaiting_filter = {
+                **in_queue,
+                "flow_runs": {"state": {"name": {"any_": [AWAITING_CONCURRENCY_SLOT]}}},
+            }
+            oldest_awaiting = await self._first_run_time(
+                awaiting_filter, "EXPECTED_START_TIME_ASC", "expected_start_time", deadline
+            )
+        if pending:
+            pending_filter = {
+                **in_queue,
+                "flow_runs": {"state": {"type": {"any_": [StateType.PENDING.value]}}},
+            }
+            runs = await self._runs(
+                pending_filter, "EXPECTED_START_TIME_ASC", PENDING_SAMPLE, deadline
+            )
+            entered = [self._state_timestamp(run) for run in runs]
+            oldest_pending = min((t for t in entered if t is not None), default=None)
+        return QueueRunStats(
+            counts=counts,
+            due_scheduled=due,
+            oldest_due_scheduled=oldest_due,
+            oldest_awaiting_slot=oldest_awaiting,
+            oldest_pending_since=oldest_pending,
+        )
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _state_timestamp(run: Mapping[str, Any]) -> float | None:
+        state = run.get("state")
+        if not isinstance(state, dict):
+            raise MalformedResponse("flow_run.state: expected an object")
+        return to_timestamp(state.get("timestamp"), "flow_run.state.timestamp")
+
+    async def _count(self, body: Mapping[str, Any], deadline: float) -> int:
+        value = await self._call("POST", "/flow_runs/count", "flow_runs/count", body, deadline)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise MalformedResponse("flow_runs/count: expected a non-negative integer")
+        return value
+
+    async def _runs(
+        self, body: Mapping[str, Any], sort: str, limit: int, deadline: float
+    ) -> list[Mapping[str, Any]]:
+        payload = await self._call(
+            "POST",
+            "/flow_runs/filter",
+            "flow_runs/filter",
+            {**body, "sort": sort, "limit": limit},
+            deadline,
+        )
+        return _objects(payload, "flow_runs/filter")
+
+    async def _first_run_time(
+        self, body: Mapping[str, Any], sort: str, field: str, deadline: float
+    ) -> float | None:
+        """The `field` timestamp of the first run in `sort` order, if any run matches."""
+        runs = await self._runs(body, sort, 1, deadline)
+        return to_timestamp(runs[0].get(field), f"flow_run.{field}") if runs else None
+
+    async def _paged(
+        self, endpoint: str, path: str, body: Mapping[str, Any], deadline: float
+    ) -> list[Mapping[str, Any]]:
+        rows: list[Mapping[str, Any]] = []
+        for page in range(MAX_PAGES):
+            payload = await self._call(
+                "POST",
+                endpoint,
+                path,
+                {**body, "limit": PAGE_SIZE, "offset": page * PAGE_SIZE},
+                deadline,
+            )
+            batch = _objects(payload, endpoint)
+            rows.extend(batch)
+            if len(batch) < PAGE_SIZE:
+                return rows
+        raise MalformedResponse(f"{endpoint}: more than {MAX_PAGES * PAGE_SIZE} items")
+
+    async def _call(
+        self,
+        method: str,
+        endpoint: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        deadline: float,
+    ) -> Any:
+        """One logical request: budgeted, counted, and repeated once only for a CSRF token."""
+        response = await self._send(method, endpoint, path, body, deadline)
+        if response.status_code == 403 and self._is_csrf_rejection(response):
+            await self._refresh_csrf(deadline)
+            response = await self._send(method, endpoint, path, body, deadline)
+        if response.status_code >= 400:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"), self._clock())
+            raise ApiStatusError(endpoint, response.status_code, retry_after)
+        try:
+            return response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise MalformedResponse(f"{endpoint}: response is not JSON") from None
+
+    async def _send(
+        self,
+        method: str,
+        endpoint: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        deadline: float,
+    ) -> httpx.Response:
+        try:
+            await self._budget.acquire(deadline)
+        except BudgetExhausted as exc:
+            raise ApiBudgetExhausted(str(exc)) from None
+        remaining = deadline - self._monotonic()
+        if remaining <= 0:
+            raise ApiTimeout(f"{endpoint}: the poll deadline passed")
+        timeout = min(self._connection.request_timeout, remaining)
+        self.requests_sent += 1
+        started = self._monotonic()
+        try:
+            response = await self._client.request(
+                method, path, json=body, headers=self._csrf, timeout=timeout
+            )
+        except httpx.TimeoutException:
+            self._metrics.observe(endpoint, method, "timeout", self._monotonic() - started, 0)
+            raise ApiTimeout(f"{endpoint}: no response within {timeout:.1f}s") from None
+        except httpx.TransportError as exc:
+            self._metrics.observe(
+                endpoint, method, "connection_error", self._monotonic() - started, 0
+            )
+            raise ApiConnectionError(f"{endpoint}: {type(exc).__name__}") from None
+        self._metrics.observe(
+            endpoint,
+            method,
+            str(response.status_code),
+            self._monotonic() - started,
+            len(response.content),
+        )
+        return response
+
+    @staticmethod
+    def _is_csrf_rejection(response: httpx.Response) -> bool:
+        return b"CSRF" in response.content
+
+    async def _refresh_csrf(self, deadline: float) -> None:
+        """Fetch a CSRF token for servers that enable Prefect's CSRF protection."""
+        client = str(uuid.uuid4())
+        self._csrf = {}
+        response = await self._send(
+            "GET", "/csrf-token", f"csrf-token?client={client}", None, deadline
+        )
+        try:
+            payload = response.json() if response.status_code == 200 else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            payload = None
+        if not isinstance(payload, dict) or not isinstance(payload.get("token"), str):
+            raise MalformedResponse("/csrf-token: expected an object with a token")
+        self._csrf = {"Prefect-Csrf-Token": payload["token"], "Prefect-Csrf-Client": client}

@@ -1,0 +1,320 @@
+"""Tests for the Prefect API adapter against an in-process fake server."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from exporter.config import Secret
+from exporter.prefect_api import (
+    USER_AGENT,
+    ApiConnectionError,
+    ApiStatusError,
+    ApiTimeout,
+    Connection,
+    MalformedResponse,
+    PrefectApi,
+    parse_retry_after,
+)
+from tests.fakes import API_URL, FakePrefect, make_api, pool_json, queue_json, worker_json
+
+FAR = 1e12  # a deadline that never passes in these tests
+NOW = 1_800_000_000.0
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def call_and_close(api: PrefectApi, coro: Any) -> Any:
+    try:
+        return await coro
+    finally:
+        await api.aclose()
+
+
+def requests_count(registry: CollectorRegistry, endpoint: str, code: str,
+                   method: str = "POST") -> float | None:
+    return registry.get_sample_value(
+        "prefect_exporter_api_requests_total",
+        {"endpoint": endpoint, "method": method, "code": code},
+    )
+
+
+class TestCounting:
+    """Every response is counted by route template, method and status code."""
+
+    def test_worker_requests_are_counted_by_route_template_not_raw_url(self) -> None:
+        """Pool names never appear in the endpoint label."""
+        fake = FakePrefect()
+        fake.on("POST", "work_pools/my pool/workers/filter", [worker_json("w1")])
+        registry = CollectorRegistry()
+        api = make_api(fake, registry)
+        workers = run(call_and_close(api, api.workers("my pool", FAR)))
+        assert [w.name for w in workers] == ["w1"]
+        assert requests_count(registry, "/work_pools/{name}/workers/filter", "200") == 1
+
+    def test_error_statuses_are_counted_and_raised(self) -> None:
+        """A 500 is counted under its code and surfaces as ApiStatusError."""
+        fake = FakePrefect()
+        fake.on("POST", "work_pools/filter", {"exception_message": "boom"}, status=500)
+        registry = CollectorRegistry()
+        api = make_api(fake, registry)
+        with pytest.raises(ApiStatusError) as raised:
+            run(call_and_close(api, api.work_pools(FAR)))
+        assert raised.value.status == 500
+        assert requests_count(registry, "/work_pools/filter", "500") == 1
+
+    def test_a_429_carries_its_retry_after(self) -> None:
+        """Retry-After in seconds is parsed onto the error."""
+        fake = FakePrefect()
+        fake.on("POST", "work_pools/filter", {"detail": "slow down"}, status=429,
+                headers={"Retry-After": "7"})
+        api = make_api(fake)
+        with pytest.raises(ApiStatusError) as raised:
+            run(call_and_close(api, api.work_pools(FAR)))
+        assert raised.value.retry_after == 7
+
+    def test_timeouts_are_counted_with_code_timeout(self) -> None:
+        """No response within the timeout counts as code="timeout"."""
+        def slow(request: httpx.Request) -> httpx.Response:
+            raise httpx.ReadTimeout("slow", request=request)
+
+        fake = FakePrefect()
+        fake.on("POST", "work_pools/filter", slow)
+        registry = CollectorRegistry()
+        api = make_api(fake, registry)
+        with pytest.raises(ApiTimeout):
+            run(call_and_close(api, api.work_pools(FAR)))
+        assert requests_count(registry, "/work_pools/filter", "timeout") == 1
+
+    def test_refused_connections_are_counted_with_code_connection_error(self) -> None:
+        """A connection failure is an ApiConnectionError, counted."""
+        def refused(request: httpx.Request) -> httpx.Response:
+            raise httpx.ConnectError("refused", request=request)
+
+        fake = FakePrefect()
+        fake.on("POST", "work_queues/filter", refused)
+        registry = CollectorRegistry()
+        api = make_api(fake, registry)
+        with pytest.raises(ApiConnectionError):
+            run(call_and_close(api, api.work_queues(FAR)))
+        assert requests_count(registry, "/work_queues/filter", "connection_error") == 1
+
+    def test_a_passed_deadline_sends_nothing(self) -> None:
+        """Once the poll deadline has passed no request is made."""
+        fake = FakePrefect()
+        fake.on("POST", "work_pools/filter", [])
+        api = make_api(fake)
+        with pytest.raises(ApiTimeout):
+            run(call_and_close(api, api.work_pools(deadline=0)))
+        assert fake.requests == []
+
+
+class TestMalformedResponses:
+    """Unexpected bodies raise MalformedResponse, never a crash or a silent zero."""
+
+    @pytest.mark.parametrize(
+        "body",
+        [b"<html>proxy error</html>", b'{"not": "a list"}', b"[1, 2]",
+         json.dumps([{"type": "process"}]).encode(),
+         json.dumps([pool_json("p", concurrency_limit="ten")]).encode(),
+         json.dumps([pool_json("p", concurrency_limit=True)]).encode()],
+        ids=["html", "object", "numbers", "no-name", "string-limit", "bool-limit"],
+    )
+    def test_bad_pool_lists_are_rejected(self, body: bytes) -> None:
+        """Non-JSON, wrong shapes and wrong field types are all MalformedResponse."""
+        fake = FakePrefect()
+        fake.on("POST", "work_pools/filter", body)
+        api = make_api(fake)
+        with pytest.raises(MalformedResponse):
+            run(call_and_close(api, api.work_pools(FAR)))
+
+    def test_bad_timestamp_is_rejected(self) -> None:
+        """A last_polled that is not ISO-8601 is malformed."""
+        fake = FakePrefect()
+        fake.on("POST", "work_queues/filter", [queue_json("q", "d", "p", last_polled="yesterday")])
+        api = make_api(fake)
+        with pytest.raises(MalformedResponse, match="last_polled"):
+            run(call_and_close(api, api.work_queues(FAR)))
+
+    def test_negative_count_is_rejected(self) -> None:
+        """A count must be a non-negative integer."""
+        fake = FakePrefect()
+        fake.on("POST", "flow_runs/history", [{"states": [
+            {"state_type": "SCHEDULED", "state_name": "Scheduled", "count_runs": 3}]}])
+        fake.on("POST", "flow_runs/count", -1)
+        api = make_api(fake)
+        with pytest.raises(MalformedResponse):
+            run(call_and_close(api, api.queue_run_stats("q", NOW, FAR)))
+
+
+class TestHeaders:
+    """Identity and authentication headers."""
+
+    def capture(self, connection: Connection) -> httpx.Request:
+        fake = FakePrefect()
+        fake.on("POST", "work_pools/filter", [])
+        api = make_api(fake, connection=connection)
+        run(call_and_close(api, api.work_pools(FAR)))
+        return fake.requests[0]
+
+    def test_sends_its_own_user_agent_and_api_version(self) -> None:
+        """The exporter does not impersonate the Prefect client."""
+        request = self.capture(Connection(API_URL))
+        assert request.headers["User-Agent"] == USER_AGENT
+        assert request.headers["User-Agent"].startswith("prefect-exporter/")
+        assert "X-PREFECT-API-VERSION" in request.headers
+        assert "Authorization" not in request.headers
+
+    def test_api_key_is_sent_as_bearer(self) -> None:
+        """PREFECT_API_KEY becomes a Bearer token."""
+        request = self.capture(Connection(API_URL, api_key=Secret("pnu_abc")))
+        assert request.headers["Authorization"] == "Bearer pnu_abc"
+
+    def test_auth_string_is_sent_as_basic_and_wins_over_the_key(self) -> None:
+        """PREFECT_API_AUTH_STRING wins when both are set, as in Prefect's client."""
+        request = self.capture(
+            Connection(API_URL, api_key=Secret("k"), auth_string=Secret("admin:pw"))
+        )
+        assert request.headers["Authorization"] == "Basic " + base64.b64encode(b"admin:pw").decode()
+
+    def test_csrf_protected_servers_get_a_token_and_the_request_is_repeated(self) -> None:
+        """A 403 for a missing CSRF token fetches one and repeats the call, all counted."""
+        fake = FakePrefect()
+
+        def pools(request: httpx.Request) -> httpx.Response:
+            if request.headers.get("Prefect-Csrf-Token") != "tok":
+                return httpx.Response(403, json={"detail": "Missing CSRF token."})
+            return httpx.Response(200, json=[pool_json("p")])
+
+        fake.on("POST", "work_pools/filter", pools)
+        fake.on("GET", "csrf-token", {"token": "tok", "client": "c", "expiration": "x"})
+        registry = CollectorRegistry()
+        api = make_api(fake, registry)
+        result = run(call_and_close(api, api.work_pools(FAR)))
+        assert [p.name for p in result] == ["p"]
+        assert requests_count(registry, "/work_pools/filter", "403") == 1
+        assert requests_count(registry, "/work_pools/filter", "200") == 1
+        assert requests_count(registry, "/csrf-token", "200", method="GET") == 1
+        client = fake.requests[-1].headers["Prefect-Csrf-Client"]
+        assert fake.requests[1].url.params["client"] == client
+
+
+class TestPaging:
+    """Lists longer than one page are read page by page."""
+
+    def test_450_pools_take_three_pages(self) -> None:
+        """Offsets advance by the server's maximum page size of 200."""
+        all_pools = [pool_json(f"p{i:03}") for i in range(450)]
+
+        def page(request: httpx.Request) -> list[dict[str, Any]]:
+            body = json.loads(request.content)
+            return all_pools[body["offset"]:body["offset"] + body["limit"]]
+
+        fake = FakePrefect()
+        fake.on("POST", "work_pools/filter", page)
+        api = make_api(fake)
+        pools = run(call_and_close(api, api.work_pools(FAR)))
+        assert len(pools) == 450
+        assert [b["offset"] for b in fake.bodies("work_pools/filter")] == [0, 200, 400]
+
+
+class TestQueueRunStats:
+    """Per-queue aggregates use a fixed, small number of requests."""
+
+    def history(self, *states: tuple[str, str, int]) -> list[dict[str, Any]]:
+        return [{"interval_start": "x", "interval_end": "y", "states": [
+            {"state_type": t, "state_name": n, "count_runs": c} for t, n, c in states]}]
+
+    def test_an_idle_queue_costs_one_request(self) -> None:
+        """No runs means no follow-up count or oldest-run queries."""
+        fake = FakePrefect()
+        fake.on("POST", "flow_runs/history", self.history())
+        api = make_api(fake)
+        stats = run(call_and_close(api, api.queue_run_stats("q1", NOW, FAR)))
+        assert len(fake.requests) == 1
+        assert stats.due_scheduled == 0
+        assert stats.oldest_due_scheduled is None
+
+    def test_busy_queue_reads_backlog_and_oldest_waits_with_the_right_body_keys(self) -> None:
+        """History filters with `work_queues`; count and filter with `work_pool_queues`."""
+        fake = FakePrefect()
+        fake.on("POST", "flow_runs/history", self.history(
+            ("SCHEDULED", "Scheduled", 700), ("SCHEDULED", "AwaitingConcurrencySlot", 3),
+            ("PENDING", "Pending", 2), ("RUNNING", "Running", 5)))
+        fake.on("POST", "flow_runs/count", 650)
+
+        def runs(request: httpx.Request) -> list[dict[str, Any]]:
+            body = json.loads(request.content)
+            if body["sort"] == "NEXT_SCHEDULED_START_TIME_ASC":
+                return [{"next_scheduled_start_time": "2026-11-29T09:00:00Z"}]
+            if body["limit"] == 1:
+                return [{"expected_start_time": "2026-11-29T08:00:00Z"}]
+            return [{"state": {"timestamp": "2026-11-29T09:30:00Z"}},
+                    {"state": {"timestamp": "2026-11-29T09:20:00Z"}}]
+
+        fake.on("POST", "flow_runs/filter", runs)
+        api = make_api(fake)
+        stats = run(call_and_close(api, api.queue_run_stats("q1", NOW, FAR)))
+
+        assert stats.due_scheduled == 650
+        assert stats.oldest_due_scheduled == 1_795_942_800.0  # 2026-11-29T09:00:00Z
+        assert stats.oldest_awaiting_slot == 1_795_939_200.0  # 08:00
+        assert stats.oldest_pending_since == 1_795_944_000.0  # 09:20, the earlier of two
+        assert len(fake.requests) == 5
+        history = fake.bodies("flow_runs/history")[0]
+        assert history["work_queues"] == {"id": {"any_": ["q1"]}}
+        assert "work_pool_queues" not in history
+        count = fake.bodies("flow_runs/count")[0]
+        assert count["work_pool_queues"] == {"id": {"any_": ["q1"]}}
+        assert "work_queues" not in count
+        assert count["flow_runs"]["state"]["name"]["not_any_"] == ["AwaitingConcurrencySlot"]
+
+
+class TestReadOnly:
+    """The adapter calls only read endpoints."""
+
+    def test_a_full_set_of_reads_touches_no_mutating_or_poll_recording_route(self) -> None:
+        """No worker poll, heartbeat, create, update or delete is ever sent."""
+        fake = FakePrefect()
+        fake.on("POST", "work_pools/filter", [pool_json("p")])
+        fake.on("POST", "work_queues/filter", [queue_json("q", "default", "p")])
+        fake.on("POST", "work_pools/p/workers/filter", [worker_json("w")])
+        fake.on("POST", "flow_runs/history", [])
+        api = make_api(fake)
+
+        async def everything() -> None:
+            await api.work_pools(FAR)
+            await api.work_queues(FAR)
+            await api.workers("p", FAR)
+            await api.queue_run_stats("q", NOW, FAR)
+
+        run(call_and_close(api, everything()))
+        for request in fake.requests:
+            path = request.url.path
+            assert request.method in ("GET", "POST")
+            assert path.endswith(("/filter", "/count", "/history")), path
+            assert "get_scheduled_flow_runs" not in path and "get_runs" not in path
+
+
+class TestRetryAfter:
+    """Retry-After comes as seconds or as an HTTP date."""
+
+    def test_seconds(self) -> None:
+        """A number of seconds is taken as is."""
+        assert parse_retry_after("12", NOW) == 12
+
+    def test_http_date(self) -> None:
+        """An HTTP date becomes the seconds until then."""
+        assert parse_retry_after("Sun, 29 Nov 2026 10:00:30 GMT", 1_795_946_400.0) == 30
+
+    def test_garbage_is_ignored(self) -> None:
+        """An unreadable header means no hint, not a crash."""
+        assert parse_retry_after("soon", NOW) is None
