@@ -321,3 +321,76 @@ class PrefectAdmin:
 
 def past(seconds: float) -> datetime:
     return datetime.now(UTC) - timedelta(seconds=seconds)
+
+
+class ExporterProcess:
+    """The real `prefect-exporter` command, scraped over HTTP."""
+
+    def __init__(
+        self,
+        api_url: str,
+        *args: str,
+        log_path: Path,
+        venv: Path = ROOT / ".venv",
+        port: int | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.api_url = api_url
+        self.args = list(args)
+        self.log_path = log_path
+        self.venv = venv
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> None:
+        env = _clean_env({"PREFECT_API_URL": self.api_url})
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(self.venv / "bin" / "prefect-exporter"),
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    *self.args,
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+        def serving() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"exporter exited; see {self.log_path}")
+            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+
+        wait_for(serving, timeout, "the exporter to serve /healthz")
+
+    def scrape_text(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=5).text
+
+    def samples(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        """Every sample of one scrape, keyed by name and label set."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        result = {}
+        for family in text_string_to_metric_families(self.scrape_text()):
+            for sample in family.samples:
+                result[(sample.name, frozenset(sample.labels.items()))] = sample.value
+        return result
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.samples().get((name, frozenset(labels.items())))
+
+    def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode

@@ -158,13 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--poll.timeout",
         dest="poll_timeout",
         metavar="DURATION",
-        help="deadline for one whole poll (default 20s)",
+        help="deadline for one whole poll (default 20s, at most the interval)",
     )
     add(
         "--poll.max-staleness",
         dest="max_staleness",
         metavar="DURATION",
-        help="how long the last snapshot is served after polls fail (default 90s)",
+        help="how long the last snapshot is served after polls fail (default 3 intervals)",
     )
     add(
         "--poll.concurrency",
@@ -300,6 +300,11 @@ def _validate(raw: dict[str, Any], problems: list[str]) -> Settings | None:
     except ValueError as exc:
         problems.append(f"listen_address: {exc}")
 
+    # Unset timeout and staleness follow the interval: a poll may not outlast its interval, and
+    # the last snapshot is served for about three intervals of failed polls.
+    interval = values.get("poll_interval", Settings.poll_interval)
+    values.setdefault("poll_timeout", min(Settings.poll_timeout, interval))
+    values.setdefault("max_staleness", 3 * interval)
     settings = Settings(**values)
     problems.extend(_check_ranges(settings))
     return settings

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,12 +121,16 @@ def _handler(app: App) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 class MetricsServer:
     """A threading HTTP server that runs in the background until `stop()`."""
 
     def __init__(self, host: str, port: int, app: App) -> None:
-        ThreadingHTTPServer.allow_reuse_address = True
-        self._server = ThreadingHTTPServer((host, port), _handler(app))
+        server_class = _IPv6Server if ":" in host else ThreadingHTTPServer
+        self._server = server_class((host, port), _handler(app))
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="metrics-server", daemon=True

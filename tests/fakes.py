@@ -25,8 +25,14 @@ class FakePrefect:
     )
     requests: list[httpx.Request] = field(default_factory=list)
 
-    def on(self, method: str, path: str, answer: Any, status: int = 200,
-           headers: dict[str, str] | None = None) -> None:
+    def on(
+        self,
+        method: str,
+        path: str,
+        answer: Any,
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         def handler(request: httpx.Request) -> httpx.Response:
             body = answer(request) if callable(answer) else answer
             if isinstance(body, httpx.Response):
@@ -45,12 +51,19 @@ class FakePrefect:
         return handler(request)
 
     def bodies(self, path: str) -> list[dict[str, Any]]:
-        return [json.loads(r.content) for r in self.requests
-                if r.url.path.removeprefix("/api/") == path and r.content]
+        return [
+            json.loads(r.content)
+            for r in self.requests
+            if r.url.path.removeprefix("/api/") == path and r.content
+        ]
 
 
-def make_api(fake: FakePrefect, registry: CollectorRegistry | None = None,
-             connection: Connection | None = None, per_minute: int = 10_000) -> PrefectApi:
+def make_api(
+    fake: FakePrefect,
+    registry: CollectorRegistry | None = None,
+    connection: Connection | None = None,
+    per_minute: int = 10_000,
+) -> PrefectApi:
     return PrefectApi(
         connection or Connection(API_URL),
         ApiMetrics(registry or CollectorRegistry()),
@@ -60,17 +73,37 @@ def make_api(fake: FakePrefect, registry: CollectorRegistry | None = None,
 
 
 def pool_json(name: str, **extra: Any) -> dict[str, Any]:
-    return {"id": f"id-{name}", "name": name, "type": "process", "status": "READY",
-            "is_paused": False, "concurrency_limit": None, **extra}
+    return {
+        "id": f"id-{name}",
+        "name": name,
+        "type": "process",
+        "status": "READY",
+        "is_paused": False,
+        "concurrency_limit": None,
+        **extra,
+    }
 
 
 def queue_json(qid: str, name: str, pool: str, **extra: Any) -> dict[str, Any]:
-    return {"id": qid, "name": name, "work_pool_name": pool, "status": "READY",
-            "is_paused": False, "priority": 1, "concurrency_limit": None,
-            "last_polled": "2026-11-29T10:00:00Z", **extra}
+    return {
+        "id": qid,
+        "name": name,
+        "work_pool_name": pool,
+        "status": "READY",
+        "is_paused": False,
+        "priority": 1,
+        "concurrency_limit": None,
+        "last_polled": "2026-11-29T10:00:00Z",
+        **extra,
+    }
 
 
-def worker_json(name: str, heartbeat: str = "2026-11-29T10:00:00Z",
-                interval: int | None = 30) -> dict[str, Any]:
-    return {"name": name, "last_heartbeat_time": heartbeat,
-            "heartbeat_interval_seconds": interval, "status": "ONLINE"}
+def worker_json(
+    name: str, heartbeat: str = "2026-11-29T10:00:00Z", interval: int | None = 30
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "last_heartbeat_time": heartbeat,
+        "heartbeat_interval_seconds": interval,
+        "status": "ONLINE",
+    }

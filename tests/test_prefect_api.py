@@ -39,8 +39,9 @@ async def call_and_close(api: PrefectApi, coro: Any) -> Any:
         await api.aclose()
 
 
-def requests_count(registry: CollectorRegistry, endpoint: str, code: str,
-                   method: str = "POST") -> float | None:
+def requests_count(
+    registry: CollectorRegistry, endpoint: str, code: str, method: str = "POST"
+) -> float | None:
     return registry.get_sample_value(
         "prefect_exporter_api_requests_total",
         {"endpoint": endpoint, "method": method, "code": code},
@@ -74,8 +75,13 @@ class TestCounting:
     def test_a_429_carries_its_retry_after(self) -> None:
         """Retry-After in seconds is parsed onto the error."""
         fake = FakePrefect()
-        fake.on("POST", "work_pools/filter", {"detail": "slow down"}, status=429,
-                headers={"Retry-After": "7"})
+        fake.on(
+            "POST",
+            "work_pools/filter",
+            {"detail": "slow down"},
+            status=429,
+            headers={"Retry-After": "7"},
+        )
         api = make_api(fake)
         with pytest.raises(ApiStatusError) as raised:
             run(call_and_close(api, api.work_pools(FAR)))
@@ -83,6 +89,7 @@ class TestCounting:
 
     def test_timeouts_are_counted_with_code_timeout(self) -> None:
         """No response within the timeout counts as code="timeout"."""
+
         def slow(request: httpx.Request) -> httpx.Response:
             raise httpx.ReadTimeout("slow", request=request)
 
@@ -96,6 +103,7 @@ class TestCounting:
 
     def test_refused_connections_are_counted_with_code_connection_error(self) -> None:
         """A connection failure is an ApiConnectionError, counted."""
+
         def refused(request: httpx.Request) -> httpx.Response:
             raise httpx.ConnectError("refused", request=request)
 
@@ -122,10 +130,14 @@ class TestMalformedResponses:
 
     @pytest.mark.parametrize(
         "body",
-        [b"<html>proxy error</html>", b'{"not": "a list"}', b"[1, 2]",
-         json.dumps([{"type": "process"}]).encode(),
-         json.dumps([pool_json("p", concurrency_limit="ten")]).encode(),
-         json.dumps([pool_json("p", concurrency_limit=True)]).encode()],
+        [
+            b"<html>proxy error</html>",
+            b'{"not": "a list"}',
+            b"[1, 2]",
+            json.dumps([{"type": "process"}]).encode(),
+            json.dumps([pool_json("p", concurrency_limit="ten")]).encode(),
+            json.dumps([pool_json("p", concurrency_limit=True)]).encode(),
+        ],
         ids=["html", "object", "numbers", "no-name", "string-limit", "bool-limit"],
     )
     def test_bad_pool_lists_are_rejected(self, body: bytes) -> None:
@@ -147,8 +159,11 @@ class TestMalformedResponses:
     def test_negative_count_is_rejected(self) -> None:
         """A count must be a non-negative integer."""
         fake = FakePrefect()
-        fake.on("POST", "flow_runs/history", [{"states": [
-            {"state_type": "SCHEDULED", "state_name": "Scheduled", "count_runs": 3}]}])
+        fake.on(
+            "POST",
+            "flow_runs/history",
+            [{"states": [{"state_type": "SCHEDULED", "state_name": "Scheduled", "count_runs": 3}]}],
+        )
         fake.on("POST", "flow_runs/count", -1)
         api = make_api(fake)
         with pytest.raises(MalformedResponse):
@@ -216,7 +231,7 @@ class TestPaging:
 
         def page(request: httpx.Request) -> list[dict[str, Any]]:
             body = json.loads(request.content)
-            return all_pools[body["offset"]:body["offset"] + body["limit"]]
+            return all_pools[body["offset"] : body["offset"] + body["limit"]]
 
         fake = FakePrefect()
         fake.on("POST", "work_pools/filter", page)
@@ -230,8 +245,15 @@ class TestQueueRunStats:
     """Per-queue aggregates use a fixed, small number of requests."""
 
     def history(self, *states: tuple[str, str, int]) -> list[dict[str, Any]]:
-        return [{"interval_start": "x", "interval_end": "y", "states": [
-            {"state_type": t, "state_name": n, "count_runs": c} for t, n, c in states]}]
+        return [
+            {
+                "interval_start": "x",
+                "interval_end": "y",
+                "states": [
+                    {"state_type": t, "state_name": n, "count_runs": c} for t, n, c in states
+                ],
+            }
+        ]
 
     def test_an_idle_queue_costs_one_request(self) -> None:
         """No runs means no follow-up count or oldest-run queries."""
@@ -246,9 +268,16 @@ class TestQueueRunStats:
     def test_busy_queue_reads_backlog_and_oldest_waits_with_the_right_body_keys(self) -> None:
         """History filters with `work_queues`; count and filter with `work_pool_queues`."""
         fake = FakePrefect()
-        fake.on("POST", "flow_runs/history", self.history(
-            ("SCHEDULED", "Scheduled", 700), ("SCHEDULED", "AwaitingConcurrencySlot", 3),
-            ("PENDING", "Pending", 2), ("RUNNING", "Running", 5)))
+        fake.on(
+            "POST",
+            "flow_runs/history",
+            self.history(
+                ("SCHEDULED", "Scheduled", 700),
+                ("SCHEDULED", "AwaitingConcurrencySlot", 3),
+                ("PENDING", "Pending", 2),
+                ("RUNNING", "Running", 5),
+            ),
+        )
         fake.on("POST", "flow_runs/count", 650)
 
         def runs(request: httpx.Request) -> list[dict[str, Any]]:
@@ -257,8 +286,10 @@ class TestQueueRunStats:
                 return [{"next_scheduled_start_time": "2026-11-29T09:00:00Z"}]
             if body["limit"] == 1:
                 return [{"expected_start_time": "2026-11-29T08:00:00Z"}]
-            return [{"state": {"timestamp": "2026-11-29T09:30:00Z"}},
-                    {"state": {"timestamp": "2026-11-29T09:20:00Z"}}]
+            return [
+                {"state": {"timestamp": "2026-11-29T09:30:00Z"}},
+                {"state": {"timestamp": "2026-11-29T09:20:00Z"}},
+            ]
 
         fake.on("POST", "flow_runs/filter", runs)
         api = make_api(fake)
@@ -301,7 +332,8 @@ class TestReadOnly:
             path = request.url.path
             assert request.method in ("GET", "POST")
             assert path.endswith(("/filter", "/count", "/history")), path
-            assert "get_scheduled_flow_runs" not in path and "get_runs" not in path
+            assert "get_scheduled_flow_runs" not in path
+            assert "get_runs" not in path
 
 
 class TestRetryAfter:

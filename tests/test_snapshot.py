@@ -16,19 +16,31 @@ NOW = 1_800_000_000.0
 
 
 def pool(name: str = "p", status: str | None = "READY") -> PoolRecord:
-    return PoolRecord(name=name, type="process", status=status, is_paused=False,
-                      concurrency_limit=None)
+    return PoolRecord(
+        name=name, type="process", status=status, is_paused=False, concurrency_limit=None
+    )
 
 
 def queue(qid: str = "q1", name: str = "default", pool_name: str = "p") -> QueueRecord:
-    return QueueRecord(id=qid, name=name, pool=pool_name, status="READY", is_paused=False,
-                       priority=1, concurrency_limit=None, last_polled=NOW - 5)
+    return QueueRecord(
+        id=qid,
+        name=name,
+        pool=pool_name,
+        status="READY",
+        is_paused=False,
+        priority=1,
+        concurrency_limit=None,
+        last_polled=NOW - 5,
+    )
 
 
 def stats(**overrides: object) -> QueueRunStats:
     values: dict[str, object] = {
-        "counts": (), "due_scheduled": 0, "oldest_due_scheduled": None,
-        "oldest_awaiting_slot": None, "oldest_pending_since": None,
+        "counts": (),
+        "due_scheduled": 0,
+        "oldest_due_scheduled": None,
+        "oldest_awaiting_slot": None,
+        "oldest_pending_since": None,
     }
     values.update(overrides)
     return QueueRunStats(**values)  # type: ignore[arg-type]
@@ -67,10 +79,13 @@ class TestQueues:
 
     def test_backlog_adds_runs_awaiting_a_concurrency_slot(self) -> None:
         """AwaitingConcurrencySlot runs are due even though their next start moved ahead."""
-        counts = (StateCount("SCHEDULED", "Scheduled", 4),
-                  StateCount("SCHEDULED", "AwaitingConcurrencySlot", 2))
-        records = PollRecords(NOW, (pool(),), (queue(),), (),
-                              {"q1": stats(counts=counts, due_scheduled=3)})
+        counts = (
+            StateCount("SCHEDULED", "Scheduled", 4),
+            StateCount("SCHEDULED", "AwaitingConcurrencySlot", 2),
+        )
+        records = PollRecords(
+            NOW, (pool(),), (queue(),), (), {"q1": stats(counts=counts, due_scheduled=3)}
+        )
         assert build_snapshot(records).queues[0].backlog == 5
 
     def test_every_known_state_is_exported_and_custom_names_are_kept(self) -> None:
@@ -85,8 +100,13 @@ class TestQueues:
 
     def test_oldest_due_is_the_earlier_of_scheduled_and_awaiting_slot(self) -> None:
         """The oldest due run may be one held by a deployment limit."""
-        records = PollRecords(NOW, (pool(),), (queue(),), (), {"q1": stats(
-            oldest_due_scheduled=NOW - 10, oldest_awaiting_slot=NOW - 300)})
+        records = PollRecords(
+            NOW,
+            (pool(),),
+            (queue(),),
+            (),
+            {"q1": stats(oldest_due_scheduled=NOW - 10, oldest_awaiting_slot=NOW - 300)},
+        )
         assert build_snapshot(records).queues[0].oldest_due == NOW - 300
 
     def test_no_waiting_runs_means_no_oldest_timestamp(self) -> None:
@@ -99,8 +119,11 @@ class TestQueues:
 
     def test_queues_are_sorted_by_pool_and_name(self) -> None:
         """Output order is stable whatever order the API answered in."""
-        records = PollRecords(NOW, (pool("a"), pool("b")),
-                              (queue("2", "z", "b"), queue("1", "a", "b"), queue("3", "m", "a")),
-                              ())
+        records = PollRecords(
+            NOW,
+            (pool("a"), pool("b")),
+            (queue("2", "z", "b"), queue("1", "a", "b"), queue("3", "m", "a")),
+            (),
+        )
         names = [(q.pool, q.name) for q in build_snapshot(records).queues]
         assert names == [("a", "m"), ("b", "a"), ("b", "z")]
