@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
 from structlog.typing import FilteringBoundLogger
@@ -53,6 +54,13 @@ async def serve(settings: Settings, log: FilteringBoundLogger) -> int:
             timeout=settings.poll_timeout,
             concurrency=settings.poll_concurrency,
             heartbeat_multiple=settings.heartbeat_multiple,
+            events_enabled=settings.events_enabled,
+            events_max_pages=settings.events_max_pages,
+            events_settle=settings.events_settle,
+            events_state_file=(
+                Path(settings.events_state_file) if settings.events_state_file else None
+            ),
+            deployments_breakdown=settings.deployments_breakdown,
         ),
         PollMetrics(registry),
         log,

@@ -12,12 +12,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from exporter import __version__
-from exporter.snapshot import Snapshot
+from exporter.snapshot import KNOWN_STATE_NAMES, Snapshot
 from exporter.store import PollStatus
+from exporter.transitions import DELAY_BUCKETS, HistogramState
 
 # Pool and queue statuses form a closed set: every member is exported, 1 for the current one.
 STATUSES = ("READY", "NOT_READY", "PAUSED")
@@ -26,6 +32,7 @@ AS_OF = "As of the last successful poll."
 POOL = ["work_pool"]
 QUEUE = ["work_pool", "work_queue"]
 WORKER = ["work_pool", "worker"]
+LIMIT = ["limit", "kind", "deployment"]
 
 
 @dataclass(frozen=True)
@@ -117,16 +124,117 @@ WORKER_ONLINE = Family(
 )
 
 
+POOL_IN_FLIGHT = Family(
+    "prefect_work_pool_in_flight_runs",
+    "Runs of the pool holding a pool slot (Pending or Running types), as Prefect counts them "
+    "against the pool's concurrency limit.",
+    POOL,
+)
+QUEUE_IN_FLIGHT = Family(
+    "prefect_work_queue_in_flight_runs",
+    "Runs of the queue holding a queue slot (Pending or Running types).",
+    QUEUE,
+)
+QUEUE_OLDEST_AWAITING = Family(
+    "prefect_work_queue_oldest_awaiting_slot_run_timestamp_seconds",
+    "Original scheduled time of the queue's oldest AwaitingConcurrencySlot run, Unix seconds "
+    "(absent when there is none).",
+    QUEUE,
+)
+QUEUE_OLDEST_RUNNING = Family(
+    "prefect_work_queue_oldest_running_run_timestamp_seconds",
+    "When the queue's longest-running run entered Running, Unix seconds (absent when none).",
+    QUEUE,
+)
+QUEUE_OLDEST_CANCELLING = Family(
+    "prefect_work_queue_oldest_cancelling_run_timestamp_seconds",
+    "When the queue's longest-cancelling run entered Cancelling, Unix seconds (absent when none).",
+    QUEUE,
+)
+LIMIT_SLOTS = Family(
+    "prefect_concurrency_limit_slots",
+    "Slots of a concurrency limit (global, tag or deployment).",
+    LIMIT,
+)
+LIMIT_ACTIVE = Family(
+    "prefect_concurrency_limit_active_slots",
+    "Slots of a concurrency limit currently taken.",
+    LIMIT,
+)
+LIMIT_ENABLED = Family(
+    "prefect_concurrency_limit_enabled",
+    "1 if the concurrency limit is active (enforced), 0 if it is switched off.",
+    LIMIT,
+)
+LIMIT_LEAKED = Family(
+    "prefect_concurrency_limit_leaked_slots",
+    "Slots held by runs that have already finished: tag limits whose holding task run or its "
+    "flow run is terminal or gone, deployment limits holding more slots than the deployment has "
+    "Pending, Running or Cancelling runs. Absent for global limits (holders unknown).",
+    ["limit", "kind"],
+)
+DEPLOYMENT_AWAITING = Family(
+    "prefect_deployment_awaiting_concurrency_slot_runs",
+    "Runs of the deployment in AwaitingConcurrencySlot (opt-in: --deployments.breakdown).",
+    ["deployment"],
+)
+DEPLOYMENT_OLDEST_AWAITING = Family(
+    "prefect_deployment_oldest_awaiting_concurrency_slot_run_timestamp_seconds",
+    "Original scheduled time of the deployment's oldest AwaitingConcurrencySlot run "
+    "(opt-in: --deployments.breakdown).",
+    ["deployment"],
+)
+EVENTS_LAG = Family(
+    "prefect_exporter_events_lag_seconds",
+    "How far the event reader trails the poll time: the age of the newest event counted, at "
+    "least the settle delay; grows when it falls behind.",
+    [],
+)
+EVENTS_BEHIND = Family(
+    "prefect_exporter_events_behind",
+    "1 if the last poll left flow-run events unread because of its page limit, else 0.",
+    [],
+)
+FEATURE = Family(
+    "prefect_exporter_feature_available",
+    "1 if the Prefect API offers what a feature needs (events, concurrency_limits), 0 if the "
+    "exporter degraded because the server lacks it.",
+    ["feature"],
+)
+HISTOGRAM_HELP = {
+    "prefect_flow_run_pickup_delay_seconds": "Seconds from a run's scheduled time to its first "
+    "Pending state (claimed by a worker); early claims count as 0.",
+    "prefect_flow_run_start_delay_seconds": "Seconds from a run's first Pending state to its "
+    "first Running state (infrastructure start-up).",
+}
+
+
+def _histogram(name: str, by_pool: dict[str, HistogramState], pools: list[str]) -> Metric:
+    family = HistogramMetricFamily(name, f"{HISTOGRAM_HELP[name]} {AS_OF}", labels=["work_pool"])
+    for pool in pools:
+        state = by_pool.get(pool, HistogramState())
+        bounds = [*(str(float(b)) for b in DELAY_BUCKETS), "+Inf"]
+        family.add_metric(
+            [pool], list(zip(bounds, map(float, state.buckets), strict=True)), state.total
+        )
+    return family
+
+
 class SnapshotCollector(Collector):
     """Yields the Prefect-derived families of one snapshot; never calls the API."""
 
     def __init__(self, snapshot: Snapshot) -> None:
         self._snapshot = snapshot
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
+        yield from self._pools_and_queues()
+        yield from self._limits()
+        yield from self._latency()
+
+    def _pools_and_queues(self) -> Iterator[Metric]:
         s = self._snapshot
-        info, status, limit, online = (
-            _family(f) for f in (POOL_INFO, POOL_STATUS, POOL_LIMIT, POOL_ONLINE)
+        info, status, limit, online, in_flight = (
+            _family(f) for f in (POOL_INFO, POOL_STATUS, POOL_LIMIT, POOL_ONLINE, POOL_IN_FLIGHT)
         )
         for pool in s.pools:
             info.add_metric([pool.name, pool.type], 1)
@@ -135,7 +243,8 @@ class SnapshotCollector(Collector):
             if pool.concurrency_limit is not None:
                 limit.add_metric([pool.name], pool.concurrency_limit)
             online.add_metric([pool.name], pool.online_workers)
-        yield from (info, status, limit, online)
+            in_flight.add_metric([pool.name], pool.in_flight)
+        yield from (info, status, limit, online, in_flight)
 
         q_status, q_limit, q_priority, q_polled, q_backlog, q_runs, q_due, q_pending = (
             _family(f)
@@ -168,6 +277,27 @@ class SnapshotCollector(Collector):
                 q_pending.add_metric(key, q.oldest_pending_since)
         yield from (q_status, q_limit, q_priority, q_polled, q_backlog, q_runs, q_due, q_pending)
 
+        q_in_flight, q_awaiting, q_running, q_cancelling = (
+            _family(f)
+            for f in (
+                QUEUE_IN_FLIGHT,
+                QUEUE_OLDEST_AWAITING,
+                QUEUE_OLDEST_RUNNING,
+                QUEUE_OLDEST_CANCELLING,
+            )
+        )
+        for q in s.queues:
+            key = [q.pool, q.name]
+            q_in_flight.add_metric(key, q.in_flight)
+            for family, value in (
+                (q_awaiting, q.oldest_awaiting_slot),
+                (q_running, q.oldest_running_since),
+                (q_cancelling, q.oldest_cancelling_since),
+            ):
+                if value is not None:
+                    family.add_metric(key, value)
+        yield from (q_in_flight, q_awaiting, q_running, q_cancelling)
+
         heartbeat, interval, w_online = (
             _family(f) for f in (WORKER_HEARTBEAT, WORKER_INTERVAL, WORKER_ONLINE)
         )
@@ -179,6 +309,64 @@ class SnapshotCollector(Collector):
                 interval.add_metric(key, w.heartbeat_interval)
             w_online.add_metric(key, float(w.online))
         yield from (heartbeat, interval, w_online)
+
+    def _limits(self) -> Iterator[Metric]:
+        s = self._snapshot
+        slots, active, enabled, leaked = (
+            _family(f) for f in (LIMIT_SLOTS, LIMIT_ACTIVE, LIMIT_ENABLED, LIMIT_LEAKED)
+        )
+        for limit in s.limits:
+            key = [limit.name, limit.kind, limit.deployment]
+            slots.add_metric(key, limit.slots)
+            active.add_metric(key, limit.active_slots)
+            enabled.add_metric(key, float(limit.enabled))
+            if limit.leaked is not None:
+                leaked.add_metric([limit.name, limit.kind], limit.leaked)
+        yield from (slots, active, enabled, leaked)
+        if s.deployments:
+            awaiting, oldest = _family(DEPLOYMENT_AWAITING), _family(DEPLOYMENT_OLDEST_AWAITING)
+            for d in s.deployments:
+                awaiting.add_metric([d.name], d.awaiting_slot)
+                if d.oldest_awaiting_slot is not None:
+                    oldest.add_metric([d.name], d.oldest_awaiting_slot)
+            yield from (awaiting, oldest)
+        features = _family(FEATURE)
+        for feature, available in s.features:
+            features.add_metric([feature], float(available))
+        yield features
+
+    def _latency(self) -> Iterator[Metric]:
+        latency = self._snapshot.latency
+        if latency is None:
+            return
+        pools = sorted(
+            {p.name for p in self._snapshot.pools}
+            | set(latency.pickup)
+            | set(latency.start)
+            | {pool for pool, _ in latency.transitions}
+        )
+        yield _histogram("prefect_flow_run_pickup_delay_seconds", dict(latency.pickup), pools)
+        yield _histogram("prefect_flow_run_start_delay_seconds", dict(latency.start), pools)
+        transitions = CounterMetricFamily(
+            "prefect_flow_run_state_transitions",
+            f"Flow runs entering each state, by pool, read from Prefect's events. {AS_OF}",
+            labels=["work_pool", "state"],
+        )
+        counts = dict(latency.transitions)
+        states = sorted(
+            set(KNOWN_STATE_NAMES)
+            | {"Completed", "Failed", "Crashed", "Cancelled"}
+            | {state for _, state in counts}
+        )
+        for pool in pools:
+            for state in states:
+                transitions.add_metric([pool, state], counts.get((pool, state), 0))
+        yield transitions
+        lag, behind = _family(EVENTS_LAG), _family(EVENTS_BEHIND)
+        if latency.lag_seconds is not None:
+            lag.add_metric([], latency.lag_seconds)
+        behind.add_metric([], float(latency.behind))
+        yield from (lag, behind)
 
 
 class ExporterCollector(Collector):

@@ -77,6 +77,11 @@ class Settings:
     log_level: str = "info"
     log_format: str = "auto"
     config_file: str | None = None
+    events_enabled: bool = True
+    events_max_pages: int = 10
+    events_settle: float = 10.0
+    events_state_file: str | None = None
+    deployments_breakdown: bool = False
 
 
 # Each YAML key and environment variable maps onto one Settings field.
@@ -95,6 +100,13 @@ _YAML_FIELDS: dict[str, dict[str, str]] = {
         "concurrency": "poll_concurrency",
     },
     "workers": {"heartbeat_multiple": "heartbeat_multiple"},
+    "events": {
+        "enabled": "events_enabled",
+        "max_pages": "events_max_pages",
+        "settle": "events_settle",
+        "state_file": "events_state_file",
+    },
+    "deployments": {"breakdown": "deployments_breakdown"},
     "web": {"listen_address": "listen_address", "telemetry_path": "telemetry_path"},
     "log": {"level": "log_level", "format": "log_format"},
 }
@@ -105,8 +117,15 @@ _ENV_FIELDS = {
     "PREFECT_API_AUTH_STRING": "auth_string",
 }
 
-_DURATION_FIELDS = ("poll_interval", "poll_timeout", "max_staleness", "request_timeout")
-_INT_FIELDS = ("requests_per_minute", "poll_concurrency")
+_DURATION_FIELDS = (
+    "poll_interval",
+    "poll_timeout",
+    "max_staleness",
+    "request_timeout",
+    "events_settle",
+)
+_INT_FIELDS = ("requests_per_minute", "poll_concurrency", "events_max_pages")
+_BOOL_FIELDS = ("events_enabled", "deployments_breakdown")
 _SECRET_FIELDS = ("api_key", "auth_string")
 
 
@@ -177,6 +196,38 @@ def build_parser() -> argparse.ArgumentParser:
         dest="heartbeat_multiple",
         metavar="X",
         help="a worker is online while its last heartbeat is within X intervals (default 3)",
+    )
+    add(
+        "--events.enabled",
+        dest="events_enabled",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read flow-run events for latency histograms and transition counts (default on)",
+    )
+    add(
+        "--events.max-pages",
+        dest="events_max_pages",
+        metavar="N",
+        help="pages of 50 events read per poll at most (default 10)",
+    )
+    add(
+        "--events.settle",
+        dest="events_settle",
+        metavar="DURATION",
+        help="read events only this old or older, so late-stored ones are not missed (10s)",
+    )
+    add(
+        "--events.state-file",
+        dest="events_state_file",
+        metavar="PATH",
+        help="file keeping the event cursor across restarts (default: start from now)",
+    )
+    add(
+        "--deployments.breakdown",
+        dest="deployments_breakdown",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="export AwaitingConcurrencySlot runs per limited deployment (default off)",
     )
     add("--log.level", dest="log_level", choices=LOG_LEVELS, help="log level (default info)")
     add(
@@ -283,6 +334,17 @@ def _validate(raw: dict[str, Any], problems: list[str]) -> Settings | None:
             problems.append(
                 f"heartbeat_multiple: expected a number, got {raw['heartbeat_multiple']!r}"
             )
+    for field in _BOOL_FIELDS:
+        if field in raw:
+            value = raw[field]
+            if isinstance(value, bool):
+                values[field] = value
+            elif str(value).lower() in ("true", "false"):
+                values[field] = str(value).lower() == "true"
+            else:
+                problems.append(f"{field}: expected true or false, got {value!r}")
+    if raw.get("events_state_file"):
+        values["events_state_file"] = str(raw["events_state_file"])
     for field in _SECRET_FIELDS:
         if raw.get(field):
             values[field] = Secret(str(raw[field]))
@@ -332,6 +394,10 @@ def _check_ranges(s: Settings) -> list[str]:
         problems.append("requests_per_minute: must be at least 1")
     if not 1 <= s.poll_concurrency <= 32:
         problems.append("poll_concurrency: must be between 1 and 32")
+    if not 1 <= s.events_max_pages <= 1000:
+        problems.append("events_max_pages: must be between 1 and 1000")
+    if s.events_settle < 0:
+        problems.append("events_settle: must not be negative")
     if s.heartbeat_multiple < 1:
         problems.append("heartbeat_multiple: must be at least 1")
     if s.log_level not in LOG_LEVELS:

@@ -7,14 +7,26 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter
 from structlog.typing import FilteringBoundLogger
 
 from exporter.prefect_api import ERROR_REASONS, ApiStatusError, PrefectApiError
-from exporter.records import PollRecords, PoolRecord, QueueRecord, QueueRunStats, WorkerRecord
-from exporter.snapshot import Snapshot, build_snapshot
+from exporter.records import (
+    ConcurrencyLimitRecord,
+    FlowRunEvent,
+    LimitHolders,
+    PollRecords,
+    PoolRecord,
+    QueueRecord,
+    QueueRunStats,
+    RunState,
+    WorkerRecord,
+)
+from exporter.snapshot import Snapshot, build_snapshot, limit_kind
+from exporter.transitions import Cursor, LatencyStats, TransitionTracker
 
 T = TypeVar("T")
 POLL_RESULTS = ("success", "failure")
@@ -32,6 +44,21 @@ class Api(Protocol):
     async def queue_run_stats(
         self, queue_id: str, now: float, deadline: float
     ) -> QueueRunStats: ...
+    async def concurrency_limits(self, deadline: float) -> list[ConcurrencyLimitRecord]: ...
+    async def tag_limit_holders(self, deadline: float) -> dict[str, tuple[str, ...]]: ...
+    async def task_run_states(self, ids: Sequence[str], deadline: float) -> list[RunState]: ...
+    async def flow_run_states(self, ids: Sequence[str], deadline: float) -> list[RunState]: ...
+    async def deployment_names(self, ids: Sequence[str], deadline: float) -> dict[str, str]: ...
+    async def deployment_slot_runs(self, deployment_id: str, deadline: float) -> int: ...
+    async def deployment_awaiting_slot(
+        self, deployment_id: str, deadline: float
+    ) -> tuple[int, float | None]: ...
+    async def flow_run_events(
+        self, since: float, until: float, max_pages: int, deadline: float
+    ) -> tuple[list[FlowRunEvent], bool]: ...
+    async def expected_start_times(
+        self, ids: Sequence[str], deadline: float
+    ) -> dict[str, float | None]: ...
 
 
 class Publisher(Protocol):
@@ -45,6 +72,17 @@ class PollSettings:
     timeout: float
     concurrency: int
     heartbeat_multiple: float
+    events_enabled: bool = True
+    events_max_pages: int = 10
+    events_settle: float = 10.0
+    events_state_file: Path | None = None
+    deployments_breakdown: bool = False
+
+
+FEATURES = ("concurrency_limits", "events")
+# A feature the server lacked (404) is asked for again after this many polls, so an upgraded
+# server is noticed without restarting the exporter.
+FEATURE_RETRY_POLLS = 20
 
 
 class PollMetrics:
@@ -107,6 +145,93 @@ class Poller:
         self._log = log
         self._clock = clock
         self._monotonic = monotonic
+        self._polls = 0
+        self._unavailable_until: dict[str, int] = {}
+        state_file = settings.events_state_file
+        saved = Cursor.load(state_file) if state_file else None
+        self._tracker = TransitionTracker(saved or Cursor(clock() - settings.events_settle))
+
+    def _available(self, feature: str) -> bool:
+        return self._polls >= self._unavailable_until.get(feature, 0)
+
+    def _degrade(self, feature: str, error: ApiStatusError) -> None:
+        """The server lacks an endpoint (older Prefect 3.x): go on without the feature."""
+        self._unavailable_until[feature] = self._polls + FEATURE_RETRY_POLLS
+        self._log.warning(
+            "feature_unavailable",
+            feature=feature,
+            error=str(error),
+            retry_after_polls=FEATURE_RETRY_POLLS,
+        )
+
+    async def _limits(
+        self, deadline: float
+    ) -> tuple[tuple[ConcurrencyLimitRecord, ...], LimitHolders | None]:
+        """Concurrency limits and who holds their slots, in a few requests per poll."""
+        api, limit = self._api, self._settings.concurrency
+        try:
+            limits = tuple(await api.concurrency_limits(deadline))
+        except ApiStatusError as exc:
+            if exc.status != 404:
+                raise
+            self._degrade("concurrency_limits", exc)
+            return (), None
+        kinds = {record.name: limit_kind(record.name) for record in limits}
+        tag_holders = await api.tag_limit_holders(deadline) if "tag" in kinds.values() else {}
+        holder_ids = sorted({run for runs in tag_holders.values() for run in runs})
+        task_states = await api.task_run_states(holder_ids, deadline) if holder_ids else []
+        parent_ids = sorted({s.flow_run_id for s in task_states if s.flow_run_id})
+        flow_states = await api.flow_run_states(parent_ids, deadline) if parent_ids else []
+        deployment_limits = [r for r in limits if kinds[r.name] == "deployment"]
+        deployment_ids = [r.name.removeprefix("deployment:") for r in deployment_limits]
+        names = await api.deployment_names(deployment_ids, deadline) if deployment_ids else {}
+        # Only limits with taken slots can leak; the others need no request.
+        busy = [r.name.removeprefix("deployment:") for r in deployment_limits if r.active_slots]
+        holding = await _all([api.deployment_slot_runs(d, deadline) for d in busy], limit)
+        slot_runs = dict.fromkeys(deployment_ids, 0) | dict(zip(busy, holding, strict=True))
+        awaiting: dict[str, tuple[int, float | None]] = {}
+        if self._settings.deployments_breakdown:
+            answers = await _all(
+                [api.deployment_awaiting_slot(d, deadline) for d in deployment_ids], limit
+            )
+            awaiting = dict(zip(deployment_ids, answers, strict=True))
+        holders = LimitHolders(
+            tag_holders=tag_holders,
+            holder_states={s.id: s for s in (*task_states, *flow_states)},
+            deployment_names=names,
+            deployment_slot_runs=slot_runs,
+            deployment_awaiting=awaiting,
+        )
+        return limits, holders
+
+    async def _events(self, now: float, deadline: float) -> LatencyStats | None:
+        """Read the flow-run events since the cursor; the tracker changes only on success."""
+        settings = self._settings
+        until = now - settings.events_settle
+        since = self._tracker.cursor.occurred
+        behind = False
+        if until > since:
+            try:
+                events, behind = await self._api.flow_run_events(
+                    since, until, settings.events_max_pages, deadline
+                )
+            except ApiStatusError as exc:
+                if exc.status != 404:
+                    raise
+                self._degrade("events", exc)
+                return None
+            pendings = self._tracker.first_pendings(events)
+            expected = (
+                await self._api.expected_start_times(
+                    sorted({e.flow_run_id for e in pendings}), deadline
+                )
+                if pendings
+                else {}
+            )
+            self._tracker.consume(events, expected)
+            if settings.events_state_file is not None:
+                self._tracker.cursor.save(settings.events_state_file)
+        return self._tracker.stats(now, behind)
 
     async def poll_once(self) -> Snapshot:
         """One complete read of the API; raises PrefectApiError or TimeoutError on failure."""
@@ -121,18 +246,30 @@ class Poller:
             stats = await _all(
                 [self._api.queue_run_stats(q.id, now, deadline) for q in queues], limit
             )
+            limits: tuple[ConcurrencyLimitRecord, ...] = ()
+            holders = None
+            if self._available("concurrency_limits"):
+                limits, holders = await self._limits(deadline)
+            latency = None
+            if self._settings.events_enabled and self._available("events"):
+                # Last: the events cursor must only move when nothing after it can fail.
+                latency = await self._events(now, deadline)
+        features = tuple((f, self._available(f)) for f in FEATURES)
         records = PollRecords(
             observed_at=now,
             pools=tuple(pools),
             queues=tuple(queues),
             workers=tuple(w for workers in worker_lists for w in workers),
             queue_stats={q.id: s for q, s in zip(queues, stats, strict=True)},
+            limits=limits,
+            holders=holders,
         )
-        return build_snapshot(records, self._settings.heartbeat_multiple)
+        return build_snapshot(records, self._settings.heartbeat_multiple, latency, features)
 
     async def poll_and_publish(self) -> float:
         """Poll once, publish or record the failure, log one line; returns the wait before next."""
         started = self._monotonic()
+        self._polls += 1
         requests_before = self._api.requests_sent
         wait = self._settings.interval
         try:

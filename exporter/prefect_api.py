@@ -17,11 +17,11 @@ import email.utils
 import json
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
 import prefect
@@ -33,9 +33,12 @@ from exporter import __version__
 from exporter.budget import BudgetExhausted, RequestBudget
 from exporter.config import Secret
 from exporter.records import (
+    ConcurrencyLimitRecord,
+    FlowRunEvent,
     PoolRecord,
     QueueRecord,
     QueueRunStats,
+    RunState,
     StateCount,
     WorkerRecord,
 )
@@ -51,6 +54,11 @@ _HISTORY_START = "2000-01-01T00:00:00Z"
 _HISTORY_END = "2100-01-01T00:00:00Z"
 _HISTORY_SECONDS = (datetime(2100, 1, 1) - datetime(2000, 1, 1)).total_seconds()
 _TERMINAL = sorted(s.value for s in TERMINAL_STATES)
+# A deployment slot is held from Pending until the run leaves these types (Prefect's
+# ReleaseFlowConcurrencySlots rule).
+SLOT_HOLDING_TYPES = (StateType.PENDING.value, StateType.RUNNING.value, StateType.CANCELLING.value)
+EVENT_PAGE_SIZE = 50  # the events API's maximum
+_FLOW_RUN_EVENT_PREFIX = "prefect.flow-run."
 ERROR_REASONS = ("timeout", "connection", "http_status", "malformed_response", "budget")
 
 
@@ -233,6 +241,74 @@ def parse_worker(pool: str, obj: Mapping[str, Any]) -> WorkerRecord:
     )
 
 
+def parse_limit(obj: Mapping[str, Any]) -> ConcurrencyLimitRecord:
+    where = "concurrency_limit"
+    return ConcurrencyLimitRecord(
+        id=_required(obj, "id", str, where),
+        name=_required(obj, "name", str, where),
+        limit=_required(obj, "limit", int, where),
+        active_slots=_get(obj, "active_slots", int, where) or 0,
+        active=_get(obj, "active", bool, where) is not False,
+    )
+
+
+def parse_run_state(obj: Mapping[str, Any], where: str) -> RunState:
+    state = obj.get("state")
+    state_type = obj.get("state_type")
+    if state_type is None and isinstance(state, dict):
+        state_type = state.get("type")
+    if state_type is not None and not isinstance(state_type, str):
+        raise MalformedResponse(f"{where}.state_type: unexpected {type(state_type).__name__}")
+    return RunState(
+        id=_required(obj, "id", str, where),
+        state_type=state_type,
+        flow_run_id=_get(obj, "flow_run_id", str, where),
+    )
+
+
+def parse_event(obj: Mapping[str, Any]) -> FlowRunEvent | None:
+    """A flow-run state event, or None for events of another kind."""
+    where = "event"
+    name = _required(obj, "event", str, where)
+    resource = obj.get("resource")
+    if not name.startswith(_FLOW_RUN_EVENT_PREFIX) or not isinstance(resource, dict):
+        return None
+    state_type = resource.get("prefect.state-type")
+    state_name = resource.get("prefect.state-name")
+    resource_id = resource.get("prefect.resource.id", "")
+    if not isinstance(state_type, str) or not isinstance(state_name, str):
+        return None  # not a state change (e.g. a heartbeat from a newer client)
+    pool = ""
+    related = obj.get("related") or []
+    if isinstance(related, list):
+        for item in related:
+            if isinstance(item, dict) and item.get("prefect.resource.role") == "work-pool":
+                pool = str(item.get("prefect.resource.name", ""))
+    occurred = to_timestamp(obj.get("occurred"), "event.occurred")
+    if occurred is None:
+        raise MalformedResponse("event.occurred: missing")
+    return FlowRunEvent(
+        id=_required(obj, "id", str, where),
+        occurred=occurred,
+        flow_run_id=str(resource_id).removeprefix(_FLOW_RUN_EVENT_PREFIX),
+        state_type=state_type,
+        state_name=state_name,
+        work_pool=pool,
+    )
+
+
+def _page_token(next_page: object) -> str | None:
+    if not next_page:
+        return None
+    if not isinstance(next_page, str):
+        raise MalformedResponse("events.next_page: expected a URL")
+    # The server builds the URL from its own idea of its base; only the token is ours to use.
+    token = parse_qs(urlsplit(next_page).query).get("page-token")
+    if not token:
+        raise MalformedResponse("events.next_page: no page-token")
+    return quote(token[0], safe="")
+
+
 def parse_history(payload: Any) -> tuple[StateCount, ...]:
     """Sum the single-bucket /flow_runs/history answer by state type and name."""
     totals: dict[tuple[str, str], int] = {}
@@ -336,6 +412,8 @@ class PrefectApi:
         scheduled = sum(c.count for c in counts if c.state_type == StateType.SCHEDULED.value)
         awaiting = sum(c.count for c in counts if c.state_name == AWAITING_CONCURRENCY_SLOT)
         pending = sum(c.count for c in counts if c.state_type == StateType.PENDING.value)
+        running = sum(c.count for c in counts if c.state_type == StateType.RUNNING.value)
+        cancelling = sum(c.count for c in counts if c.state_type == StateType.CANCELLING.value)
 
         due, oldest_due, oldest_awaiting, oldest_pending = 0, None, None, None
         if scheduled > awaiting:
@@ -352,23 +430,189 @@ class PrefectApi:
             oldest_awaiting = await self._first_run_time(
                 awaiting_filter, "EXPECTED_START_TIME_ASC", "expected_start_time", deadline
             )
-        if pending:
-            pending_filter = {
-                **in_queue,
-                "flow_runs": {"state": {"type": {"any_": [StateType.PENDING.value]}}},
-            }
-            runs = await self._runs(
-                pending_filter, "EXPECTED_START_TIME_ASC", PENDING_SAMPLE, deadline
-            )
-            entered = [self._state_timestamp(run) for run in runs]
-            oldest_pending = min((t for t in entered if t is not None), default=None)
+        oldest_pending = await self._oldest_entry(
+            in_queue, StateType.PENDING, "EXPECTED_START_TIME_ASC", pending, deadline
+        )
+        oldest_running = await self._oldest_entry(
+            in_queue, StateType.RUNNING, "START_TIME_ASC", running, deadline
+        )
+        oldest_cancelling = await self._oldest_entry(
+            in_queue, StateType.CANCELLING, "EXPECTED_START_TIME_ASC", cancelling, deadline
+        )
         return QueueRunStats(
             counts=counts,
             due_scheduled=due,
             oldest_due_scheduled=oldest_due,
             oldest_awaiting_slot=oldest_awaiting,
             oldest_pending_since=oldest_pending,
+            oldest_running_since=oldest_running,
+            oldest_cancelling_since=oldest_cancelling,
         )
+
+    async def _oldest_entry(
+        self,
+        scope: Mapping[str, Any],
+        state_type: StateType,
+        sort: str,
+        count: int,
+        deadline: float,
+    ) -> float | None:
+        """When the longest-waiting run of `state_type` entered it (sampled, see PENDING_SAMPLE)."""
+        if not count:
+            return None
+        body = {**scope, "flow_runs": {"state": {"type": {"any_": [state_type.value]}}}}
+        runs = await self._runs(body, sort, PENDING_SAMPLE, deadline)
+        entered = [self._state_timestamp(run) for run in runs]
+        return min((t for t in entered if t is not None), default=None)
+
+    async def concurrency_limits(self, deadline: float) -> list[ConcurrencyLimitRecord]:
+        """Every row of the v2 table: global, tag and deployment limits alike."""
+        rows = await self._paged(
+            "/v2/concurrency_limits/filter", "v2/concurrency_limits/filter", {}, deadline
+        )
+        return [parse_limit(row) for row in rows]
+
+    async def tag_limit_holders(self, deadline: float) -> dict[str, tuple[str, ...]]:
+        """Task-run ids holding each tag limit (the v1 view of the `tag:` limits)."""
+        rows = await self._paged(
+            "/concurrency_limits/filter", "concurrency_limits/filter", {}, deadline
+        )
+        holders: dict[str, tuple[str, ...]] = {}
+        for row in rows:
+            tag = _required(row, "tag", str, "concurrency_limit")
+            slots = row.get("active_slots") or []
+            if not isinstance(slots, list) or not all(isinstance(x, str) for x in slots):
+                raise MalformedResponse("concurrency_limit.active_slots: expected a list of ids")
+            holders[tag] = tuple(slots)
+        return holders
+
+    async def task_run_states(self, ids: Sequence[str], deadline: float) -> list[RunState]:
+        rows = await self._by_ids(
+            "/task_runs/filter", "task_runs/filter", "task_runs", ids, deadline
+        )
+        return [parse_run_state(row, "task_run") for row in rows]
+
+    async def flow_run_states(self, ids: Sequence[str], deadline: float) -> list[RunState]:
+        rows = await self._by_ids(
+            "/flow_runs/filter", "flow_runs/filter", "flow_runs", ids, deadline
+        )
+        return [parse_run_state(row, "flow_run") for row in rows]
+
+    async def expected_start_times(
+        self, ids: Sequence[str], deadline: float
+    ) -> dict[str, float | None]:
+        rows = await self._by_ids(
+            "/flow_runs/filter", "flow_runs/filter", "flow_runs", ids, deadline
+        )
+        return {
+            _required(row, "id", str, "flow_run"): to_timestamp(
+                row.get("expected_start_time"), "flow_run.expected_start_time"
+            )
+            for row in rows
+        }
+
+    async def deployment_names(self, ids: Sequence[str], deadline: float) -> dict[str, str]:
+        rows = await self._by_ids(
+            "/deployments/filter", "deployments/filter", "deployments", ids, deadline
+        )
+        return {
+            _required(row, "id", str, "deployment"): _required(row, "name", str, "deployment")
+            for row in rows
+        }
+
+    async def deployment_slot_runs(self, deployment_id: str, deadline: float) -> int:
+        """Runs of the deployment that hold one of its concurrency slots right now."""
+        return await self._count(
+            {
+                "flow_runs": {
+                    "deployment_id": {"any_": [deployment_id]},
+                    "state": {"type": {"any_": list(SLOT_HOLDING_TYPES)}},
+                }
+            },
+            deadline,
+        )
+
+    async def deployment_awaiting_slot(
+        self, deployment_id: str, deadline: float
+    ) -> tuple[int, float | None]:
+        """The deployment's AwaitingConcurrencySlot runs and the oldest one's expected start."""
+        body = {
+            "flow_runs": {
+                "deployment_id": {"any_": [deployment_id]},
+                "state": {"name": {"any_": [AWAITING_CONCURRENCY_SLOT]}},
+            }
+        }
+        count = await self._count(body, deadline)
+        oldest = None
+        if count:
+            oldest = await self._first_run_time(
+                body, "EXPECTED_START_TIME_ASC", "expected_start_time", deadline
+            )
+        return count, oldest
+
+    async def flow_run_events(
+        self, since: float, until: float, max_pages: int, deadline: float
+    ) -> tuple[list[FlowRunEvent], bool]:
+        """Flow-run state events in [since, until], oldest first, at most `max_pages` pages.
+
+        Returns the events and whether more were left unread (the reader is behind).
+        """
+        payload = await self._call(
+            "POST",
+            "/events/filter",
+            "events/filter",
+            {
+                "filter": {
+                    "occurred": {"since": _iso(since), "until": _iso(until)},
+                    "event": {
+                        "prefix": [_FLOW_RUN_EVENT_PREFIX],
+                        "exclude_name": ["prefect.flow-run.heartbeat"],
+                    },
+                    "order": "ASC",
+                },
+                "limit": EVENT_PAGE_SIZE,
+            },
+            deadline,
+        )
+        events: list[FlowRunEvent] = []
+        for page in range(max_pages):
+            if not isinstance(payload, dict):
+                raise MalformedResponse("events/filter: expected an object")
+            events += [
+                e
+                for e in map(parse_event, _objects(payload.get("events"), "events"))
+                if e is not None
+            ]
+            token = _page_token(payload.get("next_page"))
+            if token is None:
+                return events, False
+            if page + 1 == max_pages:
+                return events, True
+            payload = await self._call(
+                "GET",
+                "/events/filter/next",
+                f"events/filter/next?page-token={token}",
+                None,
+                deadline,
+            )
+        return events, True
+
+    async def _by_ids(
+        self, endpoint: str, path: str, key: str, ids: Sequence[str], deadline: float
+    ) -> list[Mapping[str, Any]]:
+        """Objects by id, 200 ids per request."""
+        rows: list[Mapping[str, Any]] = []
+        for start in range(0, len(ids), PAGE_SIZE):
+            chunk = list(ids[start : start + PAGE_SIZE])
+            payload = await self._call(
+                "POST",
+                endpoint,
+                path,
+                {key: {"id": {"any_": chunk}}, "limit": PAGE_SIZE},
+                deadline,
+            )
+            rows += _objects(payload, endpoint)
+        return rows
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -64,6 +64,8 @@ class QueueRunStats:
     oldest_due_scheduled: float | None
     oldest_awaiting_slot: float | None
     oldest_pending_since: float | None
+    oldest_running_since: float | None = None
+    oldest_cancelling_since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -75,3 +77,54 @@ class PollRecords:
     queues: tuple[QueueRecord, ...]
     workers: tuple[WorkerRecord, ...]
     queue_stats: Mapping[str, QueueRunStats] = field(default_factory=dict)
+    limits: tuple[ConcurrencyLimitRecord, ...] = ()
+    holders: LimitHolders | None = None
+
+
+@dataclass(frozen=True)
+class ConcurrencyLimitRecord:
+    """One row of the v2 concurrency-limit table (global, `tag:<tag>` or `deployment:<id>`)."""
+
+    id: str
+    name: str
+    limit: int
+    active_slots: int
+    active: bool
+
+
+@dataclass(frozen=True)
+class RunState:
+    """The current state of one task or flow run, for checking who holds a slot."""
+
+    id: str
+    state_type: str | None
+    flow_run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class LimitHolders:
+    """What is known about who holds concurrency slots.
+
+    `tag_holders` lists the task runs holding each tag limit (from the v1 API), `holder_states`
+    their states and those of their flow runs, `deployment_names` maps deployment ids to names,
+    and `deployment_slot_runs` counts each limited deployment's runs that really hold a slot
+    (Pending, Running or Cancelling). A limit missing from these maps was not checked.
+    """
+
+    tag_holders: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    holder_states: Mapping[str, RunState] = field(default_factory=dict)
+    deployment_names: Mapping[str, str] = field(default_factory=dict)
+    deployment_slot_runs: Mapping[str, int] = field(default_factory=dict)
+    deployment_awaiting: Mapping[str, tuple[int, float | None]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FlowRunEvent:
+    """One `prefect.flow-run.<state>` event, reduced to what latency and throughput need."""
+
+    id: str
+    occurred: float
+    flow_run_id: str
+    state_type: str
+    state_name: str
+    work_pool: str

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exporter.records import PollRecords, QueueRunStats, WorkerRecord
+from exporter.records import (
+    ConcurrencyLimitRecord,
+    LimitHolders,
+    PollRecords,
+    QueueRunStats,
+    StateCount,
+    WorkerRecord,
+)
+from exporter.transitions import LatencyStats
 
 AWAITING_CONCURRENCY_SLOT = "AwaitingConcurrencySlot"
 
@@ -25,6 +33,11 @@ KNOWN_STATE_NAMES = (
     "Cancelling",
 )
 
+TERMINAL_STATE_TYPES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
+# Prefect's pool and queue limits count runs of these types as occupying a slot.
+IN_FLIGHT_STATE_TYPES = frozenset({"PENDING", "RUNNING"})
+LIMIT_KINDS = ("global", "tag", "deployment")
+
 # Prefect's own fallback when a worker does not report its heartbeat interval.
 DEFAULT_HEARTBEAT_INTERVAL_SECONDS = 30.0
 
@@ -36,6 +49,7 @@ class PoolState:
     status: str | None
     concurrency_limit: int | None
     online_workers: int
+    in_flight: int = 0
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,10 @@ class QueueState:
     backlog: int
     oldest_due: float | None
     oldest_pending_since: float | None
+    in_flight: int = 0
+    oldest_awaiting_slot: float | None = None
+    oldest_running_since: float | None = None
+    oldest_cancelling_since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,28 @@ class WorkerState:
 
 
 @dataclass(frozen=True)
+class LimitState:
+    """One concurrency limit; `leaked` is None where holders cannot be checked (global)."""
+
+    name: str
+    kind: str
+    deployment: str
+    slots: int
+    active_slots: int
+    enabled: bool
+    leaked: int | None
+
+
+@dataclass(frozen=True)
+class DeploymentState:
+    """Opt-in per-deployment view of runs held by the deployment's own limit."""
+
+    name: str
+    awaiting_slot: int
+    oldest_awaiting_slot: float | None
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """The state of one Prefect API as of one successful poll."""
 
@@ -69,6 +109,10 @@ class Snapshot:
     pools: tuple[PoolState, ...]
     queues: tuple[QueueState, ...]
     workers: tuple[WorkerState, ...]
+    limits: tuple[LimitState, ...] = ()
+    deployments: tuple[DeploymentState, ...] = ()
+    latency: LatencyStats | None = None
+    features: tuple[tuple[str, bool], ...] = ()
 
 
 EMPTY_STATS = QueueRunStats(
@@ -100,7 +144,72 @@ def _oldest(*timestamps: float | None) -> float | None:
     return min(present) if present else None
 
 
-def build_snapshot(records: PollRecords, heartbeat_multiple: float = 3.0) -> Snapshot:
+def _in_flight(counts: tuple[StateCount, ...]) -> int:
+    return sum(c.count for c in counts if c.state_type in IN_FLIGHT_STATE_TYPES)
+
+
+def limit_kind(name: str) -> str:
+    """Prefect's v2 table names tag limits `tag:<tag>` and deployment limits `deployment:<id>`."""
+    if name.startswith("tag:"):
+        return "tag"
+    if name.startswith("deployment:"):
+        return "deployment"
+    return "global"
+
+
+def _is_finished(run_id: str, holders: LimitHolders) -> bool:
+    """A holder is finished when it, or the flow run it belongs to, is terminal or gone."""
+    state = holders.holder_states.get(run_id)
+    if state is None or state.state_type in TERMINAL_STATE_TYPES:
+        return True
+    if state.flow_run_id is not None:
+        parent = holders.holder_states.get(state.flow_run_id)
+        return parent is None or parent.state_type in TERMINAL_STATE_TYPES
+    return False
+
+
+def leaked_slots(limit: ConcurrencyLimitRecord, holders: LimitHolders | None) -> int | None:
+    """Slots held by runs that no longer run; None when the holders are unknown."""
+    if holders is None:
+        return None
+    kind = limit_kind(limit.name)
+    if kind == "tag":
+        tag_holders = holders.tag_holders.get(limit.name.removeprefix("tag:"))
+        if tag_holders is None:
+            return None
+        return sum(_is_finished(run_id, holders) for run_id in tag_holders)
+    if kind == "deployment":
+        holding = holders.deployment_slot_runs.get(limit.name.removeprefix("deployment:"))
+        return None if holding is None else max(0, limit.active_slots - holding)
+    return None
+
+
+def _limit_state(limit: ConcurrencyLimitRecord, holders: LimitHolders | None) -> LimitState:
+    kind = limit_kind(limit.name)
+    name, deployment = limit.name, ""
+    if kind == "deployment":
+        deployment_id = limit.name.removeprefix("deployment:")
+        names = holders.deployment_names if holders else {}
+        # Ids are opaque to people; the flow/deployment name is what they know.
+        deployment = names.get(deployment_id, deployment_id)
+        name = f"deployment:{deployment}"
+    return LimitState(
+        name=name,
+        kind=kind,
+        deployment=deployment,
+        slots=limit.limit,
+        active_slots=limit.active_slots,
+        enabled=limit.active,
+        leaked=leaked_slots(limit, holders),
+    )
+
+
+def build_snapshot(
+    records: PollRecords,
+    heartbeat_multiple: float = 3.0,
+    latency: LatencyStats | None = None,
+    features: tuple[tuple[str, bool], ...] = (),
+) -> Snapshot:
     """Derive the exported state from one poll's records."""
     now = records.observed_at
     workers = tuple(
@@ -116,6 +225,10 @@ def build_snapshot(records: PollRecords, heartbeat_multiple: float = 3.0) -> Sna
     online_by_pool: dict[str, int] = {}
     for worker in workers:
         online_by_pool[worker.pool] = online_by_pool.get(worker.pool, 0) + worker.online
+    in_flight_by_pool: dict[str, int] = {}
+    for q in records.queues:
+        counts = records.queue_stats.get(q.id, EMPTY_STATS).counts
+        in_flight_by_pool[q.pool] = in_flight_by_pool.get(q.pool, 0) + _in_flight(counts)
     pools = tuple(
         PoolState(
             name=p.name,
@@ -123,6 +236,7 @@ def build_snapshot(records: PollRecords, heartbeat_multiple: float = 3.0) -> Sna
             status=p.status,
             concurrency_limit=p.concurrency_limit,
             online_workers=online_by_pool.get(p.name, 0),
+            in_flight=in_flight_by_pool.get(p.name, 0),
         )
         for p in sorted(records.pools, key=lambda p: p.name)
     )
@@ -144,6 +258,38 @@ def build_snapshot(records: PollRecords, heartbeat_multiple: float = 3.0) -> Sna
                 backlog=stats.due_scheduled + awaiting_slot,
                 oldest_due=_oldest(stats.oldest_due_scheduled, stats.oldest_awaiting_slot),
                 oldest_pending_since=stats.oldest_pending_since,
+                in_flight=_in_flight(stats.counts),
+                oldest_awaiting_slot=stats.oldest_awaiting_slot,
+                oldest_running_since=stats.oldest_running_since,
+                oldest_cancelling_since=stats.oldest_cancelling_since,
             )
         )
-    return Snapshot(observed_at=now, pools=pools, queues=tuple(queues), workers=workers)
+    holders = records.holders
+    limits = tuple(
+        sorted((_limit_state(limit, holders) for limit in records.limits), key=lambda x: x.name)
+    )
+    deployments = tuple(
+        sorted(
+            (
+                DeploymentState(
+                    name=holders.deployment_names.get(deployment_id, deployment_id),
+                    awaiting_slot=count,
+                    oldest_awaiting_slot=oldest,
+                )
+                for deployment_id, (count, oldest) in holders.deployment_awaiting.items()
+            ),
+            key=lambda d: d.name,
+        )
+        if holders
+        else ()
+    )
+    return Snapshot(
+        observed_at=now,
+        pools=pools,
+        queues=tuple(queues),
+        workers=workers,
+        limits=limits,
+        deployments=deployments,
+        latency=latency,
+        features=features,
+    )

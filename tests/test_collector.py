@@ -116,6 +116,7 @@ class TestSnapshotCollector:
             'prefect_work_pool_status{status="NOT_READY",work_pool="p"} 0.0',
             'prefect_work_pool_status{status="PAUSED",work_pool="p"} 0.0',
             'prefect_work_pool_online_workers{work_pool="p"} 0.0',
+            'prefect_work_pool_in_flight_runs{work_pool="p"} 0.0',
         ]
         assert "As of the last successful poll." in text
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -10,7 +11,15 @@ from prometheus_client import CollectorRegistry
 
 from exporter.poller import Poller, PollMetrics, PollSettings
 from exporter.prefect_api import ApiStatusError, MalformedResponse
-from exporter.records import PoolRecord, QueueRecord, QueueRunStats, WorkerRecord
+from exporter.records import (
+    ConcurrencyLimitRecord,
+    FlowRunEvent,
+    PoolRecord,
+    QueueRecord,
+    QueueRunStats,
+    RunState,
+    WorkerRecord,
+)
 from exporter.snapshot import Snapshot
 
 NOW = 1_800_000_000.0
@@ -24,6 +33,12 @@ class FakeApi:
         self.fail = fail
         self.fail_on_queue = fail_on_queue
         self.stats_calls: list[str] = []
+        self.limits_missing = False
+        self.events_missing = False
+        self.asked_task_runs: list[str] = []
+        self.slot_checks: list[str] = []
+        self.event_windows: list[tuple[float, float]] = []
+        self.events: list[FlowRunEvent] = []
 
     async def work_pools(self, deadline: float) -> list[PoolRecord]:
         if self.fail:
@@ -42,6 +57,51 @@ class FakeApi:
             raise MalformedResponse("flow_runs/count: expected a non-negative integer")
         return QueueRunStats((), 2, now - 60, None, None)
 
+    async def concurrency_limits(self, deadline: float) -> list[ConcurrencyLimitRecord]:
+        if self.limits_missing:
+            raise ApiStatusError("/v2/concurrency_limits/filter", 404, None)
+        return [
+            ConcurrencyLimitRecord("1", "tag:etl", 2, 2, True),
+            ConcurrencyLimitRecord("2", "deployment:d1", 1, 1, True),
+            ConcurrencyLimitRecord("3", "deployment:d2", 3, 0, True),
+            ConcurrencyLimitRecord("4", "nightly", 5, 1, False),
+        ]
+
+    async def tag_limit_holders(self, deadline: float) -> dict[str, tuple[str, ...]]:
+        return {"etl": ("task-a", "task-b")}
+
+    async def task_run_states(self, ids: Sequence[str], deadline: float) -> list[RunState]:
+        self.asked_task_runs = list(ids)
+        return [RunState("task-a", "RUNNING", "flow-a"), RunState("task-b", "RUNNING", "flow-b")]
+
+    async def flow_run_states(self, ids: Sequence[str], deadline: float) -> list[RunState]:
+        return [RunState("flow-a", "RUNNING"), RunState("flow-b", "CRASHED")]
+
+    async def deployment_names(self, ids: Sequence[str], deadline: float) -> dict[str, str]:
+        return {"d1": "etl/nightly", "d2": "etl/hourly"}
+
+    async def deployment_slot_runs(self, deployment_id: str, deadline: float) -> int:
+        self.slot_checks.append(deployment_id)
+        return 0
+
+    async def deployment_awaiting_slot(
+        self, deployment_id: str, deadline: float
+    ) -> tuple[int, float | None]:
+        return (4, NOW - 100) if deployment_id == "d1" else (0, None)
+
+    async def flow_run_events(
+        self, since: float, until: float, max_pages: int, deadline: float
+    ) -> tuple[list[FlowRunEvent], bool]:
+        self.event_windows.append((since, until))
+        if self.events_missing:
+            raise ApiStatusError("/events/filter", 404, None)
+        return list(self.events), False
+
+    async def expected_start_times(
+        self, ids: Sequence[str], deadline: float
+    ) -> dict[str, float | None]:
+        return dict.fromkeys(ids, NOW - 100)
+
 
 class FakeStore:
     def __init__(self) -> None:
@@ -55,9 +115,11 @@ class FakeStore:
         self.failures.append(error)
 
 
-def poller(api: Any, store: FakeStore, registry: CollectorRegistry) -> Poller:
+def poller(
+    api: Any, store: FakeStore, registry: CollectorRegistry, settings: PollSettings = SETTINGS
+) -> Poller:
     return Poller(
-        api, store, SETTINGS, PollMetrics(registry), structlog.get_logger(), clock=lambda: NOW
+        api, store, settings, PollMetrics(registry), structlog.get_logger(), clock=lambda: NOW
     )
 
 
@@ -148,3 +210,109 @@ class TestPoller:
 
         asyncio.run(scenario())
         assert len(store.published) == 1
+
+
+class TestLimits:
+    """Concurrency limits, their holders and leaked slots."""
+
+    def snapshot(self, api: FakeApi, breakdown: bool = False) -> Snapshot:
+        store = FakeStore()
+        settings = PollSettings(30, 5, 2, 3, deployments_breakdown=breakdown)
+        asyncio.run(poller(api, store, CollectorRegistry(), settings).poll_and_publish())
+        return store.published[0]
+
+    def test_limits_are_named_by_kind_and_deployment_name(self) -> None:
+        """Deployment limits carry flow/deployment names, not ids."""
+        limits = {x.name: x for x in self.snapshot(FakeApi()).limits}
+        assert set(limits) == {
+            "tag:etl",
+            "deployment:etl/nightly",
+            "deployment:etl/hourly",
+            "nightly",
+        }
+        assert limits["deployment:etl/nightly"].deployment == "etl/nightly"
+        assert limits["deployment:etl/nightly"].kind == "deployment"
+        assert limits["nightly"].kind == "global"
+        assert not limits["nightly"].enabled
+
+    def test_leaked_slots_from_finished_holders(self) -> None:
+        """A task of a crashed flow run leaks its tag slot; so does a deployment slot, no runs."""
+        api = FakeApi()
+        limits = {x.name: x for x in self.snapshot(api).limits}
+        assert limits["tag:etl"].leaked == 1
+        assert limits["deployment:etl/nightly"].leaked == 1
+        assert limits["deployment:etl/hourly"].leaked == 0
+        assert limits["nightly"].leaked is None
+        assert api.slot_checks == ["d1"]  # a limit with no taken slot needs no request
+        assert api.asked_task_runs == ["task-a", "task-b"]
+
+    def test_deployment_breakdown_is_opt_in(self) -> None:
+        """Per-deployment AwaitingConcurrencySlot counts appear only when asked for."""
+        assert self.snapshot(FakeApi()).deployments == ()
+        deployments = {d.name: d for d in self.snapshot(FakeApi(), breakdown=True).deployments}
+        assert deployments["etl/nightly"].awaiting_slot == 4
+        assert deployments["etl/nightly"].oldest_awaiting_slot == NOW - 100
+
+    def test_a_server_without_v2_limits_degrades(self) -> None:
+        """A 404 turns the feature off (reported), the poll still succeeds."""
+        api = FakeApi()
+        api.limits_missing = True
+        snapshot = self.snapshot(api)
+        assert snapshot.limits == ()
+        assert dict(snapshot.features)["concurrency_limits"] is False
+
+
+class TestEvents:
+    """Transitions read from events feed the latency histograms."""
+
+    def test_pickup_and_start_delays_and_the_window_read(self) -> None:
+        """A run scheduled 100 s ago, Pending 40 s later, Running 5 s after that."""
+        api = FakeApi()
+        api.events = [
+            FlowRunEvent("e1", NOW - 60, "r1", "PENDING", "Pending", "p"),
+            FlowRunEvent("e2", NOW - 55, "r1", "RUNNING", "Running", "p"),
+        ]
+        store = FakeStore()
+        times = [NOW - 100, NOW]  # start-up, then the poll
+
+        def clock() -> float:
+            return times.pop(0) if len(times) > 1 else times[0]
+
+        p = Poller(
+            api,
+            store,
+            PollSettings(30, 5, 2, 3, events_settle=10),
+            PollMetrics(CollectorRegistry()),
+            structlog.get_logger(),
+            clock=clock,
+        )
+        asyncio.run(p.poll_and_publish())
+        latency = store.published[0].latency
+        assert latency is not None
+        assert latency.pickup["p"].count == 1
+        assert latency.pickup["p"].total == 40
+        assert latency.start["p"].total == 5
+        assert latency.transitions[("p", "Running")] == 1
+        assert api.event_windows == [(NOW - 110, NOW - 10)]
+
+    def test_a_server_without_events_degrades(self) -> None:
+        """A 404 from /events/filter switches the latency part off, the poll succeeds."""
+        api = FakeApi()
+        api.events_missing = True
+        store = FakeStore()
+        times = [NOW - 100, NOW]  # start-up, then the poll: a window to read
+
+        def clock() -> float:
+            return times.pop(0) if len(times) > 1 else times[0]
+
+        p = Poller(
+            api,
+            store,
+            PollSettings(30, 5, 2, 3),
+            PollMetrics(CollectorRegistry()),
+            structlog.get_logger(),
+            clock=clock,
+        )
+        asyncio.run(p.poll_and_publish())
+        assert store.published[0].latency is None
+        assert dict(store.published[0].features)["events"] is False

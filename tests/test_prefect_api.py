@@ -299,7 +299,9 @@ class TestQueueRunStats:
         assert stats.oldest_due_scheduled == 1_795_942_800.0  # 2026-11-29T09:00:00Z
         assert stats.oldest_awaiting_slot == 1_795_939_200.0  # 08:00
         assert stats.oldest_pending_since == 1_795_944_000.0  # 09:20, the earlier of two
-        assert len(fake.requests) == 5
+        assert stats.oldest_running_since == 1_795_944_000.0
+        assert stats.oldest_cancelling_since is None  # no Cancelling runs: not even asked
+        assert len(fake.requests) == 6
         history = fake.bodies("flow_runs/history")[0]
         assert history["work_queues"] == {"id": {"any_": ["q1"]}}
         assert "work_pool_queues" not in history

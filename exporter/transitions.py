@@ -1,0 +1,172 @@
+"""Reads flow-run state events incrementally and turns them into latency and throughput counts.
+
+The cursor is a timestamp plus the ids of the events already counted at exactly that timestamp:
+the events API's `since` is inclusive, so a page boundary or a restart that lands inside a burst
+of same-instant events neither skips nor double counts any of them. It is plain data and can be
+saved to a file to survive restarts of the exporter.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exporter.records import FlowRunEvent
+
+# Waits from seconds (a warm process worker) to hours (a starved pool).
+DELAY_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800)
+_REMEMBERED_RUNS = 50_000  # bounds memory: runs whose Pending time or observation we keep
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where the event reader stands: the last timestamp read and the ids counted at it."""
+
+    occurred: float
+    ids_at_occurred: frozenset[str] = frozenset()
+
+    def unseen(self, events: Iterable[FlowRunEvent]) -> list[FlowRunEvent]:
+        """Events after the cursor, in order, without those already counted."""
+        return [
+            e
+            for e in events
+            if e.occurred > self.occurred
+            or (e.occurred == self.occurred and e.id not in self.ids_at_occurred)
+        ]
+
+    def advance(self, events: Iterable[FlowRunEvent]) -> Cursor:
+        cursor = self
+        for event in events:
+            if event.occurred > cursor.occurred:
+                cursor = Cursor(event.occurred, frozenset({event.id}))
+            elif event.occurred == cursor.occurred:
+                cursor = Cursor(cursor.occurred, cursor.ids_at_occurred | {event.id})
+        return cursor
+
+    def save(self, path: Path) -> None:
+        data = {"occurred": self.occurred, "ids_at_occurred": sorted(self.ids_at_occurred)}
+        temporary = path.with_suffix(path.suffix + ".tmp")
+        temporary.write_text(json.dumps(data))
+        temporary.replace(path)  # atomic: a crash never leaves half a cursor
+
+    @classmethod
+    def load(cls, path: Path) -> Cursor | None:
+        """The saved cursor, or None when there is none or it is unreadable."""
+        try:
+            data = json.loads(path.read_text())
+            return cls(float(data["occurred"]), frozenset(map(str, data["ids_at_occurred"])))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+@dataclass(frozen=True)
+class HistogramState:
+    """Cumulative bucket counts (one per bound, then +Inf), sum and count."""
+
+    buckets: tuple[int, ...] = (0,) * (len(DELAY_BUCKETS) + 1)
+    total: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return self.buckets[-1]
+
+    def observe(self, value: float) -> HistogramState:
+        bounds = (*DELAY_BUCKETS, float("inf"))
+        buckets = tuple(n + (value <= bound) for n, bound in zip(self.buckets, bounds, strict=True))
+        return HistogramState(buckets, self.total + value)
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Everything the transition reader has counted, as immutable data for the snapshot."""
+
+    pickup: Mapping[str, HistogramState] = field(default_factory=dict)
+    start: Mapping[str, HistogramState] = field(default_factory=dict)
+    transitions: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    lag_seconds: float | None = None
+    behind: bool = False
+    events_read: int = 0
+
+
+class _BoundedSet:
+    def __init__(self, size: int) -> None:
+        self._items: OrderedDict[str, None] = OrderedDict()
+        self._size = size
+
+    def add(self, key: str) -> None:
+        self._items[key] = None
+        if len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+
+class TransitionTracker:
+    """Accumulates counts from events; each run's pickup and start delay is observed once.
+
+    Pickup delay: from the run's scheduled time (expected start) to its first Pending state;
+    negative values (workers prefetch runs up to 10 s early) are observed as 0.
+    Start delay: from that Pending state to the first Running state.
+    """
+
+    def __init__(self, cursor: Cursor) -> None:
+        self.cursor = cursor
+        self._pending_at: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._picked_up = _BoundedSet(_REMEMBERED_RUNS)
+        self._started = _BoundedSet(_REMEMBERED_RUNS)
+        self._pickup: dict[str, HistogramState] = {}
+        self._start: dict[str, HistogramState] = {}
+        self._transitions: dict[tuple[str, str], int] = {}
+        self._events_read = 0
+
+    def first_pendings(self, events: Iterable[FlowRunEvent]) -> list[FlowRunEvent]:
+        """The Pending events whose pickup delay is still to be observed."""
+        return [
+            e
+            for e in self.cursor.unseen(events)
+            if e.state_name == "Pending" and e.flow_run_id not in self._picked_up
+        ]
+
+    def consume(
+        self, events: Iterable[FlowRunEvent], expected_starts: Mapping[str, float | None]
+    ) -> None:
+        """Count events past the cursor; `expected_starts` dates the runs' Pending events."""
+        fresh = self.cursor.unseen(events)
+        for event in fresh:
+            self._events_read += 1
+            key = (event.work_pool, event.state_name)
+            self._transitions[key] = self._transitions.get(key, 0) + 1
+            run = event.flow_run_id
+            if event.state_name == "Pending" and run not in self._picked_up:
+                self._picked_up.add(run)
+                self._pending_at[run] = (event.work_pool, event.occurred)
+                if len(self._pending_at) > _REMEMBERED_RUNS:
+                    self._pending_at.popitem(last=False)
+                expected = expected_starts.get(run)
+                if expected is not None:
+                    delay = max(0.0, event.occurred - expected)
+                    self._observe(self._pickup, event.work_pool, delay)
+            elif event.state_type == "RUNNING" and run not in self._started:
+                pending = self._pending_at.pop(run, None)
+                if pending is not None:
+                    self._started.add(run)
+                    self._observe(self._start, pending[0], max(0.0, event.occurred - pending[1]))
+        self.cursor = self.cursor.advance(fresh)
+
+    @staticmethod
+    def _observe(target: dict[str, HistogramState], pool: str, value: float) -> None:
+        target[pool] = target.get(pool, HistogramState()).observe(value)
+
+    def stats(self, now: float, behind: bool) -> LatencyStats:
+        return LatencyStats(
+            pickup=dict(self._pickup),
+            start=dict(self._start),
+            transitions=dict(self._transitions),
+            lag_seconds=max(0.0, now - self.cursor.occurred),
+            behind=behind,
+            events_read=self._events_read,
+        )
