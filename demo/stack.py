@@ -294,6 +294,19 @@ class PrefectAdmin:
         )
         return str(run["id"])
 
+    def force_state(self, run_id: str, state_type: str, name: str | None = None) -> None:
+        """Put a run into a state directly (orchestration rules bypassed), for test fixtures."""
+        state: dict[str, Any] = {"type": state_type}
+        if name:
+            state["name"] = name
+        self.request("POST", f"flow_runs/{run_id}/set_state", {"state": state, "force": True})
+
+    def create_global_limit(self, name: str, limit: int) -> None:
+        self.request("POST", "v2/concurrency_limits/", {"name": name, "limit": limit})
+
+    def create_tag_limit(self, tag: str, limit: int) -> None:
+        self.request("POST", "concurrency_limits/", {"tag": tag, "concurrency_limit": limit})
+
     def pause_pool(self, name: str, paused: bool = True) -> None:
         self.request("PATCH", f"work_pools/{name}", {"is_paused": paused})
 
@@ -317,6 +330,20 @@ class PrefectAdmin:
 
     def count(self, body: Mapping[str, Any]) -> int:
         return int(self.request("POST", "flow_runs/count", dict(body)))
+
+
+def flow_run_pids(flow_run_id: str) -> list[int]:
+    """Processes running a flow run, found by the id Prefect puts in their environment."""
+    marker = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
 
 
 def past(seconds: float) -> datetime:

@@ -79,7 +79,7 @@ class Settings:
     config_file: str | None = None
     events_enabled: bool = True
     events_max_pages: int = 10
-    events_settle: float = 10.0
+    events_settle: float = 30.0
     events_state_file: str | None = None
     deployments_breakdown: bool = False
 
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--events.settle",
         dest="events_settle",
         metavar="DURATION",
-        help="read events only this old or older, so late-stored ones are not missed (10s)",
+        help="read events once this old: Prefect stores them in batches (default 30s)",
     )
     add(
         "--events.state-file",

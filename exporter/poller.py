@@ -74,7 +74,7 @@ class PollSettings:
     heartbeat_multiple: float
     events_enabled: bool = True
     events_max_pages: int = 10
-    events_settle: float = 10.0
+    events_settle: float = 30.0
     events_state_file: Path | None = None
     deployments_breakdown: bool = False
 

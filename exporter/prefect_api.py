@@ -512,12 +512,25 @@ class PrefectApi:
         }
 
     async def deployment_names(self, ids: Sequence[str], deadline: float) -> dict[str, str]:
+        """`flow/deployment` names by deployment id: deployment names repeat across flows."""
         rows = await self._by_ids(
             "/deployments/filter", "deployments/filter", "deployments", ids, deadline
         )
-        return {
-            _required(row, "id", str, "deployment"): _required(row, "name", str, "deployment")
+        deployments = {
+            _required(row, "id", str, "deployment"): (
+                _required(row, "flow_id", str, "deployment"),
+                _required(row, "name", str, "deployment"),
+            )
             for row in rows
+        }
+        flow_ids = sorted({flow_id for flow_id, _ in deployments.values()})
+        flows = await self._by_ids("/flows/filter", "flows/filter", "flows", flow_ids, deadline)
+        flow_names = {
+            _required(row, "id", str, "flow"): _required(row, "name", str, "flow") for row in flows
+        }
+        return {
+            deployment_id: f"{flow_names.get(flow_id, flow_id)}/{name}"
+            for deployment_id, (flow_id, name) in deployments.items()
         }
 
     async def deployment_slot_runs(self, deployment_id: str, deadline: float) -> int:
