@@ -271,6 +271,7 @@ class Poller:
         started = self._monotonic()
         self._polls += 1
         requests_before = self._api.requests_sent
+        events_before = self._tracker.events_read
         wait = self._settings.interval
         try:
             snapshot = await self.poll_once()
@@ -305,6 +306,7 @@ class Poller:
                 work_queues=len(snapshot.queues),
                 workers=len(snapshot.workers),
                 backlog_runs=sum(q.backlog for q in snapshot.queues),
+                events_read=snapshot.latency.events_read - events_before if snapshot.latency else 0,
             )
         return max(0.0, wait - (self._monotonic() - started))
 

@@ -161,6 +161,10 @@ class TransitionTracker:
     def _observe(target: dict[str, HistogramState], pool: str, value: float) -> None:
         target[pool] = target.get(pool, HistogramState()).observe(value)
 
+    @property
+    def events_read(self) -> int:
+        return self._events_read
+
     def stats(self, now: float, behind: bool) -> LatencyStats:
         return LatencyStats(
             pickup=dict(self._pickup),
