@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from structlog.typing import FilteringBoundLogger
 
 from exporter import __version__, logs
-from exporter.budget import RequestBudget
+from exporter.budget import BudgetCollector, RequestBudget
 from exporter.collector import ExporterCollector, SnapshotCollector
 from exporter.config import ConfigError, Settings, load_settings
 from exporter.exposition import Exposition, render
@@ -23,19 +23,21 @@ from exporter.prefect_api import ApiMetrics, Connection, PrefectApi
 from exporter.server import App, MetricsServer
 from exporter.snapshot import Snapshot
 from exporter.store import Store
+from exporter.worklog import PositionStore, WorkerLog, WorkerLogMetrics, WorkerLogTailer
 
 
 def render_snapshot(snapshot: Snapshot) -> Exposition:
     return render(SnapshotCollector(snapshot))
 
 
-async def serve(settings: Settings, log: FilteringBoundLogger) -> int:
-    """Run the poller and the HTTP server until SIGTERM or SIGINT."""
-    # `_created` series double the counters' size and no alert or dashboard reads them.
-    disable_created_metrics()  # type: ignore[no-untyped-call]
-    registry = CollectorRegistry(auto_describe=True)
-    store: Store[Exposition] = Store(render_snapshot, settings.max_staleness)
-    registry.register(ExporterCollector(store.status))
+def build_poller(
+    settings: Settings,
+    store: Store[Exposition],
+    registry: CollectorRegistry,
+    log: FilteringBoundLogger,
+) -> tuple[Poller, PrefectApi]:
+    budget = RequestBudget(settings.requests_per_minute)
+    registry.register(BudgetCollector(budget))
     api = PrefectApi(
         Connection(
             api_url=settings.api_url,
@@ -44,7 +46,7 @@ async def serve(settings: Settings, log: FilteringBoundLogger) -> int:
             request_timeout=settings.request_timeout,
         ),
         ApiMetrics(registry),
-        RequestBudget(settings.requests_per_minute),
+        budget,
     )
     poller = Poller(
         api,
@@ -64,14 +66,43 @@ async def serve(settings: Settings, log: FilteringBoundLogger) -> int:
         ),
         PollMetrics(registry),
         log,
+        budget=budget,
     )
+    return poller, api
+
+
+def build_tailer(
+    settings: Settings, registry: CollectorRegistry, log: FilteringBoundLogger
+) -> WorkerLogTailer:
+    state = settings.worker_log_state_file
+    return WorkerLogTailer(
+        [WorkerLog(worker, Path(path)) for worker, path in settings.worker_logs],
+        WorkerLogMetrics(registry),
+        PositionStore(Path(state) if state else None),
+        log,
+    )
+
+
+async def serve(settings: Settings, log: FilteringBoundLogger) -> int:
+    """Run the poller, the worker-log tailer and the HTTP server until SIGTERM or SIGINT."""
+    # `_created` series double the counters' size and no alert or dashboard reads them.
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    registry = CollectorRegistry(auto_describe=True)
+    store: Store[Exposition] = Store(render_snapshot, settings.max_staleness)
+    poller, api = None, None
+    if settings.prefect_enabled:
+        registry.register(ExporterCollector(store.status))
+        poller, api = build_poller(settings, store, registry, log)
+    tailer = build_tailer(settings, registry, log) if settings.worker_logs else None
     app = App(
         store,
         registry,
         settings.telemetry_path,
         # Healthy while the loop turns: one interval plus a whole poll, with room for one miss.
-        health_window=2 * (settings.poll_interval + settings.poll_timeout),
-        api_url=settings.api_url,
+        health_window=2 * (settings.poll_interval + settings.poll_timeout)
+        if settings.prefect_enabled
+        else None,
+        api_url=settings.api_url if settings.prefect_enabled else "(not polled: sidecar only)",
         monotonic=time.monotonic,
         started_at=time.monotonic(),
     )
@@ -83,7 +114,8 @@ async def serve(settings: Settings, log: FilteringBoundLogger) -> int:
             address=f"{settings.listen_host}:{settings.listen_port}",
             error=exc.strerror or str(exc),
         )
-        await api.aclose()
+        if api is not None:
+            await api.aclose()
         return 1
     server.start()
     log.info(
@@ -91,19 +123,23 @@ async def serve(settings: Settings, log: FilteringBoundLogger) -> int:
         version=__version__,
         listen=f"{settings.listen_host or '0.0.0.0'}:{server.port}",
         telemetry_path=settings.telemetry_path,
-        api_url=settings.api_url,
+        api_url=settings.api_url if settings.prefect_enabled else None,
         poll_interval_seconds=settings.poll_interval,
         requests_per_minute=settings.requests_per_minute,
+        worker_logs=len(settings.worker_logs),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    tasks = [poller.run(stop)] if poller else []
+    tasks += [tailer.run(stop)] if tailer else []
     try:
-        await poller.run(stop)
+        await asyncio.gather(*tasks)
     finally:
         server.stop()
-        await api.aclose()
+        if api is not None:
+            await api.aclose()
         log.info("exporter_stopped")
     return 0
 
@@ -117,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  - {problem}", file=sys.stderr)
         return 2
     log = logs.configure(settings.log_level, settings.log_format)
-    if settings.api_url_from_default:
+    if settings.prefect_enabled and settings.api_url_from_default:
         log.warning(
             "api_url_not_configured",
             api_url=settings.api_url,

@@ -82,6 +82,9 @@ class Settings:
     events_settle: float = 30.0
     events_state_file: str | None = None
     deployments_breakdown: bool = False
+    prefect_enabled: bool = True
+    worker_logs: tuple[tuple[str, str], ...] = ()  # (worker name, path)
+    worker_log_state_file: str | None = None
 
 
 # Each YAML key and environment variable maps onto one Settings field.
@@ -92,6 +95,7 @@ _YAML_FIELDS: dict[str, dict[str, str]] = {
         "auth_string": "auth_string",
         "request_timeout": "request_timeout",
         "requests_per_minute": "requests_per_minute",
+        "enabled": "prefect_enabled",
     },
     "poll": {
         "interval": "poll_interval",
@@ -107,6 +111,7 @@ _YAML_FIELDS: dict[str, dict[str, str]] = {
         "state_file": "events_state_file",
     },
     "deployments": {"breakdown": "deployments_breakdown"},
+    "worker_logs": {"files": "worker_logs", "state_file": "worker_log_state_file"},
     "web": {"listen_address": "listen_address", "telemetry_path": "telemetry_path"},
     "log": {"level": "log_level", "format": "log_format"},
 }
@@ -125,7 +130,7 @@ _DURATION_FIELDS = (
     "events_settle",
 )
 _INT_FIELDS = ("requests_per_minute", "poll_concurrency", "events_max_pages")
-_BOOL_FIELDS = ("events_enabled", "deployments_breakdown")
+_BOOL_FIELDS = ("events_enabled", "deployments_breakdown", "prefect_enabled")
 _SECRET_FIELDS = ("api_key", "auth_string")
 
 
@@ -228,6 +233,27 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="export AwaitingConcurrencySlot runs per limited deployment (default off)",
+    )
+    add(
+        "--worker-log",
+        dest="worker_logs",
+        action="append",
+        metavar="[WORKER=]PATH",
+        help="sidecar mode: follow this worker log (repeatable); WORKER names it in metrics "
+        "(default: the file name without extension)",
+    )
+    add(
+        "--worker-log.state-file",
+        dest="worker_log_state_file",
+        metavar="PATH",
+        help="file keeping each worker log's read position across restarts",
+    )
+    add(
+        "--prefect.enabled",
+        dest="prefect_enabled",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="poll the Prefect API (default on); --no-prefect.enabled for a log-only sidecar",
     )
     add("--log.level", dest="log_level", choices=LOG_LEVELS, help="log level (default info)")
     add(
@@ -343,8 +369,11 @@ def _validate(raw: dict[str, Any], problems: list[str]) -> Settings | None:
                 values[field] = str(value).lower() == "true"
             else:
                 problems.append(f"{field}: expected true or false, got {value!r}")
-    if raw.get("events_state_file"):
-        values["events_state_file"] = str(raw["events_state_file"])
+    for field in ("events_state_file", "worker_log_state_file"):
+        if raw.get(field):
+            values[field] = str(raw[field])
+    if "worker_logs" in raw:
+        values["worker_logs"] = _worker_logs(raw["worker_logs"], problems)
     for field in _SECRET_FIELDS:
         if raw.get(field):
             values[field] = Secret(str(raw[field]))
@@ -372,6 +401,31 @@ def _validate(raw: dict[str, Any], problems: list[str]) -> Settings | None:
     return settings
 
 
+def _worker_logs(raw: object, problems: list[str]) -> tuple[tuple[str, str], ...]:
+    """`[WORKER=]PATH` strings (flags) or `{path, worker}` mappings (YAML)."""
+    if not isinstance(raw, list):
+        problems.append("worker_logs.files: expected a list")
+        return ()
+    logs = []
+    for item in raw:
+        if isinstance(item, dict):
+            path, worker = item.get("path"), item.get("worker")
+        elif isinstance(item, str):
+            worker, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        else:
+            path = worker = None
+        if not path or not isinstance(path, str):
+            problems.append(
+                f"worker_logs: expected [WORKER=]PATH or {{path, worker}}, got {item!r}"
+            )
+            continue
+        logs.append((str(worker) if worker else Path(path).stem, path))
+    names = [worker for worker, _ in logs]
+    if len(set(names)) != len(names):
+        problems.append("worker_logs: two logs have the same worker name; name them WORKER=PATH")
+    return tuple(logs)
+
+
 def _check_ranges(s: Settings) -> list[str]:
     problems = []
     url = urlsplit(s.api_url)
@@ -394,6 +448,8 @@ def _check_ranges(s: Settings) -> list[str]:
         problems.append("requests_per_minute: must be at least 1")
     if not 1 <= s.poll_concurrency <= 32:
         problems.append("poll_concurrency: must be between 1 and 32")
+    if not s.prefect_enabled and not s.worker_logs:
+        problems.append("prefect_enabled: with the API off, give at least one --worker-log")
     if not 1 <= s.events_max_pages <= 1000:
         problems.append("events_max_pages: must be between 1 and 1000")
     if s.events_settle < 0:

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from structlog.typing import FilteringBoundLogger
 
+from exporter.budget import Backoff, RequestBudget
 from exporter.prefect_api import ERROR_REASONS, ApiStatusError, PrefectApiError
 from exporter.records import (
     ConcurrencyLimitRecord,
@@ -30,6 +31,7 @@ from exporter.transitions import Cursor, LatencyStats, TransitionTracker
 
 T = TypeVar("T")
 POLL_RESULTS = ("success", "failure")
+BUDGET_OUTCOMES = ("shortened", "skipped")
 FAILURE_REASONS = (*ERROR_REASONS, "internal")
 
 
@@ -102,10 +104,30 @@ class PollMetrics:
             ["reason"],
             registry=registry,
         )
+        self.budget_polls = Counter(
+            "prefect_exporter_request_budget_polls",
+            "Polls the request budget could not afford in full: shortened (concurrency limits "
+            "and events left for a later poll) or skipped.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.backoff_until = Gauge(
+            "prefect_exporter_backoff_until_timestamp_seconds",
+            "Until when the exporter pauses polling because the API throttled it (429 or 503), "
+            "Unix seconds; 0 when not backing off.",
+            registry=registry,
+        )
+        self.maintenance = Gauge(
+            "prefect_exporter_api_maintenance",
+            "1 while the API's last throttling answer carried Prefect-Maintenance: true.",
+            registry=registry,
+        )
         for result in POLL_RESULTS:
             self.polls.labels(result)
         for reason in FAILURE_REASONS:
             self.errors.labels(reason)
+        for outcome in BUDGET_OUTCOMES:
+            self.budget_polls.labels(outcome)
 
 
 async def _all(coroutines: Sequence[Coroutine[Any, Any, T]], limit: int) -> list[T]:
@@ -137,8 +159,17 @@ class Poller:
         log: FilteringBoundLogger,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        budget: RequestBudget | None = None,
+        backoff: Backoff | None = None,
     ) -> None:
         self._api = api
+        self._budget = budget
+        self._backoff = backoff or Backoff(settings.interval)
+        # Requests one poll took, measured: all of it, and without the optional parts.
+        self._full_cost: int | None = None
+        self._core_cost: int | None = None
+        self._last_limits: tuple[ConcurrencyLimitRecord, ...] = ()
+        self._last_holders: LimitHolders | None = None
         self._store = store
         self._settings = settings
         self._metrics = metrics
@@ -233,9 +264,25 @@ class Poller:
                 self._tracker.cursor.save(settings.events_state_file)
         return self._tracker.stats(now, behind)
 
-    async def poll_once(self) -> Snapshot:
-        """One complete read of the API; raises PrefectApiError or TimeoutError on failure."""
+    def _plan(self) -> str:
+        """`full`, `shortened` (no limits or events this time) or `skip`, by the budget left."""
+        if self._budget is None or self._full_cost is None or self._core_cost is None:
+            return "full"
+        available = self._budget.available
+        if available >= self._full_cost:
+            return "full"
+        if self._core_cost > self._budget.per_minute:
+            return "full"  # never affordable: try anyway; the poll fails with reason budget
+        return "shortened" if available >= self._core_cost else "skip"
+
+    async def poll_once(self, full: bool = True) -> Snapshot:
+        """One read of the API; raises PrefectApiError or TimeoutError on failure.
+
+        A shortened poll reads pools, queues, workers and runs, and carries the concurrency
+        limits of the last full poll over (the latency counters are cumulative anyway).
+        """
         now = self._clock()
+        requests_before = self._api.requests_sent
         deadline = self._monotonic() + self._settings.timeout
         limit = self._settings.concurrency
         async with asyncio.timeout(self._settings.timeout):
@@ -246,14 +293,21 @@ class Poller:
             stats = await _all(
                 [self._api.queue_run_stats(q.id, now, deadline) for q in queues], limit
             )
-            limits: tuple[ConcurrencyLimitRecord, ...] = ()
-            holders = None
-            if self._available("concurrency_limits"):
+            core_cost = self._api.requests_sent - requests_before
+            limits, holders = self._last_limits, self._last_holders
+            if full and self._available("concurrency_limits"):
                 limits, holders = await self._limits(deadline)
             latency = None
             if self._settings.events_enabled and self._available("events"):
-                # Last: the events cursor must only move when nothing after it can fail.
-                latency = await self._events(now, deadline)
+                if full:
+                    # Last: the events cursor must only move when nothing after it can fail.
+                    latency = await self._events(now, deadline)
+                else:
+                    latency = self._tracker.stats(now, behind=True)
+        if full:
+            self._full_cost = self._api.requests_sent - requests_before
+            self._last_limits, self._last_holders = limits, holders
+        self._core_cost = core_cost
         features = tuple((f, self._available(f)) for f in FEATURES)
         records = PollRecords(
             observed_at=now,
@@ -273,15 +327,34 @@ class Poller:
         requests_before = self._api.requests_sent
         events_before = self._tracker.events_read
         wait = self._settings.interval
+        plan = self._plan()
+        if plan != "full":
+            self._metrics.budget_polls.labels("skipped" if plan == "skip" else "shortened").inc()
+            self._log.warning(
+                "request_budget_short",
+                plan=plan,
+                available_requests=round(self._budget.available, 1) if self._budget else None,
+                full_poll_requests=self._full_cost,
+                core_poll_requests=self._core_cost,
+                hint="raise --prefect.requests-per-minute or --poll.interval",
+            )
+        if plan == "skip":
+            return wait
         try:
-            snapshot = await self.poll_once()
+            snapshot = await self.poll_once(full=plan == "full")
         except (PrefectApiError, TimeoutError) as exc:
             reason = exc.reason if isinstance(exc, PrefectApiError) else "timeout"
             error = str(exc) or f"no complete poll within {self._settings.timeout:g}s"
             duration = self._monotonic() - started
             self._fail(reason, error, duration)
-            if isinstance(exc, ApiStatusError) and exc.retry_after is not None:
-                wait = max(wait, exc.retry_after)
+            if isinstance(exc, ApiStatusError) and exc.throttled:
+                # Pause the whole poller, not just one call: every request we send counts
+                # against a bucket the workers share.
+                wait = self._backoff.throttled(exc.retry_after)
+                self._metrics.backoff_until.set(self._clock() + wait)
+                self._metrics.maintenance.set(float(exc.maintenance))
+                if exc.maintenance:
+                    self._log.warning("prefect_maintenance", retry_after_seconds=exc.retry_after)
             self._log.warning(
                 "poll_failed",
                 reason=reason,
@@ -296,6 +369,9 @@ class Poller:
             self._log.exception("poll_crashed", duration_seconds=round(duration, 3))
         else:
             duration = self._monotonic() - started
+            self._backoff.reset()
+            self._metrics.backoff_until.set(0)
+            self._metrics.maintenance.set(0)
             self._store.publish(snapshot, duration)
             self._metrics.polls.labels("success").inc()
             self._log.info(
@@ -308,6 +384,8 @@ class Poller:
                 backlog_runs=sum(q.backlog for q in snapshot.queues),
                 events_read=snapshot.latency.events_read - events_before if snapshot.latency else 0,
             )
+        if self._backoff.consecutive:
+            return wait  # a back-off counts from the throttling answer, not the poll's start
         return max(0.0, wait - (self._monotonic() - started))
 
     def _fail(self, reason: str, error: str, duration: float) -> None:

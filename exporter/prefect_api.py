@@ -87,10 +87,18 @@ class ApiBudgetExhausted(PrefectApiError):
 class ApiStatusError(PrefectApiError):
     reason = "http_status"
 
-    def __init__(self, endpoint: str, status: int, retry_after: float | None) -> None:
+    def __init__(
+        self, endpoint: str, status: int, retry_after: float | None, maintenance: bool = False
+    ) -> None:
         super().__init__(f"{endpoint} answered HTTP {status}")
         self.status = status
         self.retry_after = retry_after
+        self.maintenance = maintenance
+
+    @property
+    def throttled(self) -> bool:
+        """Rate limited (429) or overloaded (503): the whole poller should back off."""
+        return self.status in (429, 503)
 
 
 class ApiMetrics:
@@ -694,7 +702,8 @@ class PrefectApi:
             response = await self._send(method, endpoint, path, body, deadline)
         if response.status_code >= 400:
             retry_after = parse_retry_after(response.headers.get("Retry-After"), self._clock())
-            raise ApiStatusError(endpoint, response.status_code, retry_after)
+            maintenance = response.headers.get("Prefect-Maintenance", "").lower() == "true"
+            raise ApiStatusError(endpoint, response.status_code, retry_after, maintenance)
         try:
             return response.json()
         except (json.JSONDecodeError, UnicodeDecodeError):

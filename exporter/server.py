@@ -34,7 +34,7 @@ class App:
         store: Store[Exposition],
         own: Collector,
         telemetry_path: str,
-        health_window: float,
+        health_window: float | None,
         api_url: str,
         monotonic: Callable[[], float],
         started_at: float,
@@ -52,7 +52,8 @@ class App:
         now = self.monotonic()
         turned = status.loop_turned_at if status.loop_turned_at is not None else self.started_at
         age = now - turned
-        healthy = age <= self.health_window
+        # Without polling (sidecar only) there is no loop to watch.
+        healthy = self.health_window is None or age <= self.health_window
         return Health(
             healthy,
             {
