@@ -129,8 +129,10 @@ class Worker:
         queues: Iterable[str] = (),
         heartbeat_seconds: int = 30,
         extra_env: Mapping[str, str] | None = None,
+        api_url: str | None = None,
     ) -> None:
         self.server, self.pool, self.name = server, pool, name
+        self.api_url = api_url or server.api_url
         self.queues = list(queues)
         self.heartbeat_seconds = heartbeat_seconds
         self.extra_env = dict(extra_env or {})
@@ -154,6 +156,7 @@ class Worker:
         env = self.server.env()
         env.update(
             {
+                "PREFECT_API_URL": self.api_url,
                 "PREFECT_WORKER_HEARTBEAT_SECONDS": str(self.heartbeat_seconds),
                 "PREFECT_WORKER_QUERY_SECONDS": "2",
                 **self.extra_env,

@@ -276,6 +276,7 @@ class WorkerLogMetrics:
         for code in ("429",):
             self.responses.labels(worker, code)
             self.retries.labels(worker, code)
+            self.failures.labels(worker, code)
 
     def count(self, worker: str, raw: bytes) -> None:
         self.lines.labels(worker).inc()

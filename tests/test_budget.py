@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from exporter.budget import BudgetExhausted, RequestBudget
+from exporter.budget import Backoff, BudgetExhausted, RequestBudget
 
 
 class FakeTime:
@@ -58,3 +58,28 @@ class TestRequestBudget:
             asyncio.run(budget.acquire(deadline=fake.now + 60))
             spent += 1
         assert spent <= 30 + 30 * 2 + 1
+
+
+class TestBackoff:
+    """Throttled polls wait for Retry-After, or back off exponentially with jitter."""
+
+    def test_retry_after_is_obeyed_but_never_shorter_than_the_interval(self) -> None:
+        """Retry-After 120 s means 120 s; 5 s still means the 30 s interval."""
+        backoff = Backoff(30)
+        assert backoff.throttled(120) == 120
+        assert backoff.throttled(5) == 30
+
+    def test_without_retry_after_the_wait_doubles_with_jitter_up_to_the_cap(self) -> None:
+        """Waits grow 30, 60, 120, ... within [half, full] of the doubled value, capped."""
+        backoff = Backoff(30, cap=200, jitter=lambda: 1.0)
+        assert [backoff.throttled(None) for _ in range(5)] == [30, 60, 120, 200, 200]
+        low = Backoff(30, cap=200, jitter=lambda: 0.0)
+        assert [low.throttled(None) for _ in range(3)] == [30, 30, 60]
+
+    def test_success_resets(self) -> None:
+        """After a good poll the next throttling starts from the interval again."""
+        backoff = Backoff(10, jitter=lambda: 1.0)
+        backoff.throttled(None)
+        backoff.throttled(None)
+        backoff.reset()
+        assert backoff.throttled(None) == 10

@@ -141,3 +141,39 @@ class TestDurations:
         """Unknown units raise ValueError."""
         with pytest.raises(ValueError, match="duration"):
             parse_duration("3 fortnights")
+
+
+class TestWorkerLogs:
+    """Sidecar settings: worker logs from flags or YAML, and the log-only mode."""
+
+    def test_flags_name_workers_or_default_to_the_file_name(self) -> None:
+        """WORKER=PATH names the worker; a bare path uses the file name."""
+        settings = load_settings(
+            ["--worker-log", "k8s-1=/var/log/prefect/worker.log", "--worker-log", "/logs/w2.log"],
+            {},
+        )
+        assert settings.worker_logs == (
+            ("k8s-1", "/var/log/prefect/worker.log"),
+            ("w2", "/logs/w2.log"),
+        )
+
+    def test_yaml_files_and_log_only_mode(self, tmp_path: Path) -> None:
+        """A sidecar without API access is valid with at least one log."""
+        config = tmp_path / "c.yml"
+        config.write_text(
+            "prefect:\n  enabled: false\nworker_logs:\n  files:\n"
+            "    - {path: /logs/worker.log, worker: w1}\n"
+        )
+        settings = load_settings(["--config.file", str(config)], {})
+        assert not settings.prefect_enabled
+        assert settings.worker_logs == (("w1", "/logs/worker.log"),)
+
+    def test_log_only_mode_needs_a_log(self) -> None:
+        """Turning the API off with nothing to read is a configuration error."""
+        with pytest.raises(ConfigError, match="worker-log"):
+            load_settings(["--no-prefect.enabled"], {})
+
+    def test_duplicate_worker_names_are_refused(self) -> None:
+        """Two logs may not share a worker label."""
+        with pytest.raises(ConfigError, match="same worker name"):
+            load_settings(["--worker-log", "/a/worker.log", "--worker-log", "/b/worker.log"], {})

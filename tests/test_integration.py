@@ -87,7 +87,11 @@ def scenario(prefect_server: PrefectServer) -> Iterator[Scenario]:
     for worker in workers:
         worker.start()
     exporter = ExporterProcess(
-        prefect_server.api_url, *EXPORTER_ARGS, log_path=prefect_server.home / "exporter.log"
+        prefect_server.api_url,
+        *EXPORTER_ARGS,
+        # Also a sidecar for one worker, so the worker-log families are in the scrape too.
+        f"--worker-log=w-high={workers[0].log_path}",
+        log_path=prefect_server.home / "exporter.log",
     )
     exporter.start()
     yield Scenario(prefect_server, admin, exporter, workers[1], pending, due_at, orphan)

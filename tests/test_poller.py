@@ -316,3 +316,87 @@ class TestEvents:
         asyncio.run(p.poll_and_publish())
         assert store.published[0].latency is None
         assert dict(store.published[0].features)["events"] is False
+
+
+class TestThrottling:
+    """A 429 or 503 pauses the whole poller; gauges say until when."""
+
+    def test_429_with_retry_after_sets_the_backoff_deadline(self) -> None:
+        """The back-off gauge holds the deadline; a good poll clears it."""
+        store, registry = FakeStore(), CollectorRegistry()
+        api = FakeApi(fail=ApiStatusError("/work_pools/filter", 429, retry_after=90))
+        p = poller(api, store, registry)
+        assert asyncio.run(p.poll_and_publish()) == 90
+        assert (
+            registry.get_sample_value("prefect_exporter_backoff_until_timestamp_seconds")
+            == NOW + 90
+        )
+        api.fail = None
+        asyncio.run(p.poll_and_publish())
+        assert registry.get_sample_value("prefect_exporter_backoff_until_timestamp_seconds") == 0
+
+    def test_maintenance_is_reported(self) -> None:
+        """Prefect-Maintenance: true on a 503 sets the maintenance gauge."""
+        store, registry = FakeStore(), CollectorRegistry()
+        api = FakeApi(fail=ApiStatusError("/work_pools/filter", 503, 30, maintenance=True))
+        asyncio.run(poller(api, store, registry).poll_and_publish())
+        assert registry.get_sample_value("prefect_exporter_api_maintenance") == 1
+
+    def test_other_errors_do_not_back_off(self) -> None:
+        """A 500 is retried at the normal interval."""
+        store, registry = FakeStore(), CollectorRegistry()
+        api = FakeApi(fail=ApiStatusError("/work_pools/filter", 500, None))
+        wait = asyncio.run(poller(api, store, registry).poll_and_publish())
+        assert wait <= 30
+        assert registry.get_sample_value("prefect_exporter_backoff_until_timestamp_seconds") == 0
+
+
+class CountingApi(FakeApi):
+    """Counts calls as requests, as the real adapter does."""
+
+    async def work_pools(self, deadline: float) -> list[PoolRecord]:
+        self.requests_sent += 1
+        return await super().work_pools(deadline)
+
+    async def concurrency_limits(self, deadline: float) -> list[ConcurrencyLimitRecord]:
+        self.requests_sent += 5
+        return await super().concurrency_limits(deadline)
+
+
+class TestBudgetPlan:
+    """When the budget cannot afford a full poll, the optional parts wait, then whole polls."""
+
+    def test_full_then_shortened_then_skipped(self) -> None:
+        """Limits are carried over in a shortened poll; a skipped poll publishes nothing."""
+        tokens = {"now": 1000.0}
+
+        class Budget:
+            per_minute = 1000
+
+            @property
+            def available(self) -> float:
+                return tokens["now"]
+
+        store, registry = FakeStore(), CollectorRegistry()
+        api = CountingApi()
+        p = Poller(
+            api,
+            store,
+            SETTINGS,
+            PollMetrics(registry),
+            structlog.get_logger(),
+            clock=lambda: NOW,
+            budget=Budget(),
+        )  # type: ignore[arg-type]
+        asyncio.run(p.poll_and_publish())  # full: core costs 1, full 6
+        tokens["now"] = 3
+        asyncio.run(p.poll_and_publish())
+        assert len(store.published) == 2
+        assert store.published[1].limits == store.published[0].limits
+        assert api.requests_sent == 6 + 1
+        tokens["now"] = 0
+        asyncio.run(p.poll_and_publish())
+        assert len(store.published) == 2
+        get = registry.get_sample_value
+        assert get("prefect_exporter_request_budget_polls_total", {"outcome": "shortened"}) == 1
+        assert get("prefect_exporter_request_budget_polls_total", {"outcome": "skipped"}) == 1

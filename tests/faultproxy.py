@@ -1,0 +1,185 @@
+"""A fault-injecting reverse proxy in front of a real Prefect server (tests only).
+
+It forwards every request unchanged, except those its rule picks, which it answers itself
+(429 with Retry-After, say). Every request is recorded with who sent it and what it got, so
+tests can compare the proxy's own count with what the exporter and the worker's log report.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "content-encoding",
+    "host",
+}
+
+
+@dataclass(frozen=True)
+class Record:
+    received: float  # monotonic seconds
+    answered: float
+    method: str
+    path: str
+    client: str  # "exporter", "worker" or "other", from the User-Agent
+    status: int
+    injected: bool
+
+
+@dataclass(frozen=True)
+class Fault:
+    status: int
+    headers: dict[str, str]
+
+
+Rule = Callable[[str, str, str], Fault | None]  # (client, method, path) -> fault or None
+
+
+def client_of(user_agent: str) -> str:
+    if user_agent.startswith("prefect-exporter/"):
+        return "exporter"
+    if user_agent.startswith("prefect/"):
+        return "worker"
+    return "other"
+
+
+class EveryNth:
+    """Answer every n-th request of one client with a fault, at most `limit` times."""
+
+    def __init__(self, client: str, n: int, fault: Fault, limit: int) -> None:
+        self.client, self.n, self.fault, self.limit = client, n, fault, limit
+        self.seen = 0
+        self.sent = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, client: str, method: str, path: str) -> Fault | None:
+        if client != self.client:
+            return None
+        with self._lock:
+            self.seen += 1
+            if self.sent < self.limit and self.seen % self.n == 0:
+                self.sent += 1
+                return self.fault
+        return None
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, rule: Rule) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.rule = rule
+        self.records: list[Record] = []
+        self._lock = threading.Lock()
+        self._client = httpx.Client(timeout=30)
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._client.close()
+
+    def injected(self, client: str, status: int = 429) -> list[Record]:
+        with self._lock:
+            return [
+                r for r in self.records if r.client == client and r.injected and r.status == status
+            ]
+
+    def requests_of(self, client: str) -> list[Record]:
+        with self._lock:
+            return [r for r in self.records if r.client == client]
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _serve(self) -> None:
+                received = time.monotonic()
+                client = client_of(self.headers.get("User-Agent", ""))
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                if self.headers.get("Upgrade", "").lower() == "websocket":
+                    # No WebSockets here: Prefect's worker then heartbeats over REST.
+                    self._reply(404, {}, b"", received, client, injected=False)
+                    return
+                fault = proxy.rule(client, self.command, self.path)
+                if fault is not None:
+                    self._reply(
+                        fault.status,
+                        fault.headers,
+                        b'{"detail":"injected"}',
+                        received,
+                        client,
+                        injected=True,
+                    )
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+                try:
+                    upstream = proxy._client.request(
+                        self.command, proxy.upstream + self.path, headers=headers, content=body
+                    )
+                except httpx.HTTPError:
+                    self._reply(502, {}, b"", received, client, injected=False)
+                    return
+                passed = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
+                self._reply(
+                    upstream.status_code, passed, upstream.content, received, client, injected=False
+                )
+
+            def _reply(
+                self,
+                status: int,
+                headers: dict[str, str],
+                body: bytes,
+                received: float,
+                client: str,
+                injected: bool,
+            ) -> None:
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                if "content-type" not in {k.lower() for k in headers}:
+                    self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+                with proxy._lock:
+                    proxy.records.append(
+                        Record(
+                            received,
+                            time.monotonic(),
+                            self.command,
+                            self.path,
+                            client,
+                            status,
+                            injected,
+                        )
+                    )
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _serve
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        return Handler
