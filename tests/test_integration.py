@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import yaml
 
 from demo.stack import (
     ExporterProcess,
@@ -488,3 +491,95 @@ class TestOutage:
             code = exporter.stop()
             server.stop()
         assert code == 0, "SIGTERM must shut the exporter down cleanly"
+
+
+class TestPrometheusEndToEnd:
+    """A real Prometheus scrapes the real exporter and evaluates the shipped rules."""
+
+    def test_rules_evaluate_on_real_data(self, scenario: Scenario, tmp_path: Path) -> None:
+        """Recording rules produce values; alerts for the queue nobody polls become active."""
+        rules = tmp_path / "rules.yml"
+        # The shipped rules with thresholds short enough for a test (same generator, same
+        # expressions): the orphan queue's runs are 5 minutes overdue and never polled.
+        generated = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "alerts" / "generate.py"),
+                "--out",
+                str(rules),
+                "--set",
+                "backlog_age_seconds=60",
+                "--set",
+                "queue_poll_age_seconds=60",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert generated.returncode == 0, generated.stderr
+        port = free_port()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                    "rule_files": [str(rules)],
+                    "scrape_configs": [
+                        {
+                            "job_name": "prefect-exporter",
+                            "static_configs": [
+                                {"targets": [scenario.exporter.url.removeprefix("http://")]}
+                            ],
+                        }
+                    ],
+                }
+            )
+        )
+        prometheus = subprocess.Popen(
+            [
+                shutil.which("prometheus") or "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        api = f"http://127.0.0.1:{port}/api/v1"
+        try:
+
+            def query(expr: str) -> list[dict[str, Any]]:
+                answer = httpx.get(f"{api}/query", params={"query": expr}, timeout=5).json()
+                result: list[dict[str, Any]] = answer["data"]["result"]
+                return result
+
+            backlog = 'prefect:work_queue_backlog_runs:max{work_pool="busy",work_queue="orphan"}'
+            wait_for(lambda: query(backlog), 60, "the recording rule to have a value")
+            assert float(query(backlog)[0]["value"][1]) >= 12
+
+            def active(name: str) -> bool:
+                alerts = httpx.get(f"{api}/alerts", timeout=5).json()["data"]["alerts"]
+                return any(
+                    a["labels"]["alertname"] == name and a["labels"].get("work_queue") == "orphan"
+                    for a in alerts
+                )
+
+            wait_for(lambda: active("PrefectWorkQueueBacklogStuck"), 60, "BacklogStuck active")
+            wait_for(lambda: active("PrefectWorkQueueNotPolled"), 60, "NotPolled active")
+            assert not active("PrefectNoOnlineWorkers")  # busy has an online worker
+        finally:
+            prometheus.terminate()
+            prometheus.wait(timeout=30)
+
+    def test_every_metric_in_the_rules_is_in_a_real_scrape(self, scenario: Scenario) -> None:
+        """A renamed metric can never orphan an alert."""
+        scraped = {name for name, _ in scenario.exporter.samples()}
+        rules = yaml.safe_load((ROOT / "alerts" / "prefect-exporter.rules.yml").read_text())
+        used = {
+            n
+            for g in rules["groups"]
+            for r in g["rules"]
+            for n in re.findall(r"\b(prefect_[a-z_]+)\b", r["expr"])
+        }
+        assert used
+        assert used <= scraped, used - scraped

@@ -1,0 +1,351 @@
+"""Generates prefect-exporter's Prometheus rules from one table of alerts and one of settings.
+
+    python alerts/generate.py                         # rewrite alerts/prefect-exporter.rules.yml
+    python alerts/generate.py --selector 'job="prefect",env="prod"' \\
+        --set backlog_age_seconds=1800 --out my-rules.yml   # a variant with your own knobs
+
+The committed rules file is this script's output with the defaults below; a test regenerates it
+and fails on any difference, and promtool unit tests run against it. Every alert aggregates with
+`max by (job, ...)`, so two exporter replicas (identical series, different `instance`) never page
+twice, and the alert keeps the labels its description needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+RULES = HERE / "prefect-exporter.rules.yml"
+
+# The knobs, in one place (documented in alerts/README.md).
+DEFAULTS: dict[str, Any] = {
+    "selector": 'job="prefect-exporter"',
+    "runbook_base": "https://github.com/prefect-exporter/prefect-exporter/blob/main/docs/runbooks",
+    "stale_data_seconds": 300,  # about ten polls at the default 30 s interval
+    "backlog_age_seconds": 900,  # the oldest due run has waited 15 minutes
+    "backlog_growing_min_runs": 50,
+    "pending_age_seconds": 900,  # claimed but infrastructure not running for 15 minutes
+    "running_age_seconds": 21600,  # 6 hours: set it above your longest normal run
+    "cancelling_age_seconds": 900,  # Prefect itself gives up after 300 s
+    "queue_poll_age_seconds": 300,  # Prefect marks a queue NOT_READY after 60 s
+    "worker_429_per_second": 0.05,  # 3 throttled responses a minute
+}
+
+POOL = "job, work_pool"
+QUEUE = "job, work_pool, work_queue"
+
+
+def alerts(s: dict[str, Any]) -> list[dict[str, Any]]:
+    sel = s["selector"]
+
+    def m(name: str, extra: str = "") -> str:
+        """A metric with the job selector (and extra matchers)."""
+        return f"{name}{{{sel}{', ' + extra if extra else ''}}}"
+
+    is_paused, throttled, too_many = 'status="PAUSED"', 'code=~"429|503"', 'code="429"'
+    backlog = f"max by ({QUEUE}) ({m('prefect_work_queue_backlog_runs')})"
+    paused_pool = f"max by ({POOL}) ({m('prefect_work_pool_status', is_paused)}) == 1"
+    return [
+        # -- blind spots -------------------------------------------------------------------
+        {
+            "alert": "PrefectExporterDown",
+            "expr": f"max by (job) ({m('up')}) == 0 or absent({m('up')})",
+            "for": "5m",  # a target down is already several failed scrapes
+            "severity": "critical",
+            "summary": "prefect-exporter cannot be scraped: nothing about Prefect is known.",
+            "description": "No prefect-exporter target of job {{ $labels.job }} has answered a "
+            "scrape for 5 minutes. Stuck runs would not page.",
+        },
+        {
+            "alert": "PrefectApiDown",
+            "expr": f"max by (job) ({m('prefect_up')}) == 0",
+            "for": "5m",
+            "severity": "critical",
+            "summary": "prefect-exporter cannot read the Prefect API.",
+            "description": "The last polls of job {{ $labels.job }} failed; Prefect data is "
+            "stale or gone. See prefect_exporter_poll_errors_total for the reason.",
+        },
+        {
+            "alert": "PrefectExporterDataStale",
+            "expr": f"time() - max by (job) "
+            f"({m('prefect_exporter_last_success_timestamp_seconds')}) "
+            f"> {s['stale_data_seconds']}",
+            "for": "5m",
+            "severity": "warning",
+            "summary": "prefect-exporter has not completed a poll for several intervals.",
+            "description": "The last successful poll of job {{ $labels.job }} was "
+            "{{ $value | humanizeDuration }} ago.",
+        },
+        {
+            "alert": "PrefectExporterRateLimited",
+            "expr": f"sum by (job) (rate({m('prefect_exporter_api_requests_total', throttled)}"
+            f"[5m])) > 0",
+            "for": "15m",
+            "severity": "warning",
+            "summary": "The Prefect API is throttling prefect-exporter.",
+            "description": "Job {{ $labels.job }} receives {{ printf \"%.3g\" $value }} throttled "
+            "(429/503) responses per second; polling pauses as the API asks.",
+        },
+        {
+            "alert": "PrefectExporterRequestBudgetExhausted",
+            "expr": f"sum by (job) (rate({m('prefect_exporter_request_budget_polls_total')}"
+            f"[15m])) > 0",
+            "for": "15m",
+            "severity": "warning",
+            "summary": "prefect-exporter's request budget cannot afford its polls.",
+            "description": "Polls of job {{ $labels.job }} are being shortened or skipped to stay "
+            "within --prefect.requests-per-minute.",
+        },
+        # -- runs not flowing -----------------------------------------------------------------
+        {
+            "alert": "PrefectWorkQueueBacklogStuck",
+            "expr": f"max by ({QUEUE}) (time() - "
+            f"{m('prefect_work_queue_oldest_due_run_timestamp_seconds')}) "
+            f"> {s['backlog_age_seconds']} and on ({QUEUE}) {backlog} > 0",
+            # The age threshold already measures how long runs wait; `for` only rides out a poll.
+            "for": "2m",
+            "severity": "critical",
+            "summary": "Runs are due but nobody picks them up.",
+            "description": "The oldest due run in {{ $labels.work_pool }}/{{ $labels.work_queue }}"
+            " has waited {{ $value | humanizeDuration }}.",
+        },
+        {
+            "alert": "PrefectWorkQueueBacklogGrowing",
+            "expr": f"max by ({QUEUE}) (deriv({m('prefect_work_queue_backlog_runs')}[30m])) > 0 "
+            f"and on ({QUEUE}) {backlog} > {s['backlog_growing_min_runs']}",
+            "for": "30m",
+            "severity": "warning",
+            "summary": "A work queue's backlog keeps growing.",
+            "description": "The backlog of {{ $labels.work_pool }}/{{ $labels.work_queue }} has "
+            "grown for 30 minutes ({{ printf \"%.3g\" $value }} runs a second).",
+        },
+        {
+            "alert": "PrefectRunsPendingTooLong",
+            "expr": f"max by ({QUEUE}) (time() - "
+            f"{m('prefect_work_queue_oldest_pending_run_timestamp_seconds')}) "
+            f"> {s['pending_age_seconds']}",
+            "for": "5m",  # the age itself is the duration; `for` rides out one poll
+            "severity": "warning",
+            "summary": "Runs were claimed by a worker but their infrastructure does not start.",
+            "description": "A run in {{ $labels.work_pool }}/{{ $labels.work_queue }} has been "
+            "Pending for {{ $value | humanizeDuration }}.",
+        },
+        {
+            "alert": "PrefectRunsRunningTooLong",
+            "expr": f"max by ({QUEUE}) (time() - "
+            f"{m('prefect_work_queue_oldest_running_run_timestamp_seconds')}) "
+            f"> {s['running_age_seconds']}",
+            "for": "15m",
+            "severity": "warning",
+            "summary": "A run has been Running far longer than usual.",
+            "description": "A run in {{ $labels.work_pool }}/{{ $labels.work_queue }} has been "
+            "Running for {{ $value | humanizeDuration }}; it may be a zombie.",
+        },
+        {
+            "alert": "PrefectRunsCancellingTooLong",
+            "expr": f"max by ({QUEUE}) (time() - "
+            f"{m('prefect_work_queue_oldest_cancelling_run_timestamp_seconds')}) "
+            f"> {s['cancelling_age_seconds']}",
+            "for": "5m",
+            "severity": "warning",
+            "summary": "A run is stuck in Cancelling.",
+            "description": "A run in {{ $labels.work_pool }}/{{ $labels.work_queue }} has been "
+            "Cancelling for {{ $value | humanizeDuration }}.",
+        },
+        # -- nobody to do the work -------------------------------------------------------------
+        {
+            "alert": "PrefectNoOnlineWorkers",
+            "expr": f"max by ({POOL}) ({m('prefect_work_pool_online_workers')}) == 0 "
+            f"and on ({POOL}) sum by ({POOL}) ({backlog}) > 0 "
+            f"unless on ({POOL}) {paused_pool}",
+            "for": "5m",
+            "severity": "critical",
+            "summary": "A work pool has runs waiting and no online worker.",
+            "description": "Work pool {{ $labels.work_pool }} has a backlog and no worker has "
+            "sent a heartbeat recently.",
+        },
+        {
+            "alert": "PrefectWorkQueueNotPolled",
+            "expr": f"{backlog} > 0 unless on ({QUEUE}) (time() - max by ({QUEUE}) "
+            f"({m('prefect_work_queue_last_polled_timestamp_seconds')}) "
+            f"< {s['queue_poll_age_seconds']}) unless on ({POOL}) "
+            f"max by ({POOL}) ({m('prefect_work_pool_online_workers')}) == 0 "
+            f"unless on ({QUEUE}) max by ({QUEUE}) "
+            f"({m('prefect_work_queue_status', is_paused)}) == 1",
+            "for": "10m",
+            "severity": "warning",
+            "summary": "Runs wait in a queue that no worker polls.",
+            "description": "{{ $labels.work_pool }}/{{ $labels.work_queue }} has a backlog and "
+            "no worker polled it recently, although the pool has online workers: they are "
+            "probably started with --work-queue for other queues.",
+        },
+        {
+            "alert": "PrefectWorkerHeartbeatLost",
+            "expr": f"max by (job, work_pool, worker) ({m('prefect_worker_online')}) == 0 "
+            f"and on (job, work_pool, worker) max by (job, work_pool, worker) "
+            f"(max_over_time({m('prefect_worker_online')}[1h])) == 1",
+            "for": "2m",  # offline already means three missed heartbeats
+            "severity": "warning",
+            "summary": "A worker stopped sending heartbeats.",
+            "description": "Worker {{ $labels.worker }} of pool {{ $labels.work_pool }} was "
+            "online within the last hour and is offline now.",
+        },
+        {
+            "alert": "PrefectWorkPoolPausedWithBacklog",
+            "expr": f"{paused_pool} and on ({POOL}) sum by ({POOL}) ({backlog}) > 0",
+            "for": "15m",
+            "severity": "warning",
+            "summary": "A paused work pool has runs waiting.",
+            "description": "Work pool {{ $labels.work_pool }} is paused while runs are due.",
+        },
+        {
+            "alert": "PrefectWorkQueuePausedWithBacklog",
+            "expr": f"max by ({QUEUE}) "
+            f"({m('prefect_work_queue_status', is_paused)}) == 1 "
+            f"and on ({QUEUE}) {backlog} > 0",
+            "for": "15m",
+            "severity": "warning",
+            "summary": "A paused work queue has runs waiting.",
+            "description": "Work queue {{ $labels.work_pool }}/{{ $labels.work_queue }} is paused "
+            "while runs are due.",
+        },
+        # -- limits ---------------------------------------------------------------------------
+        {
+            "alert": "PrefectWorkPoolConcurrencySaturated",
+            "expr": f"max by ({POOL}) ({m('prefect_work_pool_in_flight_runs')}) "
+            f">= on ({POOL}) max by ({POOL}) ({m('prefect_work_pool_concurrency_limit')}) "
+            f"and on ({POOL}) sum by ({POOL}) ({backlog}) > 0",
+            "for": "15m",
+            "severity": "warning",
+            "summary": "A work pool's concurrency limit holds runs back.",
+            "description": "Work pool {{ $labels.work_pool }} runs {{ $value }} runs, its limit, "
+            "while runs wait.",
+        },
+        {
+            "alert": "PrefectWorkQueueConcurrencySaturated",
+            "expr": f"max by ({QUEUE}) ({m('prefect_work_queue_in_flight_runs')}) "
+            f">= on ({QUEUE}) max by ({QUEUE}) ({m('prefect_work_queue_concurrency_limit')}) "
+            f"and on ({QUEUE}) {backlog} > 0",
+            "for": "15m",
+            "severity": "warning",
+            "summary": "A work queue's concurrency limit holds runs back.",
+            "description": "{{ $labels.work_pool }}/{{ $labels.work_queue }} runs {{ $value }} "
+            "runs, its limit, while runs wait.",
+        },
+        {
+            "alert": "PrefectConcurrencyLimitSaturated",
+            "expr": f"max by (job, limit, kind) ({m('prefect_concurrency_limit_active_slots')}) "
+            f">= on (job, limit, kind) max by (job, limit, kind) "
+            f"({m('prefect_concurrency_limit_slots')}) "
+            f"and on (job, limit, kind) max by (job, limit, kind) "
+            f"({m('prefect_concurrency_limit_enabled')}) == 1",
+            "for": "15m",
+            "severity": "warning",
+            "summary": "A concurrency limit has had every slot taken for 15 minutes.",
+            "description": "The {{ $labels.kind }} limit {{ $labels.limit }} has all "
+            "{{ $value }} slots taken; runs or tasks needing it wait.",
+        },
+        {
+            "alert": "PrefectConcurrencySlotsLeaked",
+            "expr": f"max by (job, limit, kind) ({m('prefect_concurrency_limit_leaked_slots')}) > 0",
+            "for": "10m",  # a crashed task's lease expires by itself within minutes
+            "severity": "warning",
+            "summary": "Concurrency slots are held by runs that already finished.",
+            "description": "The {{ $labels.kind }} limit {{ $labels.limit }} has {{ $value }} "
+            "slots held by finished or crashed runs; reset the limit.",
+        },
+        # -- rate limiting --------------------------------------------------------------------
+        {
+            "alert": "PrefectWorkerRateLimited",
+            "expr": f"sum by (job, worker) (rate("
+            f"{m('prefect_worker_api_responses_total', too_many)}[5m])) "
+            f"> {s['worker_429_per_second']}",
+            "for": "10m",
+            "severity": "warning",
+            "summary": "A worker is being rate limited by the Prefect API.",
+            "description": "Worker {{ $labels.worker }} receives {{ printf \"%.3g\" $value }} 429 "
+            "responses per second; it backs off and picks up runs late.",
+        },
+    ]
+
+
+def recording_rules(s: dict[str, Any]) -> list[dict[str, str]]:
+    sel = s["selector"]
+    return [
+        {
+            "record": "prefect:work_queue_oldest_due_age_seconds:max",
+            "expr": f"max by ({QUEUE}) (time() - "
+            f"prefect_work_queue_oldest_due_run_timestamp_seconds{{{sel}}})",
+        },
+        {
+            "record": "prefect:work_queue_backlog_runs:max",
+            "expr": f"max by ({QUEUE}) (prefect_work_queue_backlog_runs{{{sel}}})",
+        },
+        {
+            "record": "prefect:work_pool_saturation:ratio",
+            "expr": f"max by ({POOL}) (prefect_work_pool_in_flight_runs{{{sel}}}) / on ({POOL}) "
+            f"max by ({POOL}) (prefect_work_pool_concurrency_limit{{{sel}}} > 0)",
+        },
+        {
+            "record": "prefect:worker_api_429:rate5m",
+            "expr": f"sum by (job, worker) (rate(prefect_worker_api_responses_total"
+            f"{{{sel}, code=\"429\"}}[5m]))",
+        },
+    ]
+
+
+def rules(settings: dict[str, Any]) -> dict[str, Any]:
+    def alert_rule(a: dict[str, Any]) -> dict[str, Any]:
+        name = a["alert"]
+        return {
+            "alert": name,
+            "expr": a["expr"],
+            "for": a["for"],
+            "labels": {"severity": a["severity"]},
+            "annotations": {
+                "summary": a["summary"],
+                "description": a["description"],
+                "runbook_url": f"{settings['runbook_base']}/{name}.md",
+            },
+        }
+
+    return {
+        "groups": [
+            {"name": "prefect-exporter.rules", "rules": recording_rules(settings)},
+            {"name": "prefect-exporter.alerts", "rules": [alert_rule(a) for a in alerts(settings)]},
+        ]
+    }
+
+
+def render(settings: dict[str, Any]) -> str:
+    header = (
+        "# Generated by alerts/generate.py: edit the generator, not this file.\n"
+        f"# selector: {settings['selector']}\n"
+    )
+    return header + yaml.safe_dump(rules(settings), sort_keys=False, width=1000)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--selector", default=DEFAULTS["selector"],
+                        help="label matchers that select the exporter's series")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a threshold (see DEFAULTS)")
+    parser.add_argument("--out", type=Path, default=RULES)
+    args = parser.parse_args()
+    settings = dict(DEFAULTS, selector=args.selector)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in DEFAULTS:
+            parser.error(f"unknown setting {key!r}; known: {', '.join(DEFAULTS)}")
+        settings[key] = type(DEFAULTS[key])(value)
+    args.out.write_text(render(settings))
+
+
+if __name__ == "__main__":
+    main()
