@@ -246,57 +246,45 @@ class SnapshotCollector(Collector):
             in_flight.add_metric([pool.name], pool.in_flight)
         yield from (info, status, limit, online, in_flight)
 
-        q_status, q_limit, q_priority, q_polled, q_backlog, q_runs, q_due, q_pending = (
+        q_status, q_priority, q_backlog, q_in_flight, q_runs = (
             _family(f)
-            for f in (
-                QUEUE_STATUS,
+            for f in (QUEUE_STATUS, QUEUE_PRIORITY, QUEUE_BACKLOG, QUEUE_IN_FLIGHT, QUEUE_RUNS)
+        )
+        # Values that may not exist (no limit, never polled, no such run) are absent, not 0.
+        optional = {
+            spec.name: _family(spec)
+            for spec in (
                 QUEUE_LIMIT,
-                QUEUE_PRIORITY,
                 QUEUE_POLLED,
-                QUEUE_BACKLOG,
-                QUEUE_RUNS,
                 QUEUE_OLDEST_DUE,
                 QUEUE_OLDEST_PENDING,
-            )
-        )
-        for q in s.queues:
-            key = [q.pool, q.name]
-            for member in STATUSES:
-                q_status.add_metric([*key, member], float(q.status == member))
-            if q.concurrency_limit is not None:
-                q_limit.add_metric(key, q.concurrency_limit)
-            q_priority.add_metric(key, q.priority)
-            if q.last_polled is not None:
-                q_polled.add_metric(key, q.last_polled)
-            q_backlog.add_metric(key, q.backlog)
-            for state, count in q.runs_by_state:
-                q_runs.add_metric([*key, state], count)
-            if q.oldest_due is not None:
-                q_due.add_metric(key, q.oldest_due)
-            if q.oldest_pending_since is not None:
-                q_pending.add_metric(key, q.oldest_pending_since)
-        yield from (q_status, q_limit, q_priority, q_polled, q_backlog, q_runs, q_due, q_pending)
-
-        q_in_flight, q_awaiting, q_running, q_cancelling = (
-            _family(f)
-            for f in (
-                QUEUE_IN_FLIGHT,
                 QUEUE_OLDEST_AWAITING,
                 QUEUE_OLDEST_RUNNING,
                 QUEUE_OLDEST_CANCELLING,
             )
-        )
+        }
         for q in s.queues:
             key = [q.pool, q.name]
+            for member in STATUSES:
+                q_status.add_metric([*key, member], float(q.status == member))
+            q_priority.add_metric(key, q.priority)
+            q_backlog.add_metric(key, q.backlog)
             q_in_flight.add_metric(key, q.in_flight)
-            for family, value in (
-                (q_awaiting, q.oldest_awaiting_slot),
-                (q_running, q.oldest_running_since),
-                (q_cancelling, q.oldest_cancelling_since),
+            for state, count in q.runs_by_state:
+                q_runs.add_metric([*key, state], count)
+            for spec, value in (
+                (QUEUE_LIMIT, q.concurrency_limit),
+                (QUEUE_POLLED, q.last_polled),
+                (QUEUE_OLDEST_DUE, q.oldest_due),
+                (QUEUE_OLDEST_PENDING, q.oldest_pending_since),
+                (QUEUE_OLDEST_AWAITING, q.oldest_awaiting_slot),
+                (QUEUE_OLDEST_RUNNING, q.oldest_running_since),
+                (QUEUE_OLDEST_CANCELLING, q.oldest_cancelling_since),
             ):
                 if value is not None:
-                    family.add_metric(key, value)
-        yield from (q_in_flight, q_awaiting, q_running, q_cancelling)
+                    optional[spec.name].add_metric(key, value)
+        yield from (q_status, q_priority, q_backlog, q_in_flight, q_runs)
+        yield from optional.values()
 
         heartbeat, interval, w_online = (
             _family(f) for f in (WORKER_HEARTBEAT, WORKER_INTERVAL, WORKER_ONLINE)

@@ -84,7 +84,7 @@ def scenario(prefect_server: PrefectServer) -> Iterator[Scenario]:
     admin.create_global_limit("warehouse", 5)
 
     workers = [
-        Worker(prefect_server, "busy", "w-high", queues=["high"], heartbeat_seconds=5),
+        Worker(prefect_server, "busy", "w-high", queues=["high"], heartbeat_seconds=10),
         Worker(prefect_server, "quiet", "w-doomed", heartbeat_seconds=HEARTBEAT),
     ]
     for worker in workers:
@@ -363,9 +363,15 @@ class TestWorkers:
             scenario.exporter.value(
                 "prefect_worker_heartbeat_interval_seconds", work_pool="busy", worker="w-high"
             )
-            == 5
+            == 10
         )
-        assert scenario.exporter.value("prefect_work_pool_online_workers", work_pool="busy") == 1
+        wait_for(
+            lambda: (
+                scenario.exporter.value("prefect_work_pool_online_workers", work_pool="busy") == 1
+            ),
+            45,
+            "w-high online",
+        )
 
     def test_a_killed_worker_goes_offline_within_three_intervals_and_one_poll(
         self, scenario: Scenario

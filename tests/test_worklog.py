@@ -106,6 +106,11 @@ class TestParseLine:
         assert observation.kind == "other"
 
 
+def append(path: Path, text: str) -> None:
+    with path.open("a") as f:
+        f.write(text)
+
+
 def lines_of(follower: LogFollower) -> list[str]:
     return [raw.decode() for raw in follower.read_lines()]
 
@@ -135,11 +140,9 @@ class TestLogFollower:
         path.write_text("old 1\nold 2\n")
         follower = follow(path)
         assert lines_of(follower) == []
-        with path.open("a") as f:
-            f.write("new 1\nnew 2 part")
+        append(path, "new 1\nnew 2 part")
         assert lines_of(follower) == ["new 1"]
-        with path.open("a") as f:
-            f.write("ial\n")
+        append(path, "ial\n")
         assert lines_of(follower) == ["new 2 partial"]
 
     def test_a_file_that_appears_later_is_read_from_the_top(
@@ -159,11 +162,9 @@ class TestLogFollower:
         path = tmp_path / "worker.log"
         path.write_text("")
         follower = follow(path)
-        with path.open("a") as f:
-            f.write("1\n2\n")
+        append(path, "1\n2\n")
         assert lines_of(follower) == ["1", "2"]
-        with path.open("a") as f:
-            f.write("3\n")  # written, not yet read, when the file is rotated away
+        append(path, "3\n")  # written, not yet read, when the file is rotated away
         os.rename(path, tmp_path / "worker.log.1")
         path.write_text("4\n")
         assert lines_of(follower) == ["3", "4"]
@@ -175,15 +176,13 @@ class TestLogFollower:
         path = tmp_path / "worker.log"
         path.write_text("")
         follower = follow(path)
-        with path.open("a") as f:
-            f.write("1\n2\n")
+        append(path, "1\n2\n")
         assert lines_of(follower) == ["1", "2"]
         shutil.copy(path, tmp_path / "worker.log.1")
         with path.open("r+") as f:
             f.truncate(0)
         assert lines_of(follower) == []
-        with path.open("a") as f:
-            f.write("3\n")
+        append(path, "3\n")
         assert lines_of(follower) == ["3"]
 
     def test_rotating_file_handler_while_writing(
@@ -216,8 +215,7 @@ class TestLogFollower:
         path = tmp_path / "worker.log"
         path.write_text("")
         follower = follow(path)
-        with path.open("a") as f:
-            f.write("x" * (MAX_LINE + 10) + "\nshort\n")
+        append(path, "x" * (MAX_LINE + 10) + "\nshort\n")
         assert lines_of(follower) == ["short"]
         assert follower.too_long == 1
 
@@ -238,8 +236,7 @@ class TestTailer:
 
         first_registry = CollectorRegistry()
         first = tailer(first_registry)
-        with path.open("a") as f:
-            f.write(f"{RETRY}\n{HTTPX}\nTraceback (most recent call last):\n")
+        append(path, f"{RETRY}\n{HTTPX}\nTraceback (most recent call last):\n")
         assert first.tick() == 3
         get = first_registry.get_sample_value
         assert get("prefect_worker_api_retries_total", {"worker": "w1", "code": "429"}) == 1
@@ -253,8 +250,7 @@ class TestTailer:
         )
 
         # The exporter stops; the worker goes on writing and the file rotates meanwhile.
-        with path.open("a") as f:
-            f.write(f"{HTTPX}\n")
+        append(path, f"{HTTPX}\n")
         os.rename(path, tmp_path / "worker.log.1")
         path.write_text(f"{HTTPX}\n{HTTPX}\n")
 
