@@ -25,6 +25,7 @@ RULES = HERE / "prefect-exporter.rules.yml"
 DEFAULTS: dict[str, Any] = {
     "selector": 'job="prefect-exporter"',
     "runbook_base": "https://github.com/prefect-exporter/prefect-exporter/blob/main/docs/runbooks",
+    "dashboard_base": "https://grafana.example.com/d",  # where grafana/*.json are imported
     "stale_data_seconds": 300,  # about ten polls at the default 30 s interval
     "backlog_age_seconds": 900,  # the oldest due run has waited 15 minutes
     "backlog_growing_min_runs": 50,
@@ -87,7 +88,7 @@ def alerts(s: dict[str, Any]) -> list[dict[str, Any]]:
             "for": "15m",
             "severity": "warning",
             "summary": "The Prefect API is throttling prefect-exporter.",
-            "description": "Job {{ $labels.job }} receives {{ printf \"%.3g\" $value }} throttled "
+            "description": 'Job {{ $labels.job }} receives {{ printf "%.3g" $value }} throttled '
             "(429/503) responses per second; polling pauses as the API asks.",
         },
         {
@@ -121,7 +122,7 @@ def alerts(s: dict[str, Any]) -> list[dict[str, Any]]:
             "severity": "warning",
             "summary": "A work queue's backlog keeps growing.",
             "description": "The backlog of {{ $labels.work_pool }}/{{ $labels.work_queue }} has "
-            "grown for 30 minutes ({{ printf \"%.3g\" $value }} runs a second).",
+            'grown for 30 minutes ({{ printf "%.3g" $value }} runs a second).',
         },
         {
             "alert": "PrefectRunsPendingTooLong",
@@ -251,7 +252,8 @@ def alerts(s: dict[str, Any]) -> list[dict[str, Any]]:
         },
         {
             "alert": "PrefectConcurrencySlotsLeaked",
-            "expr": f"max by (job, limit, kind) ({m('prefect_concurrency_limit_leaked_slots')}) > 0",
+            "expr": f"max by (job, limit, kind) "
+            f"({m('prefect_concurrency_limit_leaked_slots')}) > 0",
             "for": "10m",  # a crashed task's lease expires by itself within minutes
             "severity": "warning",
             "summary": "Concurrency slots are held by runs that already finished.",
@@ -267,7 +269,7 @@ def alerts(s: dict[str, Any]) -> list[dict[str, Any]]:
             "for": "10m",
             "severity": "warning",
             "summary": "A worker is being rate limited by the Prefect API.",
-            "description": "Worker {{ $labels.worker }} receives {{ printf \"%.3g\" $value }} 429 "
+            "description": 'Worker {{ $labels.worker }} receives {{ printf "%.3g" $value }} 429 '
             "responses per second; it backs off and picks up runs late.",
         },
     ]
@@ -293,9 +295,42 @@ def recording_rules(s: dict[str, Any]) -> list[dict[str, str]]:
         {
             "record": "prefect:worker_api_429:rate5m",
             "expr": f"sum by (job, worker) (rate(prefect_worker_api_responses_total"
-            f"{{{sel}, code=\"429\"}}[5m]))",
+            f'{{{sel}, code="429"}}[5m]))',
         },
     ]
+
+
+QUEUE_ALERTS = {
+    "PrefectWorkQueueBacklogStuck",
+    "PrefectWorkQueueBacklogGrowing",
+    "PrefectRunsPendingTooLong",
+    "PrefectRunsRunningTooLong",
+    "PrefectRunsCancellingTooLong",
+    "PrefectWorkQueueNotPolled",
+    "PrefectWorkQueuePausedWithBacklog",
+    "PrefectWorkQueueConcurrencySaturated",
+}
+POOL_ALERTS = {
+    "PrefectNoOnlineWorkers",
+    "PrefectWorkerHeartbeatLost",
+    "PrefectWorkPoolPausedWithBacklog",
+    "PrefectWorkPoolConcurrencySaturated",
+}
+
+
+def dashboard_url(name: str, base: str) -> str:
+    """The dashboard that shows the cause, narrowed to the alert's job, pool and queue."""
+    if name in QUEUE_ALERTS:
+        return (
+            f"{base}/prefect-queues?var-job={{{{ $labels.job }}}}"
+            "&var-work_pool={{ $labels.work_pool }}&var-work_queue={{ $labels.work_queue }}"
+        )
+    if name in POOL_ALERTS:
+        return (
+            f"{base}/prefect-queues?var-job={{{{ $labels.job }}}}"
+            "&var-work_pool={{ $labels.work_pool }}"
+        )
+    return f"{base}/prefect-overview?var-job={{{{ $labels.job }}}}"
 
 
 def rules(settings: dict[str, Any]) -> dict[str, Any]:
@@ -310,6 +345,7 @@ def rules(settings: dict[str, Any]) -> dict[str, Any]:
                 "summary": a["summary"],
                 "description": a["description"],
                 "runbook_url": f"{settings['runbook_base']}/{name}.md",
+                "dashboard_url": dashboard_url(name, settings["dashboard_base"]),
             },
         }
 
@@ -330,12 +366,21 @@ def render(settings: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--selector", default=DEFAULTS["selector"],
-                        help="label matchers that select the exporter's series")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a threshold (see DEFAULTS)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--selector",
+        default=DEFAULTS["selector"],
+        help="label matchers that select the exporter's series",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a threshold (see DEFAULTS)",
+    )
     parser.add_argument("--out", type=Path, default=RULES)
     args = parser.parse_args()
     settings = dict(DEFAULTS, selector=args.selector)

@@ -570,6 +570,16 @@ class TestPrometheusEndToEnd:
                     for a in alerts
                 )
 
+            # Every dashboard query, as Grafana would send it, returns data from real scrapes.
+            from tests.test_grafana import all_queries
+
+            def empty_queries() -> list[str]:
+                return [q for q in all_queries() if not query(q)]
+
+            try:
+                wait_for(lambda: not empty_queries(), 60, "every dashboard query to return data")
+            except TimeoutError:
+                pytest.fail(f"dashboard queries without data: {empty_queries()}")
             wait_for(lambda: active("PrefectWorkQueueBacklogStuck"), 60, "BacklogStuck active")
             wait_for(lambda: active("PrefectWorkQueueNotPolled"), 60, "NotPolled active")
             assert not active("PrefectNoOnlineWorkers")  # busy has an online worker
