@@ -378,6 +378,8 @@ class Poller:
                 "poll_succeeded",
                 duration_seconds=round(duration, 3),
                 requests=self._api.requests_sent - requests_before,
+                # Pools, queues, workers and runs; the rest is limits and event pages.
+                core_requests=self._core_cost,
                 work_pools=len(snapshot.pools),
                 work_queues=len(snapshot.queues),
                 workers=len(snapshot.workers),
