@@ -124,6 +124,7 @@ def measure(server: PrefectServer, scenario: Scenario, index: int, workdir: Path
         done = polls(log)[n0:]
         n = len(done)
         requests = statistics.median(p["requests"] for p in done)
+        core = statistics.median(p.get("core_requests") or 0 for p in done)
         bytes_per_poll = counter_sum(
             last, "prefect_exporter_api_response_bytes_total"
         ) - counter_sum(first, "prefect_exporter_api_response_bytes_total")
@@ -144,6 +145,7 @@ def measure(server: PrefectServer, scenario: Scenario, index: int, workdir: Path
         "scenario": scenario.name,
         "backlog served": f"{backlog:.0f}",
         "requests/poll": f"{requests:.0f}",
+        "core requests/poll": f"{core:.0f}",
         "KiB read/poll": f"{bytes_per_poll / max(polls_between, 1) / 1024:.1f}",
         f"poll duration (median of {n})": f"{duration * 1000:.0f} ms",
         "series": str(series),
@@ -163,11 +165,14 @@ def table(rows: list[dict[str, str]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results.md")
+    parser.add_argument("--only", type=int, nargs="*", help="run only these scenario numbers")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         rows = []
         for index, scenario in enumerate(SCENARIOS):
+            if args.only and index + 1 not in args.only:
+                continue
             # A fresh server per scenario, so each row polls exactly its own workload.
             server = PrefectServer(workdir / f"home-{index}")
             server.start()
@@ -185,7 +190,9 @@ def main() -> None:
         f"Measured {time.strftime('%Y-%m-%d')} by `python -m bench.run` on this project's "
         "2-core machine: a real Prefect server (SQLite) with the workload of each row, "
         f"the exporter polling every {POLL_INTERVAL:g} s (30 s for the widest), "
-        f"{SCRAPES} sequential scrapes per format, a fresh server per row.\n\n" + table(rows) + "\n"
+        f"{SCRAPES} sequential scrapes per format, a fresh server per row. Core requests are "
+        "those for pools, queues, workers and runs; the rest read concurrency limits and pages "
+        "of new events.\n\n" + table(rows) + "\n"
     )
     args.out.write_text(text)
     print(text)
