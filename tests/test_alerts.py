@@ -3,7 +3,6 @@ a real Alertmanager for inhibition)."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from demo.stack import free_port, wait_for
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "alerts"
@@ -36,12 +36,7 @@ def run(*command: str) -> subprocess.CompletedProcess[str]:
 
 
 def generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("alerts_generate", ALERTS / "generate.py")
-    assert spec
-    assert spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ALERTS / "generate.py")
 
 
 def alert_rules(text: str) -> list[dict[str, Any]]:

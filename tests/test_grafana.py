@@ -6,7 +6,6 @@ Prometheus is in tests/test_integration.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -18,18 +17,15 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.scripts import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "grafana"
 FILES = sorted(GRAFANA.glob("*.json"))
 
 
 def generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("grafana_generate", GRAFANA / "generate.py")
-    assert spec
-    assert spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(GRAFANA / "generate.py")
 
 
 def load(path: Path) -> dict[str, Any]:
