@@ -198,15 +198,21 @@ class Poller:
     async def _limits(
         self, deadline: float
     ) -> tuple[tuple[ConcurrencyLimitRecord, ...], LimitHolders | None]:
-        """Concurrency limits and who holds their slots, in a few requests per poll."""
-        api, limit = self._api, self._settings.concurrency
+        """Concurrency limits and who holds their slots; a server lacking them degrades."""
         try:
-            limits = tuple(await api.concurrency_limits(deadline))
+            return await self._read_limits(deadline)
         except ApiStatusError as exc:
             if exc.status != 404:
                 raise
             self._degrade("concurrency_limits", exc)
             return (), None
+
+    async def _read_limits(
+        self, deadline: float
+    ) -> tuple[tuple[ConcurrencyLimitRecord, ...], LimitHolders]:
+        """A few requests per poll: the v2 table, then only the holders worth checking."""
+        api, limit = self._api, self._settings.concurrency
+        limits = tuple(await api.concurrency_limits(deadline))
         kinds = {record.name: limit_kind(record.name) for record in limits}
         tag_holders = await api.tag_limit_holders(deadline) if "tag" in kinds.values() else {}
         holder_ids = sorted({run for runs in tag_holders.values() for run in runs})
