@@ -386,7 +386,7 @@ class PrefectApi:
         return [parse_worker(pool, row) for row in rows]
 
     async def queue_run_stats(self, queue_id: str, now: float, deadline: float) -> QueueRunStats:
-        """Counts by state, backlog and oldest waits of one queue in 1 to 4 requests.
+        """Counts by state, backlog and oldest waits of one queue in 1 to 6 requests.
 
         The follow-up requests are made only when the counts say there is something to find,
         so an idle queue costs one request and the cost never grows with the number of runs.

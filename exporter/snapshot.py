@@ -225,21 +225,6 @@ def build_snapshot(
     online_by_pool: dict[str, int] = {}
     for worker in workers:
         online_by_pool[worker.pool] = online_by_pool.get(worker.pool, 0) + worker.online
-    in_flight_by_pool: dict[str, int] = {}
-    for q in records.queues:
-        counts = records.queue_stats.get(q.id, EMPTY_STATS).counts
-        in_flight_by_pool[q.pool] = in_flight_by_pool.get(q.pool, 0) + _in_flight(counts)
-    pools = tuple(
-        PoolState(
-            name=p.name,
-            type=p.type,
-            status=p.status,
-            concurrency_limit=p.concurrency_limit,
-            online_workers=online_by_pool.get(p.name, 0),
-            in_flight=in_flight_by_pool.get(p.name, 0),
-        )
-        for p in sorted(records.pools, key=lambda p: p.name)
-    )
     queues = []
     for q in sorted(records.queues, key=lambda q: (q.pool, q.name)):
         stats = records.queue_stats.get(q.id, EMPTY_STATS)
@@ -264,6 +249,21 @@ def build_snapshot(
                 oldest_cancelling_since=stats.oldest_cancelling_since,
             )
         )
+    # Pool totals are derived from the queue states just built, not counted a second time.
+    in_flight_by_pool: dict[str, int] = {}
+    for queue in queues:
+        in_flight_by_pool[queue.pool] = in_flight_by_pool.get(queue.pool, 0) + queue.in_flight
+    pools = tuple(
+        PoolState(
+            name=p.name,
+            type=p.type,
+            status=p.status,
+            concurrency_limit=p.concurrency_limit,
+            online_workers=online_by_pool.get(p.name, 0),
+            in_flight=in_flight_by_pool.get(p.name, 0),
+        )
+        for p in sorted(records.pools, key=lambda p: p.name)
+    )
     holders = records.holders
     limits = tuple(
         sorted((_limit_state(limit, holders) for limit in records.limits), key=lambda x: x.name)

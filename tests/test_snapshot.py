@@ -127,3 +127,21 @@ class TestQueues:
         )
         names = [(q.pool, q.name) for q in build_snapshot(records).queues]
         assert names == [("a", "m"), ("b", "a"), ("b", "z")]
+
+    def test_pool_in_flight_is_the_sum_of_its_queues(self) -> None:
+        """Pending and Running runs of every queue count towards the pool, other states not."""
+        counts = (
+            StateCount("PENDING", "Pending", 1),
+            StateCount("RUNNING", "Running", 2),
+            StateCount("SCHEDULED", "Scheduled", 9),
+        )
+        records = PollRecords(
+            NOW,
+            (pool(),),
+            (queue("1", "a"), queue("2", "b")),
+            (),
+            {"1": stats(counts=counts), "2": stats(counts=counts[1:])},
+        )
+        snapshot = build_snapshot(records)
+        assert [q.in_flight for q in snapshot.queues] == [3, 2]
+        assert snapshot.pools[0].in_flight == 5
