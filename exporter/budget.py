@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 
 from prometheus_client.core import GaugeMetricFamily
@@ -16,11 +17,16 @@ class BudgetExhausted(Exception):
 
 
 class RequestBudget:
-    """At most `per_minute` requests in any minute; bursts up to the full minute's worth.
+    """At most `per_minute` requests in any 60-second window, a ceiling that is never exceeded.
 
     Prefect Cloud counts every request against an account-wide bucket shared with the workers,
-    so the exporter waits for a token rather than ever exceeding its share.
+    so the exporter waits for a slot rather than ever exceeding its share. A token bucket that
+    starts full and refills at the full rate lets about twice the budget through the first
+    minute (and the first minute after any pause); a log of the last minute's send times
+    (monotonic seconds, at most `per_minute` of them) cannot.
     """
+
+    WINDOW_SECONDS = 60.0
 
     def __init__(
         self,
@@ -31,31 +37,33 @@ class RequestBudget:
         self.per_minute = per_minute
         self._clock = clock
         self._sleep = sleep
-        self._tokens = float(per_minute)
-        self._updated = clock()
+        self._sent: deque[float] = deque()
 
     @property
     def available(self) -> float:
-        self._refill()
-        return self._tokens
+        """Requests that may be sent right now without waiting."""
+        self._forget(self._clock())
+        return float(self.per_minute - len(self._sent))
 
-    def _refill(self) -> None:
-        now = self._clock()
-        self._tokens = min(
-            float(self.per_minute), self._tokens + (now - self._updated) * self.per_minute / 60
-        )
-        self._updated = now
+    def _forget(self, now: float) -> None:
+        while self._sent and self._sent[0] + self.WINDOW_SECONDS <= now:
+            self._sent.popleft()
 
-    async def acquire(self, deadline: float) -> float:
-        """Take one token, waiting if needed; returns seconds waited. Raises BudgetExhausted."""
+    async def acquire(self, deadline_monotonic: float) -> float:
+        """Take one slot, waiting if needed; returns seconds waited.
+
+        Raises BudgetExhausted, without waiting, when no slot frees up before
+        `deadline_monotonic` (monotonic seconds).
+        """
         waited = 0.0
         while True:
-            self._refill()
-            if self._tokens >= 1:
-                self._tokens -= 1
+            now = self._clock()
+            self._forget(now)
+            if len(self._sent) < self.per_minute:
+                self._sent.append(now)
                 return waited
-            wait = (1 - self._tokens) * 60 / self.per_minute
-            if self._clock() + wait > deadline:
+            wait = self._sent[0] + self.WINDOW_SECONDS - now
+            if now + wait > deadline_monotonic:
                 raise BudgetExhausted(f"request budget of {self.per_minute}/min is spent")
             await self._sleep(wait)
             waited += wait
@@ -81,26 +89,28 @@ class BudgetCollector(Collector):
 
 
 class Backoff:
-    """When to poll again after the API throttled us (429 or 503).
+    """When to poll again after the API throttled us (429 or 503), in seconds from now.
 
-    With Retry-After, exactly then (never sooner than the interval). Without it, the interval
-    doubles with each consecutive throttled poll up to `cap`, with jitter so that several
-    exporters do not return in step.
+    With Retry-After, then (never sooner than the interval, never later than `cap`: one bad
+    header must not stop polling for days). Without it, the interval doubles with each
+    consecutive throttled poll up to `cap`, with jitter so that several exporters do not
+    return in step.
     """
 
     def __init__(
         self, interval: float, cap: float = 600.0, jitter: Callable[[], float] = random.random
     ) -> None:
         self._interval = interval
-        self._cap = cap
+        self.cap = max(cap, interval)
         self._jitter = jitter
         self.consecutive = 0
 
     def throttled(self, retry_after: float | None) -> float:
+        """The wait after one more throttled poll; `retry_after` is finite seconds or None."""
         self.consecutive += 1
         if retry_after is not None:
-            return max(self._interval, retry_after)
-        delay = min(self._cap, self._interval * 2.0 ** (self.consecutive - 1))
+            return min(self.cap, max(self._interval, retry_after))
+        delay = min(self.cap, self._interval * 2.0 ** (self.consecutive - 1))
         return max(self._interval, delay * (0.5 + self._jitter() / 2))
 
     def reset(self) -> None:

@@ -14,10 +14,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from structlog.typing import FilteringBoundLogger
 
 from exporter.budget import Backoff, RequestBudget
-from exporter.prefect_api import ERROR_REASONS, ApiStatusError, PrefectApiError
+from exporter.prefect_api import ERROR_REASONS, ApiStatusError, ObjectGone, PrefectApiError
 from exporter.records import (
     ConcurrencyLimitRecord,
     FlowRunEvent,
+    LatencyStats,
     LimitHolders,
     PollRecords,
     PoolRecord,
@@ -26,8 +27,9 @@ from exporter.records import (
     RunState,
     WorkerRecord,
 )
-from exporter.snapshot import Snapshot, build_snapshot, limit_kind
-from exporter.transitions import Cursor, LatencyStats, TransitionTracker
+from exporter.snapshot import Snapshot, build_snapshot
+from exporter.statefile import StateFile
+from exporter.transitions import Cursor, TransitionTracker
 
 T = TypeVar("T")
 POLL_RESULTS = ("success", "failure")
@@ -64,8 +66,11 @@ class Api(Protocol):
 
 
 class Publisher(Protocol):
+    """Where snapshots go (the store); also told how long the loop will wait on purpose."""
+
     def publish(self, snapshot: Snapshot, duration: float) -> None: ...
     def record_failure(self, error: str, duration: float) -> None: ...
+    def loop_waiting(self, until_monotonic: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,20 @@ class PollMetrics:
             "Unix seconds; 0 when not backing off.",
             registry=registry,
         )
+        self.retry_after_clamped = Counter(
+            "prefect_exporter_retry_after_clamped",
+            "Throttling answers whose Retry-After was not obeyed as sent: longer than the "
+            "back-off cap (clamped to it) or not a valid finite delay (ignored).",
+            registry=registry,
+        )
+        self.gone = Counter(
+            "prefect_exporter_objects_gone",
+            "Objects left out of a poll because they were deleted between two of its requests "
+            "(a per-object request answered 404).",
+            ["kind"],
+            registry=registry,
+        )
+        self.gone.labels("work_pool")
         self.maintenance = Gauge(
             "prefect_exporter_api_maintenance",
             "1 while the API's last throttling answer carried Prefect-Maintenance: true.",
@@ -144,6 +163,11 @@ async def _all(coroutines: Sequence[Coroutine[Any, Any, T]], limit: int) -> list
     except BaseExceptionGroup as group_error:
         # Report the first real cause, not the group wrapper.
         raise group_error.exceptions[0] from None
+    finally:
+        # A task cancelled before it started never awaited its coroutine; close those so that
+        # no "coroutine was never awaited" warning escapes into the log (a no-op for the rest).
+        for coroutine in coroutines:
+            coroutine.close()
     return [task.result() for task in tasks]
 
 
@@ -179,7 +203,9 @@ class Poller:
         self._polls = 0
         self._unavailable_until: dict[str, int] = {}
         state_file = settings.events_state_file
-        saved = Cursor.load(state_file) if state_file else None
+        # A save that fails (full disk) is recorded and logged by the file; the poll goes on.
+        self._cursor_file = StateFile(state_file, "events", log) if state_file else None
+        saved = Cursor.load(self._cursor_file) if self._cursor_file else None
         self._tracker = TransitionTracker(saved or Cursor(clock() - settings.events_settle))
 
     def _available(self, feature: str) -> bool:
@@ -213,7 +239,7 @@ class Poller:
         """A few requests per poll: the v2 table, then only the holders worth checking."""
         api, limit = self._api, self._settings.concurrency
         limits = tuple(await api.concurrency_limits(deadline))
-        kinds = {record.name: limit_kind(record.name) for record in limits}
+        kinds = {record.name: record.kind for record in limits}
         tag_holders = await api.tag_limit_holders(deadline) if "tag" in kinds.values() else {}
         holder_ids = sorted({run for runs in tag_holders.values() for run in runs})
         task_states = await api.task_run_states(holder_ids, deadline) if holder_ids else []
@@ -266,9 +292,18 @@ class Poller:
                 else {}
             )
             self._tracker.consume(events, expected)
-            if settings.events_state_file is not None:
-                self._tracker.cursor.save(settings.events_state_file)
+            if self._cursor_file is not None:
+                self._tracker.cursor.save(self._cursor_file)
         return self._tracker.stats(now, behind)
+
+    async def _pool_workers(self, pool: str, deadline: float) -> list[WorkerRecord] | None:
+        """The pool's workers, or None when the pool was deleted after the pool list was read."""
+        try:
+            return await self._api.workers(pool, deadline)
+        except ObjectGone as exc:
+            self._metrics.gone.labels("work_pool").inc()
+            self._log.info("work_pool_gone", work_pool=pool, error=str(exc))
+            return None
 
     def _plan(self) -> str:
         """`full`, `shortened` (no limits or events this time) or `skip`, by the budget left."""
@@ -295,7 +330,13 @@ class Poller:
             pools, queues = await asyncio.gather(
                 self._api.work_pools(deadline), self._api.work_queues(deadline)
             )
-            worker_lists = await _all([self._api.workers(p.name, deadline) for p in pools], limit)
+            worker_lists = await _all([self._pool_workers(p.name, deadline) for p in pools], limit)
+            gone = {
+                p.name for p, workers in zip(pools, worker_lists, strict=True) if workers is None
+            }
+            if gone:
+                pools = [p for p in pools if p.name not in gone]
+                queues = [q for q in queues if q.pool not in gone]
             stats = await _all(
                 [self._api.queue_run_stats(q.id, now, deadline) for q in queues], limit
             )
@@ -319,7 +360,7 @@ class Poller:
             observed_at=now,
             pools=tuple(pools),
             queues=tuple(queues),
-            workers=tuple(w for workers in worker_lists for w in workers),
+            workers=tuple(w for workers in worker_lists if workers for w in workers),
             queue_stats={q.id: s for q, s in zip(queues, stats, strict=True)},
             limits=limits,
             holders=holders,
@@ -357,6 +398,7 @@ class Poller:
                 # Pause the whole poller, not just one call: every request we send counts
                 # against a bucket the workers share.
                 wait = self._backoff.throttled(exc.retry_after)
+                self._check_retry_after(exc, wait)
                 self._metrics.backoff_until.set(self._clock() + wait)
                 self._metrics.maintenance.set(float(exc.maintenance))
                 if exc.maintenance:
@@ -396,14 +438,47 @@ class Poller:
             return wait  # a back-off counts from the throttling answer, not the poll's start
         return max(0.0, wait - (self._monotonic() - started))
 
+    def _check_retry_after(self, error: ApiStatusError, wait: float) -> None:
+        """Say so when a Retry-After header was not obeyed as sent (invalid or too long)."""
+        header = error.retry_after_header
+        if header is None:
+            return
+        if error.retry_after is not None and error.retry_after <= self._backoff.cap:
+            return
+        self._metrics.retry_after_clamped.inc()
+        self._log.warning(
+            "retry_after_clamped",
+            retry_after=header,
+            wait_seconds=round(wait, 3),
+            cap_seconds=self._backoff.cap,
+        )
+
     def _fail(self, reason: str, error: str, duration: float) -> None:
         self._store.record_failure(error, duration)
         self._metrics.polls.labels("failure").inc()
         self._metrics.errors.labels(reason).inc()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Poll until `stop` is set; the first poll starts at once."""
-        while not stop.is_set():
-            wait = await self.poll_and_publish()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=wait)
+        """Poll until `stop` is set; the first poll starts at once.
+
+        A poll in flight when `stop` is set is cancelled at once (whatever the poll timeout), so
+        a SIGTERM ends the exporter well within Kubernetes' grace period.
+        """
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                poll = asyncio.create_task(self.poll_and_publish())
+                await asyncio.wait({poll, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not poll.done():
+                    poll.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await poll
+                    self._log.info("poll_cancelled", reason="shutdown")
+                    return
+                wait = poll.result()
+                # Waiting on purpose (interval, back-off) is not a stalled loop: say until when.
+                self._store.loop_waiting(self._monotonic() + wait)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(stopping), timeout=wait)
+        finally:
+            stopping.cancel()

@@ -6,15 +6,19 @@ Exceptions, all expected failures of a remote API (the poll fails, the exporter 
     ├── ApiTimeout             "timeout"
     ├── ApiConnectionError     "connection"
     ├── ApiStatusError         "http_status" (carries the status and any Retry-After)
-    ├── MalformedResponse      "malformed_response"
+    ├── MalformedResponse      "malformed_response" (undecodable, oversized or impossible answers)
     └── ApiBudgetExhausted     "budget"
+
+    ObjectGone                 not a failure: one object vanished between two requests of a poll
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email.utils
 import json
+import math
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +37,7 @@ from exporter import __version__
 from exporter.budget import BudgetExhausted, RequestBudget
 from exporter.config import Secret
 from exporter.records import (
+    AWAITING_CONCURRENCY_SLOT,
     ConcurrencyLimitRecord,
     FlowRunEvent,
     PoolRecord,
@@ -42,7 +47,6 @@ from exporter.records import (
     StateCount,
     WorkerRecord,
 )
-from exporter.snapshot import AWAITING_CONCURRENCY_SLOT
 
 USER_AGENT = f"prefect-exporter/{__version__} (prefect-client/{prefect.__version__})"
 PAGE_SIZE = 200  # the server's maximum page size
@@ -59,7 +63,19 @@ _TERMINAL = sorted(s.value for s in TERMINAL_STATES)
 SLOT_HOLDING_TYPES = (StateType.PENDING.value, StateType.RUNNING.value, StateType.CANCELLING.value)
 EVENT_PAGE_SIZE = 50  # the events API's maximum
 _FLOW_RUN_EVENT_PREFIX = "prefect.flow-run."
-ERROR_REASONS = ("timeout", "connection", "http_status", "malformed_response", "budget")
+# A page of 200 flow runs is well under 1 MB; 16 MiB leaves room for deployments with large
+# parameters while keeping a misbehaving or hostile server from exhausting memory (bytes after
+# content decoding, so a gzip bomb is caught too).
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+_LATEST_PLAUSIBLE_TIMESTAMP = datetime(2200, 1, 1, tzinfo=UTC).timestamp()
+# Counts, limits and slots above this are not numbers a Prefect database produces.
+MAX_PLAUSIBLE_COUNT = 2**53
+
+
+_STATUS_HINTS = {
+    401: " (unauthorized: check PREFECT_API_KEY or PREFECT_API_AUTH_STRING)",
+    403: " (forbidden: check the key's permissions on this workspace)",
+}
 
 
 class PrefectApiError(Exception):
@@ -85,20 +101,51 @@ class ApiBudgetExhausted(PrefectApiError):
 
 
 class ApiStatusError(PrefectApiError):
+    """An HTTP error status; `retry_after` is the header's finite value in seconds, if any."""
+
     reason = "http_status"
 
     def __init__(
-        self, endpoint: str, status: int, retry_after: float | None, maintenance: bool = False
+        self,
+        endpoint: str,
+        status: int,
+        retry_after: float | None,
+        maintenance: bool = False,
+        retry_after_header: str | None = None,
     ) -> None:
-        super().__init__(f"{endpoint} answered HTTP {status}")
+        super().__init__(f"{endpoint} answered HTTP {status}{_STATUS_HINTS.get(status, '')}")
         self.status = status
         self.retry_after = retry_after
         self.maintenance = maintenance
+        # The header as sent (cut short), so a value that was rejected or clamped can be logged.
+        self.retry_after_header = retry_after_header[:64] if retry_after_header else None
 
     @property
     def throttled(self) -> bool:
         """Rate limited (429) or overloaded (503): the whole poller should back off."""
         return self.status in (429, 503)
+
+
+# The closed set of reasons for a failed request, in the order of the class diagram above.
+ERROR_CLASSES: tuple[type[PrefectApiError], ...] = (
+    ApiTimeout,
+    ApiConnectionError,
+    ApiStatusError,
+    MalformedResponse,
+    ApiBudgetExhausted,
+)
+ERROR_REASONS = tuple(cls.reason for cls in ERROR_CLASSES)
+
+
+class ObjectGone(Exception):
+    """An object named in a per-object route answered 404: it was deleted since it was listed.
+
+    Not a failure of the API: the poller leaves the object out of this snapshot.
+    """
+
+    def __init__(self, endpoint: str, name: str) -> None:
+        super().__init__(f"{endpoint}: {name!r} is gone")
+        self.name = name
 
 
 class ApiMetrics:
@@ -144,17 +191,23 @@ class Connection:
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP date."""
+    """Seconds to wait from a Retry-After header (RFC 9110: delay-seconds or an HTTP date).
+
+    `now` is Unix time, for dates. Returns None for a missing or invalid header, including
+    non-finite numbers (`inf`, `nan`); the value is not capped here (the back-off caps it).
+    """
     if not value:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
@@ -179,11 +232,15 @@ def to_timestamp(value: object, where: str) -> float | None:
         raise MalformedResponse(f"{where}: expected a timestamp, got {type(value).__name__}")
     try:
         parsed = datetime.fromisoformat(value)
-    except ValueError:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        timestamp = parsed.timestamp()
+    except (ValueError, OverflowError):
         raise MalformedResponse(f"{where}: not an ISO-8601 timestamp") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
+    if not 0 <= timestamp < _LATEST_PLAUSIBLE_TIMESTAMP:
+        # A heartbeat in the year 9999 would keep a worker "online" forever.
+        raise MalformedResponse(f"{where}: impossible timestamp")
+    return timestamp
 
 
 def _iso(timestamp: float) -> str:
@@ -200,6 +257,14 @@ def _get(obj: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], where
     return value
 
 
+def _count_field(obj: Mapping[str, Any], key: str, where: str) -> int | None:
+    """A count, limit or slot number: a whole number a database can hold, never negative."""
+    value: int | None = _get(obj, key, int, where)
+    if value is not None and not 0 <= value <= MAX_PLAUSIBLE_COUNT:
+        raise MalformedResponse(f"{where}.{key}: impossible value")
+    return value
+
+
 def _required(obj: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], where: str) -> Any:
     value = _get(obj, key, kinds, where)
     if value is None:
@@ -213,6 +278,18 @@ def _objects(payload: Any, where: str) -> list[Mapping[str, Any]]:
     return payload
 
 
+def _page(payload: Any, where: str, limit: int) -> list[Mapping[str, Any]]:
+    """A page of objects that honours the `limit` asked for.
+
+    More rows than asked for cannot be a correct answer, and would otherwise read as "more pages
+    follow" and page on without end.
+    """
+    rows = _objects(payload, where)
+    if len(rows) > limit:
+        raise MalformedResponse(f"{where}: {len(rows)} rows where at most {limit} were asked for")
+    return rows
+
+
 def parse_pool(obj: Mapping[str, Any]) -> PoolRecord:
     where = "work_pool"
     return PoolRecord(
@@ -220,7 +297,7 @@ def parse_pool(obj: Mapping[str, Any]) -> PoolRecord:
         type=_get(obj, "type", str, where) or "unknown",
         status=_get(obj, "status", str, where),
         is_paused=bool(_get(obj, "is_paused", bool, where)),
-        concurrency_limit=_get(obj, "concurrency_limit", int, where),
+        concurrency_limit=_count_field(obj, "concurrency_limit", where),
     )
 
 
@@ -233,7 +310,7 @@ def parse_queue(obj: Mapping[str, Any]) -> QueueRecord:
         status=_get(obj, "status", str, where),
         is_paused=bool(_get(obj, "is_paused", bool, where)),
         priority=_get(obj, "priority", int, where) or 0,
-        concurrency_limit=_get(obj, "concurrency_limit", int, where),
+        concurrency_limit=_count_field(obj, "concurrency_limit", where),
         last_polled=to_timestamp(obj.get("last_polled"), f"{where}.last_polled"),
     )
 
@@ -241,6 +318,8 @@ def parse_queue(obj: Mapping[str, Any]) -> QueueRecord:
 def parse_worker(pool: str, obj: Mapping[str, Any]) -> WorkerRecord:
     where = "worker"
     interval = _get(obj, "heartbeat_interval_seconds", (int, float), where)
+    if interval is not None and not 0 < interval < MAX_PLAUSIBLE_COUNT:
+        raise MalformedResponse(f"{where}.heartbeat_interval_seconds: impossible value")
     return WorkerRecord(
         pool=pool,
         name=_required(obj, "name", str, where),
@@ -251,11 +330,14 @@ def parse_worker(pool: str, obj: Mapping[str, Any]) -> WorkerRecord:
 
 def parse_limit(obj: Mapping[str, Any]) -> ConcurrencyLimitRecord:
     where = "concurrency_limit"
+    limit = _count_field(obj, "limit", where)
+    if limit is None:
+        raise MalformedResponse(f"{where}.limit: missing")
     return ConcurrencyLimitRecord(
         id=_required(obj, "id", str, where),
         name=_required(obj, "name", str, where),
-        limit=_required(obj, "limit", int, where),
-        active_slots=_get(obj, "active_slots", int, where) or 0,
+        limit=limit,
+        active_slots=_count_field(obj, "active_slots", where) or 0,
         active=_get(obj, "active", bool, where) is not False,
     )
 
@@ -326,9 +408,38 @@ def parse_history(payload: Any) -> tuple[StateCount, ...]:
                 _required(state, "state_type", str, "history.state"),
                 _required(state, "state_name", str, "history.state"),
             )
-            count = _required(state, "count_runs", int, "history.state")
+            count = _count_field(state, "count_runs", "history.state")
+            if count is None:
+                raise MalformedResponse("history.state.count_runs: missing")
             totals[key] = totals.get(key, 0) + count
     return tuple(StateCount(t, n, c) for (t, n), c in sorted(totals.items()))
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A complete response read within the size cap."""
+
+    status: int
+    headers: httpx.Headers
+    content: bytes
+
+
+class _Oversized(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _decode_json(endpoint: str, content: bytes) -> Any:
+    """The body as JSON; NaN and Infinity (which Python's parser accepts) are not JSON."""
+    try:
+        return json.loads(content, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise MalformedResponse(f"{endpoint}: response is not JSON") from None
 
 
 class PrefectApi:
@@ -347,8 +458,10 @@ class PrefectApi:
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         self._connection = connection
+        self._max_response_bytes = max_response_bytes
         self._metrics = metrics
         self._budget = budget
         self._clock = clock
@@ -381,8 +494,15 @@ class PrefectApi:
         return [parse_queue(row) for row in rows]
 
     async def workers(self, pool: str, deadline: float) -> list[WorkerRecord]:
+        """The pool's workers. Raises ObjectGone when the pool was deleted since it was listed."""
+        endpoint = "/work_pools/{name}/workers/filter"
         path = f"work_pools/{quote(pool, safe='')}/workers/filter"
-        rows = await self._paged("/work_pools/{name}/workers/filter", path, {}, deadline)
+        try:
+            rows = await self._paged(endpoint, path, {}, deadline)
+        except ApiStatusError as exc:
+            if exc.status == 404:
+                raise ObjectGone(endpoint, pool) from None
+            raise
         return [parse_worker(pool, row) for row in rows]
 
     async def queue_run_stats(self, queue_id: str, now: float, deadline: float) -> QueueRunStats:
@@ -601,7 +721,7 @@ class PrefectApi:
                 raise MalformedResponse("events/filter: expected an object")
             events += [
                 e
-                for e in map(parse_event, _objects(payload.get("events"), "events"))
+                for e in map(parse_event, _page(payload.get("events"), "events", EVENT_PAGE_SIZE))
                 if e is not None
             ]
             token = _page_token(payload.get("next_page"))
@@ -632,7 +752,7 @@ class PrefectApi:
                 {key: {"id": {"any_": chunk}}, "limit": PAGE_SIZE},
                 deadline,
             )
-            rows += _objects(payload, endpoint)
+            rows += _page(payload, endpoint, len(chunk))
         return rows
 
     # -- helpers -----------------------------------------------------------------------------
@@ -646,7 +766,11 @@ class PrefectApi:
 
     async def _count(self, body: Mapping[str, Any], deadline: float) -> int:
         value = await self._call("POST", "/flow_runs/count", "flow_runs/count", body, deadline)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or not 0 <= value <= MAX_PLAUSIBLE_COUNT
+        ):
             raise MalformedResponse("flow_runs/count: expected a non-negative integer")
         return value
 
@@ -660,7 +784,7 @@ class PrefectApi:
             {**body, "sort": sort, "limit": limit},
             deadline,
         )
-        return _objects(payload, "flow_runs/filter")
+        return _page(payload, "flow_runs/filter", limit)
 
     async def _first_run_time(
         self, body: Mapping[str, Any], sort: str, field: str, deadline: float
@@ -681,7 +805,7 @@ class PrefectApi:
                 {**body, "limit": PAGE_SIZE, "offset": page * PAGE_SIZE},
                 deadline,
             )
-            batch = _objects(payload, endpoint)
+            batch = _page(payload, endpoint, PAGE_SIZE)
             rows.extend(batch)
             if len(batch) < PAGE_SIZE:
                 return rows
@@ -695,19 +819,30 @@ class PrefectApi:
         body: Mapping[str, Any] | None,
         deadline: float,
     ) -> Any:
-        """One logical request: budgeted, counted, and repeated once only for a CSRF token."""
-        response = await self._send(method, endpoint, path, body, deadline)
-        if response.status_code == 403 and self._is_csrf_rejection(response):
+        """One logical request: budgeted, counted, and repeated once only for a CSRF token.
+
+        Returns the decoded JSON. Raises ApiStatusError for an error status, MalformedResponse
+        for a body that is too large, cannot be decoded or is not JSON, and ApiTimeout,
+        ApiConnectionError or ApiBudgetExhausted when no answer could be had.
+        """
+        answer = await self._send(method, endpoint, path, body, deadline)
+        if answer.status == 403 and b"CSRF" in answer.content:
             await self._refresh_csrf(deadline)
-            response = await self._send(method, endpoint, path, body, deadline)
-        if response.status_code >= 400:
-            retry_after = parse_retry_after(response.headers.get("Retry-After"), self._clock())
-            maintenance = response.headers.get("Prefect-Maintenance", "").lower() == "true"
-            raise ApiStatusError(endpoint, response.status_code, retry_after, maintenance)
-        try:
-            return response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise MalformedResponse(f"{endpoint}: response is not JSON") from None
+            answer = await self._send(method, endpoint, path, body, deadline)
+        self._raise_for_status(endpoint, answer)
+        return _decode_json(endpoint, answer.content)
+
+    def _raise_for_status(self, endpoint: str, answer: _Answer) -> None:
+        if answer.status < 400:
+            return
+        header = answer.headers.get("Retry-After")
+        raise ApiStatusError(
+            endpoint,
+            answer.status,
+            parse_retry_after(header, self._clock()),
+            answer.headers.get("Prefect-Maintenance", "").lower() == "true",
+            retry_after_header=header,
+        )
 
     async def _send(
         self,
@@ -716,7 +851,7 @@ class PrefectApi:
         path: str,
         body: Mapping[str, Any] | None,
         deadline: float,
-    ) -> httpx.Response:
+    ) -> _Answer:
         try:
             await self._budget.acquire(deadline)
         except BudgetExhausted as exc:
@@ -727,42 +862,62 @@ class PrefectApi:
         timeout = min(self._connection.request_timeout, remaining)
         self.requests_sent += 1
         started = self._monotonic()
+        status, size = "", 0
         try:
-            response = await self._client.request(
-                method, path, json=body, headers=self._csrf, timeout=timeout
-            )
-        except httpx.TimeoutException:
-            self._metrics.observe(endpoint, method, "timeout", self._monotonic() - started, 0)
-            raise ApiTimeout(f"{endpoint}: no response within {timeout:.1f}s") from None
+            # httpx's timeout bounds each read, not the whole answer: a server that trickles a
+            # byte at a time is cut off here.
+            async with (
+                asyncio.timeout(timeout),
+                self._client.stream(
+                    method, path, json=body, headers=self._csrf, timeout=timeout
+                ) as response,
+            ):
+                status = str(response.status_code)
+                declared = response.headers.get("Content-Length", "")
+                if declared.isdigit() and int(declared) > self._max_response_bytes:
+                    raise _Oversized(int(declared))
+                content = bytearray()
+                # Counted after content decoding, so a compressed bomb is stopped as it inflates.
+                async for chunk in response.aiter_bytes():
+                    content += chunk
+                    size = len(content)
+                    if size > self._max_response_bytes:
+                        raise _Oversized(size)
+                answer = _Answer(response.status_code, response.headers, bytes(content))
+        except (httpx.TimeoutException, TimeoutError):
+            self._observe(endpoint, method, "timeout", started, size)
+            raise ApiTimeout(f"{endpoint}: no complete answer within {timeout:.1f}s") from None
+        except _Oversized as exc:
+            self._observe(endpoint, method, status, started, size)
+            raise MalformedResponse(
+                f"{endpoint}: answer larger than {self._max_response_bytes} bytes "
+                f"({exc.size} bytes or more)"
+            ) from None
+        except httpx.DecodingError:
+            self._observe(endpoint, method, status, started, size)
+            raise MalformedResponse(f"{endpoint}: the body could not be decompressed") from None
         except httpx.TransportError as exc:
-            self._metrics.observe(
-                endpoint, method, "connection_error", self._monotonic() - started, 0
-            )
+            self._observe(endpoint, method, "connection_error", started, size)
             raise ApiConnectionError(f"{endpoint}: {type(exc).__name__}") from None
-        self._metrics.observe(
-            endpoint,
-            method,
-            str(response.status_code),
-            self._monotonic() - started,
-            len(response.content),
-        )
-        return response
+        self._observe(endpoint, method, status, started, size)
+        return answer
 
-    @staticmethod
-    def _is_csrf_rejection(response: httpx.Response) -> bool:
-        return b"CSRF" in response.content
+    def _observe(self, endpoint: str, method: str, code: str, started: float, size: int) -> None:
+        self._metrics.observe(endpoint, method, code, self._monotonic() - started, size)
 
     async def _refresh_csrf(self, deadline: float) -> None:
-        """Fetch a CSRF token for servers that enable Prefect's CSRF protection."""
+        """Fetch a CSRF token for servers that enable Prefect's CSRF protection.
+
+        The server checks CSRF before authentication, so a wrong password first shows here as
+        a 401: error statuses take the same path as on any other endpoint.
+        """
         client = str(uuid.uuid4())
         self._csrf = {}
-        response = await self._send(
+        answer = await self._send(
             "GET", "/csrf-token", f"csrf-token?client={client}", None, deadline
         )
-        try:
-            payload = response.json() if response.status_code == 200 else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            payload = None
+        self._raise_for_status("/csrf-token", answer)
+        payload = _decode_json("/csrf-token", answer.content)
         if not isinstance(payload, dict) or not isinstance(payload.get("token"), str):
             raise MalformedResponse("/csrf-token: expected an object with a token")
         self._csrf = {"Prefect-Csrf-Token": payload["token"], "Prefect-Csrf-Client": client}

@@ -18,24 +18,29 @@ class PollStatus:
     """What the last polls did; read at scrape time for the exporter's own metrics."""
 
     up: bool = False
-    last_success: float | None = None
-    last_duration: float | None = None
+    last_success: float | None = None  # Unix time the last successful poll started
+    last_duration: float | None = None  # seconds
     last_error: str | None = None
     loop_turned_at: float | None = None  # monotonic seconds, for /healthz
+    # Monotonic seconds until which the loop waits on purpose (interval or back-off): a loop
+    # that is waiting as planned is alive, however long a Retry-After made the wait.
+    loop_waits_until: float | None = None
 
 
 @dataclass(frozen=True)
 class Published(Generic[Rendered]):
     snapshot: Snapshot
     rendered: Rendered
+    published_monotonic: float = 0.0  # when it was published, for its age
 
 
 class Store(Generic[Rendered]):
     """One immutable value swapped under a lock: scrapes never see a half-written poll.
 
     `render` turns a snapshot into what the server sends (done once per poll, not per scrape).
-    A snapshot older than `max_staleness` is no longer served: stale numbers must not pass for
-    fresh ones during a long outage.
+    A snapshot older than `max_staleness` seconds is no longer served: stale numbers must not
+    pass for fresh ones during a long outage. Its age is measured on the monotonic clock, so a
+    step of the wall clock can neither keep stale series alive nor drop fresh ones.
     """
 
     def __init__(
@@ -56,7 +61,7 @@ class Store(Generic[Rendered]):
     def publish(self, snapshot: Snapshot, duration: float) -> None:
         rendered = self._render(snapshot)
         with self._lock:
-            self._published = Published(snapshot, rendered)
+            self._published = Published(snapshot, rendered, self._monotonic())
             self._status = PollStatus(
                 up=True,
                 last_success=snapshot.observed_at,
@@ -74,6 +79,11 @@ class Store(Generic[Rendered]):
                 loop_turned_at=self._monotonic(),
             )
 
+    def loop_waiting(self, until_monotonic: float) -> None:
+        """The poll loop sleeps on purpose until `until_monotonic` (monotonic seconds)."""
+        with self._lock:
+            self._status = replace(self._status, loop_waits_until=until_monotonic)
+
     def status(self) -> PollStatus:
         with self._lock:
             return self._status
@@ -84,6 +94,6 @@ class Store(Generic[Rendered]):
             published = self._published
         if published is None:
             return None
-        if self._clock() - published.snapshot.observed_at > self._max_staleness:
+        if self._monotonic() - published.published_monotonic > self._max_staleness:
             return None
         return published

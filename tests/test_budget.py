@@ -30,24 +30,26 @@ class TestRequestBudget:
         fake = FakeTime()
         budget = RequestBudget(60, clock=fake.clock, sleep=fake.sleep)
         for _ in range(60):
-            assert asyncio.run(budget.acquire(deadline=10)) == 0
+            assert asyncio.run(budget.acquire(10)) == 0
         assert fake.slept == []
 
-    def test_beyond_the_budget_the_caller_waits_for_a_token(self) -> None:
-        """The 61st request of a 60/min budget waits one second."""
+    def test_beyond_the_budget_the_caller_waits_until_the_first_request_is_a_minute_old(
+        self,
+    ) -> None:
+        """The 61st request of a 60/min budget spent at once waits the whole minute."""
         fake = FakeTime()
         budget = RequestBudget(60, clock=fake.clock, sleep=fake.sleep)
         for _ in range(60):
-            asyncio.run(budget.acquire(deadline=10))
-        assert asyncio.run(budget.acquire(deadline=10)) == pytest.approx(1.0)
+            asyncio.run(budget.acquire(10))
+        assert asyncio.run(budget.acquire(100)) == pytest.approx(60.0)
 
     def test_a_wait_past_the_deadline_is_refused(self) -> None:
         """When no token arrives before the deadline, BudgetExhausted is raised."""
         fake = FakeTime()
         budget = RequestBudget(1, clock=fake.clock, sleep=fake.sleep)
-        asyncio.run(budget.acquire(deadline=10))
+        asyncio.run(budget.acquire(10))
         with pytest.raises(BudgetExhausted):
-            asyncio.run(budget.acquire(deadline=10))
+            asyncio.run(budget.acquire(10))
 
     def test_over_two_minutes_no_more_than_the_budget_plus_burst_is_spent(self) -> None:
         """Sustained demand is held to the per-minute rate."""
@@ -55,9 +57,37 @@ class TestRequestBudget:
         budget = RequestBudget(30, clock=fake.clock, sleep=fake.sleep)
         spent = 0
         while fake.now < 120:
-            asyncio.run(budget.acquire(deadline=fake.now + 60))
+            asyncio.run(budget.acquire(fake.now + 60))
             spent += 1
         assert spent <= 30 + 30 * 2 + 1
+
+    @pytest.mark.parametrize("pause", [0.0, 5.0, 59.0, 61.0, 600.0])
+    def test_no_sixty_second_window_ever_holds_more_than_the_budget(self, pause: float) -> None:
+        """Greedy demand with pauses of any length: every 60 s window holds at most N sends."""
+        fake = FakeTime()
+        budget = RequestBudget(30, clock=fake.clock, sleep=fake.sleep)
+        sent: list[float] = []
+        for burst in range(4):
+            for _ in range(45):  # a poll costing more than the budget, as in the reproduction
+                asyncio.run(budget.acquire(fake.now + 1e6))
+                sent.append(fake.now)
+                fake.now += 0.01
+            fake.now += pause * burst
+        for start in sent:
+            assert sum(start <= t < start + 60 for t in sent) <= 30
+
+    def test_what_is_available_follows_the_last_minute(self) -> None:
+        """Slots come back one by one as the requests that used them turn a minute old."""
+        fake = FakeTime()
+        budget = RequestBudget(3, clock=fake.clock, sleep=fake.sleep)
+        for _ in range(3):
+            asyncio.run(budget.acquire(0))
+            fake.now += 10
+        assert budget.available == 0
+        fake.now = 60
+        assert budget.available == 1
+        fake.now = 80
+        assert budget.available == 3
 
 
 class TestBackoff:
@@ -75,6 +105,15 @@ class TestBackoff:
         assert [backoff.throttled(None) for _ in range(5)] == [30, 60, 120, 200, 200]
         low = Backoff(30, cap=200, jitter=lambda: 0.0)
         assert [low.throttled(None) for _ in range(3)] == [30, 30, 60]
+
+    @pytest.mark.parametrize("retry_after", [601.0, 999_999.0, 2.3e9])
+    def test_a_huge_retry_after_is_capped(self, retry_after: float) -> None:
+        """Retry-After beyond the cap waits the cap (10 minutes), as the doubling does."""
+        assert Backoff(30).throttled(retry_after) == 600
+
+    def test_the_cap_is_never_below_the_interval(self) -> None:
+        """With an interval above 10 minutes the cap follows the interval."""
+        assert Backoff(900).throttled(5000) == 900
 
     def test_success_resets(self) -> None:
         """After a good poll the next throttling starts from the interval again."""

@@ -31,7 +31,9 @@ from demo.stack import (
     past,
     wait_for,
 )
+from exporter.collector import AS_OF, OWN_FAMILIES, SNAPSHOT_FAMILIES
 from exporter.prefect_api import to_timestamp
+from tests.metrics_docs import documented_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -105,8 +107,8 @@ def scenario(prefect_server: PrefectServer) -> Iterator[Scenario]:
 
 
 def queue_id(admin: PrefectAdmin, pool: str, name: str) -> str:
-    return next(
-        q["id"] for q in admin.queues() if q["work_pool_name"] == pool and q["name"] == name
+    return str(
+        next(q["id"] for q in admin.queues() if q["work_pool_name"] == pool and q["name"] == name)
     )
 
 
@@ -423,7 +425,7 @@ class TestExposition:
         """Every family in the scrape is documented with its type and labels, and vice versa."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        documented = documented_metrics(ROOT / "docs" / "metrics.md")
+        documented = documented_metrics()
 
         def families() -> dict[str, tuple[str, set[str]]]:
             found = {}
@@ -442,18 +444,21 @@ class TestExposition:
         for name, (kind, labels) in scraped.items():
             assert documented[name] == (kind, labels), name
 
+    def test_the_collectors_tables_are_what_is_served(self, scenario: Scenario) -> None:
+        """Each family of the collector's tables is served with the table's HELP and type."""
+        from prometheus_client.parser import text_string_to_metric_families
 
-def documented_metrics(path: Path) -> dict[str, tuple[str, set[str]]]:
-    """Rows `| \\`name\\` | type | labels | ...` of the metric tables."""
-    rows = {}
-    for line in path.read_text().splitlines():
-        match = re.match(r"^\|\s*`([a-z_]+)`\s*\|\s*(\w+)\s*\|\s*([^|]*)\|", line)
-        if match:
-            name, kind, labels = match.groups()
-            family = re.sub(r"_total$", "", name) if kind == "counter" else name
-            label_set = {x.strip(" `") for x in labels.split(",") if x.strip(" `-")}
-            rows[family] = (kind, label_set)
-    return rows
+        def served() -> dict[str, tuple[str, str]]:
+            text = scenario.exporter.scrape_text()
+            return {f.name: (f.type, f.documentation) for f in text_string_to_metric_families(text)}
+
+        tables = {f.name for f in (*SNAPSHOT_FAMILIES, *OWN_FAMILIES)}
+        wait_for(lambda: tables <= set(served()), 60, "every family of the tables")
+        helps = served()
+        for family in SNAPSHOT_FAMILIES:
+            assert helps[family.name] == (family.type, f"{family.help} {AS_OF}"), family.name
+        for own in OWN_FAMILIES:
+            assert helps[own.name] == (own.type, own.help), own.name
 
 
 class TestOutage:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 import structlog
+import structlog.testing
 from prometheus_client import CollectorRegistry
 
 from exporter.poller import Poller, PollMetrics, PollSettings
-from exporter.prefect_api import ApiStatusError, MalformedResponse
+from exporter.prefect_api import ApiStatusError, MalformedResponse, ObjectGone
 from exporter.records import (
     ConcurrencyLimitRecord,
     FlowRunEvent,
@@ -107,12 +111,16 @@ class FakeStore:
     def __init__(self) -> None:
         self.published: list[Snapshot] = []
         self.failures: list[str] = []
+        self.waits_until: list[float] = []
 
     def publish(self, snapshot: Snapshot, duration: float) -> None:
         self.published.append(snapshot)
 
     def record_failure(self, error: str, duration: float) -> None:
         self.failures.append(error)
+
+    def loop_waiting(self, until_monotonic: float) -> None:
+        self.waits_until.append(until_monotonic)
 
 
 def poller(
@@ -386,8 +394,8 @@ class TestBudgetPlan:
             PollMetrics(registry),
             structlog.get_logger(),
             clock=lambda: NOW,
-            budget=Budget(),
-        )  # type: ignore[arg-type]
+            budget=Budget(),  # type: ignore[arg-type]
+        )
         asyncio.run(p.poll_and_publish())  # full: core costs 1, full 6
         tokens["now"] = 3
         asyncio.run(p.poll_and_publish())
@@ -400,3 +408,149 @@ class TestBudgetPlan:
         get = registry.get_sample_value
         assert get("prefect_exporter_request_budget_polls_total", {"outcome": "shortened"}) == 1
         assert get("prefect_exporter_request_budget_polls_total", {"outcome": "skipped"}) == 1
+
+
+class TestRetryAfterBounds:
+    """A Retry-After that is too long or not a number is capped, logged once and counted."""
+
+    @pytest.mark.parametrize(
+        ("retry_after", "header"),
+        [(999_999.0, "999999"), (2.3e9, "Wed, 21 Oct 2099 07:28:00 GMT"), (None, "inf")],
+    )
+    def test_the_pause_never_exceeds_the_cap(self, retry_after: float | None, header: str) -> None:
+        """Polling resumes within ten minutes whatever the header says; the clamp is counted."""
+        store, registry = FakeStore(), CollectorRegistry()
+        error = ApiStatusError("/work_pools/filter", 429, retry_after, retry_after_header=header)
+        with structlog.testing.capture_logs() as logs:
+            wait = asyncio.run(poller(FakeApi(fail=error), store, registry).poll_and_publish())
+        assert wait <= 600
+        assert registry.get_sample_value("prefect_exporter_retry_after_clamped_total") == 1
+        clamped = [e for e in logs if e["event"] == "retry_after_clamped"]
+        assert [e["retry_after"] for e in clamped] == [header]
+        assert registry.get_sample_value(
+            "prefect_exporter_backoff_until_timestamp_seconds"
+        ) == pytest.approx(NOW + wait)
+
+    def test_a_sane_retry_after_is_obeyed_and_not_counted(self) -> None:
+        """120 s is obeyed exactly and nothing is said about it."""
+        store, registry = FakeStore(), CollectorRegistry()
+        error = ApiStatusError("/work_pools/filter", 429, 120.0, retry_after_header="120")
+        wait = asyncio.run(poller(FakeApi(fail=error), store, registry).poll_and_publish())
+        assert wait == 120
+        assert registry.get_sample_value("prefect_exporter_retry_after_clamped_total") == 0
+
+
+class GoneApi(FakeApi):
+    """Two pools listed; one is deleted before its workers are asked for."""
+
+    async def work_pools(self, deadline: float) -> list[PoolRecord]:
+        return [
+            PoolRecord("stays", "process", "READY", False, None),
+            PoolRecord("doomed", "process", "READY", False, None),
+        ]
+
+    async def work_queues(self, deadline: float) -> list[QueueRecord]:
+        return [
+            QueueRecord("a", "default", "stays", "READY", False, 1, None, None),
+            QueueRecord("b", "default", "doomed", "READY", False, 1, None, None),
+        ]
+
+    async def workers(self, pool: str, deadline: float) -> list[WorkerRecord]:
+        if pool == "doomed":
+            raise ObjectGone("/work_pools/{name}/workers/filter", pool)
+        return await super().workers(pool, deadline)
+
+
+class TestVanishedObjects:
+    """An object deleted between two requests of a poll is left out; the rest is published."""
+
+    def test_a_pool_deleted_after_the_list_is_left_out(self) -> None:
+        """The other pool, its queue and its workers are published; the poll succeeds."""
+        store, registry = FakeStore(), CollectorRegistry()
+        api = GoneApi()
+        asyncio.run(poller(api, store, registry).poll_and_publish())
+        assert store.failures == []
+        (snapshot,) = store.published
+        assert [p.name for p in snapshot.pools] == ["stays"]
+        assert [(q.pool, q.name) for q in snapshot.queues] == [("stays", "default")]
+        assert [w.pool for w in snapshot.workers] == ["stays"]
+        assert api.stats_calls == ["a"]
+        get = registry.get_sample_value
+        assert get("prefect_exporter_objects_gone_total", {"kind": "work_pool"}) == 1
+        assert get("prefect_exporter_polls_total", {"result": "success"}) == 1
+
+
+class SlowApi(FakeApi):
+    """A poll that never finishes on its own: every queue read hangs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled = 0
+
+    async def queue_run_stats(self, queue_id: str, now: float, deadline: float) -> QueueRunStats:
+        self.stats_calls.append(queue_id)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        raise AssertionError("unreachable")
+
+
+class TestShutdown:
+    """Stopping cancels a poll in flight at once, whatever the poll timeout."""
+
+    def test_stop_during_a_poll_cancels_it_cleanly(self) -> None:
+        """The loop returns without waiting for the hour-long poll; nothing is published."""
+        store = FakeStore()
+        api = SlowApi()
+        settings = PollSettings(interval=3600, timeout=3600, concurrency=2, heartbeat_multiple=3)
+        p = poller(api, store, CollectorRegistry(), settings)
+
+        async def scenario() -> None:
+            stop = asyncio.Event()
+            task = asyncio.create_task(p.run(stop))
+            while len(api.stats_calls) < 2:
+                await asyncio.sleep(0)
+            stop.set()
+            await asyncio.wait_for(task, timeout=5)
+
+        with structlog.testing.capture_logs() as logs:
+            asyncio.run(scenario())
+        assert store.published == []
+        assert store.failures == []
+        assert api.cancelled == 2
+        assert [e["event"] for e in logs if e["event"] == "poll_cancelled"] == ["poll_cancelled"]
+
+    def test_the_loop_says_until_when_it_waits(self) -> None:
+        """After a poll the store learns the planned wait, so /healthz can tell it from a stall."""
+        store = FakeStore()
+        p = poller(FakeApi(), store, CollectorRegistry())
+
+        async def scenario() -> None:
+            stop = asyncio.Event()
+            task = asyncio.create_task(p.run(stop))
+            while not store.waits_until:
+                await asyncio.sleep(0)
+            stop.set()
+            await asyncio.wait_for(task, timeout=5)
+
+        asyncio.run(scenario())
+        assert len(store.waits_until) == 1
+
+
+class TestNoStrayWarnings:
+    """A failing poll leaves no never-awaited coroutine behind (it would print plain text)."""
+
+    def test_a_failure_among_many_queued_reads_warns_about_nothing(self) -> None:
+        """With one request in flight at a time, the queued reads are closed, not leaked."""
+        store, registry = FakeStore(), CollectorRegistry()
+        settings = PollSettings(interval=30, timeout=5, concurrency=1, heartbeat_multiple=3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            asyncio.run(
+                poller(FakeApi(fail_on_queue="a"), store, registry, settings).poll_and_publish()
+            )
+            gc.collect()
+        assert [str(w.message) for w in caught] == []
+        assert store.failures

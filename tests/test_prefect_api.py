@@ -11,14 +11,17 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+from exporter.budget import RequestBudget
 from exporter.config import Secret
 from exporter.prefect_api import (
     USER_AGENT,
     ApiConnectionError,
+    ApiMetrics,
     ApiStatusError,
     ApiTimeout,
     Connection,
     MalformedResponse,
+    ObjectGone,
     PrefectApi,
     parse_retry_after,
 )
@@ -352,3 +355,201 @@ class TestRetryAfter:
     def test_garbage_is_ignored(self) -> None:
         """An unreadable header means no hint, not a crash."""
         assert parse_retry_after("soon", NOW) is None
+
+    @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "Infinity", "1e999"])
+    def test_non_finite_values_are_rejected(self, value: str) -> None:
+        """`inf` or `nan` is no delay at all: ignored, so the capped back-off applies."""
+        assert parse_retry_after(value, NOW) is None
+
+    def test_a_date_decades_ahead_is_returned_for_the_back_off_to_cap(self) -> None:
+        """A far date parses to a finite number of seconds (the back-off caps it)."""
+        seconds = parse_retry_after("Wed, 21 Oct 2099 07:28:00 GMT", NOW)
+        assert seconds is not None
+        assert seconds > 1e9
+
+    def test_the_raw_header_travels_with_the_error_for_the_log(self) -> None:
+        """A rejected header is still visible to the poller, which logs and counts it."""
+        fake = FakePrefect()
+        fake.on("POST", "work_pools/filter", {}, status=429, headers={"Retry-After": "inf"})
+        api = make_api(fake)
+        with pytest.raises(ApiStatusError) as raised:
+            run(call_and_close(api, api.work_pools(FAR)))
+        assert raised.value.retry_after is None
+        assert raised.value.retry_after_header == "inf"
+
+
+class TestBoundedAnswers:
+    """Answers too large, inconsistent or undecodable fail as malformed_response, never internal."""
+
+    def test_a_body_larger_than_the_cap_is_refused_while_reading(self) -> None:
+        """The body is read in chunks and given up once past the cap (no Content-Length)."""
+
+        async def chunks() -> Any:
+            for _ in range(100):
+                yield b" " * 1024
+
+        fake = FakePrefect()
+        fake.on("POST", "work_pools/filter", lambda r: httpx.Response(200, content=chunks()))
+        registry = CollectorRegistry()
+        api = PrefectApi(
+            Connection(API_URL),
+            ApiMetrics(registry),
+            RequestBudget(1000),
+            transport=httpx.MockTransport(fake),
+            max_response_bytes=10 * 1024,
+        )
+        with pytest.raises(MalformedResponse, match="larger than 10240 bytes"):
+            run(call_and_close(api, api.work_pools(FAR)))
+        assert requests_count(registry, "/work_pools/filter", "200") == 1
+        read = registry.get_sample_value(
+            "prefect_exporter_api_response_bytes_total", {"endpoint": "/work_pools/filter"}
+        )
+        assert read is not None
+        assert read <= 11 * 1024
+
+    def test_a_declared_length_above_the_cap_is_refused_before_reading(self) -> None:
+        """Content-Length alone is enough to refuse."""
+        fake = FakePrefect()
+        big = b"[" + b" " * 20_000 + b"]"
+        fake.on("POST", "work_pools/filter", big)
+        api = PrefectApi(
+            Connection(API_URL),
+            ApiMetrics(CollectorRegistry()),
+            RequestBudget(1000),
+            transport=httpx.MockTransport(fake),
+            max_response_bytes=10_000,
+        )
+        with pytest.raises(MalformedResponse, match="larger than"):
+            run(call_and_close(api, api.work_pools(FAR)))
+
+    def test_a_page_with_more_rows_than_asked_for_is_malformed(self) -> None:
+        """201 rows for a limit of 200 is not 'more pages follow' but a wrong answer."""
+        fake = FakePrefect()
+        fake.on("POST", "work_pools/filter", [pool_json(f"p{i}") for i in range(201)])
+        api = make_api(fake)
+        with pytest.raises(MalformedResponse, match="201 rows"):
+            run(call_and_close(api, api.work_pools(FAR)))
+        assert len(fake.requests) == 1
+
+    def test_a_sample_with_more_runs_than_its_limit_is_malformed(self) -> None:
+        """Sort-and-limit reads check the limit too."""
+        fake = FakePrefect()
+        fake.on(
+            "POST",
+            "flow_runs/history",
+            [{"states": [{"state_type": "SCHEDULED", "state_name": "Scheduled", "count_runs": 3}]}],
+        )
+        fake.on("POST", "flow_runs/count", 3)
+        run_row = {"id": "r", "next_scheduled_start_time": "2026-11-29T10:00:00Z"}
+        fake.on("POST", "flow_runs/filter", [run_row, run_row])
+        api = make_api(fake)
+        with pytest.raises(MalformedResponse, match="at most 1"):
+            run(call_and_close(api, api.queue_run_stats("q", NOW, FAR)))
+
+    @pytest.mark.parametrize(
+        "body",
+        [b"NaN", b"Infinity", b"[" * 100_000 + b"]" * 100_000, b"\xff\xfe\x00garbage"],
+        ids=["nan", "infinity", "deeply-nested", "bad-encoding"],
+    )
+    def test_bodies_that_are_not_json_are_malformed(self, body: bytes) -> None:
+        """Python's parser accepts NaN and recurses; neither escapes as anything else."""
+        fake = FakePrefect()
+        fake.on("POST", "flow_runs/count", body)
+        api = make_api(fake)
+        with pytest.raises(MalformedResponse):
+            run(call_and_close(api, api.deployment_slot_runs("d", FAR)))
+
+    def test_a_body_that_fails_to_decompress_is_malformed(self) -> None:
+        """Content-Encoding gzip with a broken body is the server's fault, not ours."""
+        fake = FakePrefect()
+        fake.on(
+            "POST",
+            "work_pools/filter",
+            # A stream, so that decoding happens as the exporter reads (as over a socket).
+            lambda r: httpx.Response(
+                200,
+                stream=httpx.ByteStream(b"this is not gzip"),
+                headers={"Content-Encoding": "gzip"},
+            ),
+        )
+        registry = CollectorRegistry()
+        api = make_api(fake, registry)
+        with pytest.raises(MalformedResponse, match="decompress"):
+            run(call_and_close(api, api.work_pools(FAR)))
+        assert requests_count(registry, "/work_pools/filter", "200") == 1
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [("concurrency_limit", -1), ("concurrency_limit", 2**60)],
+    )
+    def test_impossible_numbers_are_malformed(self, field: str, value: int) -> None:
+        """A negative or astronomically large limit is not a value Prefect stores."""
+        fake = FakePrefect()
+        fake.on("POST", "work_pools/filter", [pool_json("p", **{field: value})])
+        api = make_api(fake)
+        with pytest.raises(MalformedResponse, match="impossible"):
+            run(call_and_close(api, api.work_pools(FAR)))
+
+    def test_an_impossible_heartbeat_interval_is_malformed(self) -> None:
+        """A worker heartbeating every 0 or -30 seconds cannot be judged online."""
+        fake = FakePrefect()
+        fake.on("POST", "work_pools/p/workers/filter", [worker_json("w", interval=-30)])
+        api = make_api(fake)
+        with pytest.raises(MalformedResponse, match="impossible"):
+            run(call_and_close(api, api.workers("p", FAR)))
+
+    def test_a_timestamp_out_of_range_is_malformed(self) -> None:
+        """A date that overflows the platform's time is malformed, not a crash."""
+        fake = FakePrefect()
+        fake.on(
+            "POST",
+            "work_queues/filter",
+            [queue_json("q", "d", "p", last_polled="9999-12-31T23:59:59-23:59")],
+        )
+        api = make_api(fake)
+        with pytest.raises(MalformedResponse, match="last_polled"):
+            run(call_and_close(api, api.work_queues(FAR)))
+
+
+class TestVanishedObjects:
+    """A per-object route answering 404 means the object went away, not that the API failed."""
+
+    def test_workers_of_a_deleted_pool_raise_object_gone(self) -> None:
+        """The pool named in the path is reported gone."""
+        fake = FakePrefect()
+        fake.on(
+            "POST",
+            "work_pools/doomed/workers/filter",
+            {"detail": 'Work pool "doomed" not found.'},
+            status=404,
+        )
+        api = make_api(fake)
+        with pytest.raises(ObjectGone) as raised:
+            run(call_and_close(api, api.workers("doomed", FAR)))
+        assert raised.value.name == "doomed"
+
+
+class TestCsrfErrors:
+    """The token endpoint's error statuses take the same paths as on any other endpoint."""
+
+    @pytest.mark.parametrize(
+        ("status", "retry_after"), [(401, None), (403, None), (429, 7.0), (503, 7.0)]
+    )
+    def test_token_endpoint_errors_are_status_errors(
+        self, status: int, retry_after: float | None
+    ) -> None:
+        """A wrong password shows as HTTP 401, and throttling carries its Retry-After."""
+        fake = FakePrefect()
+        fake.on("POST", "work_pools/filter", {"detail": "Missing CSRF token."}, status=403)
+        fake.on("GET", "csrf-token", {"detail": "no"}, status=status, headers={"Retry-After": "7"})
+        api = make_api(fake)
+        with pytest.raises(ApiStatusError) as raised:
+            run(call_and_close(api, api.work_pools(FAR)))
+        assert raised.value.status == status
+        assert raised.value.reason == "http_status"
+        assert raised.value.throttled == (status in (429, 503))
+        if raised.value.throttled:
+            assert raised.value.retry_after == retry_after
+        if status == 401:
+            assert "401" in str(raised.value)
+            assert "PREFECT_API_AUTH_STRING" in str(raised.value)

@@ -46,10 +46,39 @@ class TestStore:
     def test_render_runs_once_per_publication(self) -> None:
         """Rendering happens at publish time, not per read."""
         calls: list[Snapshot] = []
-        store: Store[int] = Store(
-            lambda s: calls.append(s) or len(calls), 90, clock=Clock(0), monotonic=Clock(0)
-        )
+
+        def render(snapshot: Snapshot) -> int:
+            calls.append(snapshot)
+            return len(calls)
+
+        store: Store[int] = Store(render, 90, clock=Clock(0), monotonic=Clock(0))
         store.publish(snap(0), 0.1)
         for _ in range(5):
             store.current()
         assert len(calls) == 1
+
+    def test_a_wall_clock_step_back_does_not_keep_a_stale_snapshot(self) -> None:
+        """Age is monotonic: an hour's step back of the wall clock changes nothing."""
+        wall, mono = Clock(1000), Clock(50)
+        store: Store[str] = Store(lambda s: "x", 90, clock=wall, monotonic=mono)
+        store.publish(snap(1000), 0.1)
+        wall.now -= 3600
+        mono.now += 91
+        assert store.current() is None
+
+    def test_a_wall_clock_step_forward_does_not_drop_a_fresh_snapshot(self) -> None:
+        """An hour's step forward leaves a snapshot of 10 s ago served."""
+        wall, mono = Clock(1000), Clock(50)
+        store: Store[str] = Store(lambda s: "x", 90, clock=wall, monotonic=mono)
+        store.publish(snap(1000), 0.1)
+        wall.now += 3600
+        mono.now += 10
+        assert store.current() is not None
+
+    def test_the_planned_wait_is_kept_in_the_status(self) -> None:
+        """The loop's announced wait survives until the next poll's outcome replaces it."""
+        clock = Clock(0)
+        store: Store[str] = Store(lambda s: "x", 90, clock=clock, monotonic=clock)
+        store.record_failure("429", 0.1)
+        store.loop_waiting(600)
+        assert store.status().loop_waits_until == 600
