@@ -1,18 +1,31 @@
-"""Tests for the HTTP routes, served by the real threading server on a free port."""
+"""Tests for the HTTP routes and connection handling, served by the real server on a free port."""
 
 from __future__ import annotations
 
+import http.client
+import select
+import selectors
+import socket
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import ExitStack, closing, contextmanager
+from typing import Any
 
 import httpx
 import pytest
+import structlog.testing
 from prometheus_client import CollectorRegistry
 
 from exporter.collector import ExporterCollector, SnapshotCollector
 from exporter.exposition import Exposition, render
-from exporter.server import App, MetricsServer
-from exporter.snapshot import PoolState, Snapshot
+from exporter.records import KNOWN_STATE_NAMES
+from exporter.server import App, MetricsServer, head_end
+from exporter.snapshot import PoolState, QueueState, Snapshot
 from exporter.store import Store
+
+# Generous bound on every wait for the server to act: waits end as soon as the condition holds.
+DEADLINE = 10.0
 
 
 class Clock:
@@ -22,15 +35,10 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def setup() -> Iterator[tuple[str, Store[Exposition], Clock]]:
-    clock = Clock()
-    store: Store[Exposition] = Store(
-        lambda s: render(SnapshotCollector(s)), 90, clock=clock, monotonic=clock
-    )
+def make_app(store: Store[Exposition], clock: Clock) -> App:
     own = CollectorRegistry()
     own.register(ExporterCollector(store.status))
-    app = App(
+    return App(
         store,
         own,
         "/metrics",
@@ -39,10 +47,28 @@ def setup() -> Iterator[tuple[str, Store[Exposition], Clock]]:
         monotonic=clock,
         started_at=clock.now,
     )
-    server = MetricsServer("127.0.0.1", 0, app)
+
+
+def make_store(clock: Clock) -> Store[Exposition]:
+    return Store(lambda s: render(SnapshotCollector(s)), 90, clock=clock, monotonic=clock)
+
+
+@contextmanager
+def serving(app: App, **limits: Any) -> Iterator[MetricsServer]:
+    server = MetricsServer("127.0.0.1", 0, app, **limits)
     server.start()
-    yield f"http://127.0.0.1:{server.port}", store, clock
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def setup() -> Iterator[tuple[str, Store[Exposition], Clock]]:
+    clock = Clock()
+    store = make_store(clock)
+    with serving(make_app(store, clock)) as server:
+        yield f"http://127.0.0.1:{server.port}", store, clock
 
 
 class TestRoutes:
@@ -100,3 +126,311 @@ class TestRoutes:
         """Anything else is not found."""
         url, _, _ = setup
         assert httpx.get(f"{url}/nope").status_code == 404
+
+
+def snapshot_of(queues: int, now: float) -> Snapshot:
+    """One pool with `queues` queues: enough series for a body of many TCP segments."""
+    return Snapshot(
+        now,
+        (PoolState("pool", "process", "READY", 10, 1),),
+        tuple(
+            QueueState(
+                "pool",
+                f"queue-{n}",
+                "READY",
+                1,
+                None,
+                now,
+                tuple((str(name), n) for name in KNOWN_STATE_NAMES),
+                n,
+                now - 60,
+                None,
+            )
+            for n in range(queues)
+        ),
+        (),
+    )
+
+
+def connect(server: MetricsServer, stack: ExitStack) -> socket.socket:
+    """A client socket to the server, closed with `stack`; reads time out after DEADLINE."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE)
+    return stack.enter_context(closing(sock))
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection; TimeoutError if it never does."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass  # closed with our request bytes unread: what it sent before is still read above
+    return b"".join(chunks)
+
+
+def plain_app() -> App:
+    clock = Clock()
+    return make_app(make_store(clock), clock)
+
+
+class TestConcurrentScrapers:
+    """Many scrapers at once are all answered; waiting connections never tie up the threads."""
+
+    def test_fifty_concurrent_clients_all_get_the_full_body(self) -> None:
+        """50 clients connecting at the same moment all get 200 and the whole body."""
+        clock = Clock()
+        store = make_store(clock)
+        store.publish(snapshot_of(50, clock.now), 0.1)
+        results: list[tuple[int, bytes] | BaseException] = []
+        lock = threading.Lock()
+        with serving(make_app(store, clock)) as server:
+            expected = httpx.get(f"http://127.0.0.1:{server.port}/metrics").content
+            start = threading.Barrier(50)
+
+            def scrape() -> None:
+                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=DEADLINE)
+                try:
+                    start.wait(timeout=DEADLINE)
+                    conn.request("GET", "/metrics")
+                    response = conn.getresponse()
+                    result: tuple[int, bytes] | BaseException = (response.status, response.read())
+                except Exception as exc:  # recorded and asserted on below
+                    result = exc
+                finally:
+                    conn.close()
+                with lock:
+                    results.append(result)
+
+            threads = [threading.Thread(target=scrape) for _ in range(50)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=2 * DEADLINE)
+        assert len(expected) > 50_000
+        assert [r for r in results if not isinstance(r, tuple)] == []
+        assert results == [(200, expected)] * 50
+
+    def test_idle_and_half_sent_connections_leave_the_worker_free(self) -> None:
+        """With one worker, 20 silent connections and a half-sent request do not delay a scrape."""
+        with ExitStack() as stack:
+            server = stack.enter_context(serving(plain_app(), workers=1))
+            for _ in range(20):
+                connect(server, stack)
+            connect(server, stack).sendall(b"GET /metrics HTTP/1.1\r\nHost: slow\r\n")
+            answer = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=DEADLINE)
+            assert answer.status_code == 200
+            assert "prefect_up" in answer.text
+
+
+class TestIdleTimeout:
+    """A connection must complete a request within the idle timeout, or it is closed."""
+
+    def test_a_connection_that_sends_nothing_is_closed(self) -> None:
+        """A client that connects and stays silent is disconnected after the timeout."""
+        with ExitStack() as stack:
+            server = stack.enter_context(serving(plain_app(), idle_timeout=0.5))
+            assert read_until_closed(connect(server, stack)) == b""
+
+    def test_a_kept_alive_connection_is_closed_when_idle(self) -> None:
+        """After a response, a connection left unused is disconnected after the timeout."""
+        with serving(plain_app(), idle_timeout=0.5) as server:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=DEADLINE)
+            with closing(conn):
+                conn.request("GET", "/healthz")
+                assert conn.getresponse().read()
+                assert conn.sock is not None
+                assert read_until_closed(conn.sock) == b""
+
+    def test_trickling_a_head_does_not_extend_the_deadline(self) -> None:
+        """A slowloris client sending one header byte at a time is still disconnected."""
+        with ExitStack() as stack:
+            server = stack.enter_context(serving(plain_app(), idle_timeout=0.5))
+            sock = connect(server, stack)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+            closed = False
+            deadline = time.monotonic() + DEADLINE
+            while not closed and time.monotonic() < deadline:
+                try:
+                    sock.sendall(b"a")
+                except OSError:
+                    closed = True  # the server has closed it: writing fails
+                    break
+                readable, _, _ = select.select([sock], [], [], 0.05)
+                closed = bool(readable) and read_until_closed(sock) == b""
+            assert closed
+
+
+class TestKeepAlive:
+    """HTTP/1.1 connections stay open for more requests, as Prometheus expects."""
+
+    def test_consecutive_requests_reuse_one_connection(self) -> None:
+        """Two scrapes travel over the same socket, and the server does not announce a close."""
+        with serving(plain_app()) as server:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=DEADLINE)
+            with closing(conn):
+                conn.request("GET", "/metrics")
+                first = conn.getresponse()
+                first.read()
+                sock = conn.sock
+                conn.request("GET", "/metrics")
+                second = conn.getresponse()
+                assert b"prefect_up" in second.read()
+                assert (first.version, first.will_close, second.status) == (11, False, 200)
+                assert conn.sock is sock
+
+    def test_pipelined_requests_are_all_answered(self) -> None:
+        """Three requests sent in one write get three responses, the last one closing."""
+        request = b"GET /nope HTTP/1.1\r\nHost: t\r\n\r\n"
+        last = b"GET /nope HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        with ExitStack() as stack:
+            sock = connect(stack.enter_context(serving(plain_app())), stack)
+            sock.sendall(request * 2 + last)
+            assert read_until_closed(sock).count(b"HTTP/1.1 404 Not Found\r\n") == 3
+
+    def test_an_http_1_0_request_is_answered_then_closed(self) -> None:
+        """HTTP/1.0 without keep-alive gets its answer and the connection ends."""
+        with ExitStack() as stack:
+            sock = connect(stack.enter_context(serving(plain_app())), stack)
+            sock.sendall(b"GET /nope HTTP/1.0\r\n\r\n")
+            assert read_until_closed(sock).startswith(b"HTTP/1.1 404")
+
+
+class TestBadInput:
+    """Bad requests get a clear status code; none of them stops the server."""
+
+    def test_an_oversized_head_gets_431_and_a_close(self) -> None:
+        """Headers beyond the cap are refused before they are buffered whole."""
+        with ExitStack() as stack:
+            server = stack.enter_context(serving(plain_app(), max_head_bytes=1024))
+            sock = connect(server, stack)
+            sock.sendall(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 4000 + b"\r\n\r\n")
+            assert read_until_closed(sock).startswith(b"HTTP/1.1 431 ")
+            assert httpx.get(f"http://127.0.0.1:{server.port}/").status_code == 200
+
+    def test_a_malformed_request_line_gets_400(self) -> None:
+        """A request line that is not `METHOD PATH VERSION` is a 400."""
+        with ExitStack() as stack:
+            sock = connect(stack.enter_context(serving(plain_app())), stack)
+            sock.sendall(b"NONSENSE\r\n\r\n")
+            assert read_until_closed(sock).startswith(b"HTTP/1.1 400 ")
+
+    def test_a_request_with_a_body_closes_the_connection(self) -> None:
+        """An unread body must not be taken for the next request: the answer closes."""
+        with ExitStack() as stack:
+            sock = connect(stack.enter_context(serving(plain_app())), stack)
+            sock.sendall(b"GET /nope HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello")
+            reply = read_until_closed(sock)
+            assert reply.count(b"HTTP/1.1 ") == 1
+            assert b"\r\nConnection: close\r\n" in reply
+
+    def test_a_failing_route_gets_500_and_a_logged_traceback(self) -> None:
+        """A bug in a route answers 500, is logged with its traceback, and others are served."""
+
+        class BrokenIndex(App):
+            def index(self) -> bytes:
+                raise RuntimeError("boom")
+
+        clock = Clock()
+        store = make_store(clock)
+        app = BrokenIndex(store, CollectorRegistry(), "/metrics", 60, "x", clock, clock.now)
+        with structlog.testing.capture_logs() as logs, serving(app) as server:
+            url = f"http://127.0.0.1:{server.port}"
+            assert httpx.get(url + "/").status_code == 500
+            assert httpx.get(url + "/healthz").status_code == 200
+        failed = [entry for entry in logs if entry["event"] == "http_request_failed"]
+        assert [(e["path"], e["exc_info"]) for e in failed] == [("/", True)]
+
+
+class TestConnectionLimits:
+    """The listen backlog absorbs bursts; open connections and threads are bounded."""
+
+    def test_the_listen_backlog_queues_at_least_128_handshakes(self) -> None:
+        """Before anything is accepted, the kernel completes 128 connections (socketserver: 6)."""
+        server = MetricsServer("127.0.0.1", 0, plain_app())
+        assert server.backlog >= 128
+        with ExitStack() as stack, closing(selectors.DefaultSelector()) as selector:
+            stack.callback(server.stop)
+            for _ in range(128):
+                sock = stack.enter_context(closing(socket.socket()))
+                sock.setblocking(False)
+                sock.connect_ex(("127.0.0.1", server.port))
+                selector.register(sock, selectors.EVENT_WRITE)
+            connected = 0
+            deadline = time.monotonic() + DEADLINE
+            while connected < 128 and time.monotonic() < deadline:
+                for key, _ in selector.select(0.1):
+                    done = selector.unregister(key.fileobj).fileobj
+                    assert isinstance(done, socket.socket)
+                    assert done.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                    connected += 1
+            assert connected == 128
+
+    def test_at_the_cap_the_longest_idle_connection_makes_room(self) -> None:
+        """With 3 connections allowed and 3 idle, a scrape still succeeds; the oldest is closed."""
+        with ExitStack() as stack:
+            server = stack.enter_context(serving(plain_app(), max_connections=3))
+            oldest = connect(server, stack)
+            connect(server, stack)
+            connect(server, stack)
+            answer = httpx.get(f"http://127.0.0.1:{server.port}/healthz", timeout=DEADLINE)
+            assert answer.status_code == 200
+            assert read_until_closed(oldest) == b""
+
+    def test_limits_must_be_positive(self) -> None:
+        """Every limit that is not positive is named in one error."""
+        with pytest.raises(ValueError, match="idle_timeout") as error:
+            MetricsServer("127.0.0.1", 0, plain_app(), workers=0, idle_timeout=-1)
+        assert str(error.value) == (
+            "idle_timeout must be positive, got -1; workers must be positive, got 0"
+        )
+
+
+class TestStop:
+    """stop() returns promptly whatever the clients are doing, and closes their connections."""
+
+    def test_stop_returns_with_idle_kept_alive_and_half_sent_connections(self) -> None:
+        """Silent, kept-alive and half-sent connections neither delay stop() nor survive it."""
+        server = MetricsServer("127.0.0.1", 0, plain_app())
+        server.start()
+        with ExitStack() as stack:
+            stack.callback(server.stop)
+            clients = [connect(server, stack) for _ in range(10)]
+            half = connect(server, stack)
+            half.sendall(b"GET /metrics HTTP/1.1\r\n")
+            kept = connect(server, stack)
+            kept.sendall(b"GET /nope HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert kept.recv(65536).startswith(b"HTTP/1.1 404")
+            stopping = threading.Thread(target=server.stop)
+            stopping.start()
+            stopping.join(timeout=DEADLINE)
+            assert not stopping.is_alive()
+            for sock in [*clients, half, kept]:
+                assert read_until_closed(sock) == b""
+
+    def test_stop_without_start_releases_the_port(self) -> None:
+        """A server that never started stops, twice if asked, and refuses connections after."""
+        server = MetricsServer("127.0.0.1", 0, plain_app())
+        port = server.port
+        server.stop()
+        server.stop()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=DEADLINE).close()
+
+
+class TestHeadEnd:
+    """Finding the end of a request head in received bytes."""
+
+    @pytest.mark.parametrize(
+        ("received", "end"),
+        [
+            (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 27),
+            (b"GET / HTTP/1.1\nHost: a\n\n", 24),
+            (b"GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n", 18),
+            (b"GET / HTTP/1.1\r\nHost: a\r\n", None),
+            (b"", None),
+        ],
+    )
+    def test_the_first_blank_line_ends_the_head(self, received: bytes, end: int | None) -> None:
+        """CRLF or bare LF lines; a pipelined second request is left for later."""
+        assert head_end(received) == end
