@@ -1,5 +1,10 @@
 """Builds metric families: Prefect-derived ones from a Snapshot, the exporter's own from the store.
 
+Every family is declared once, as data, in SNAPSHOT_FAMILIES or OWN_FAMILIES: its name, help,
+type, labels and the function that yields its samples (kube-state-metrics' generators). The
+collectors only loop over those tables, and the docs check (tests/test_collector.py) compares the
+same tables with docs/metrics.md.
+
 Sample of the Prefect-derived exposition (see docs/metrics.md for every family):
 
     prefect_work_queue_backlog_runs{work_pool="k8s",work_queue="default"} 748.0
@@ -9,8 +14,9 @@ Sample of the Prefect-derived exposition (see docs/metrics.md for every family):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -21,203 +27,475 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from exporter import __version__
-from exporter.snapshot import KNOWN_STATE_NAMES, Snapshot
+from exporter.records import (
+    DELAY_BUCKETS,
+    KNOWN_STATE_NAMES,
+    TERMINAL_STATE_NAMES,
+    HistogramState,
+    LatencyStats,
+    WorkPoolStatus,
+    WorkQueueStatus,
+)
+from exporter.snapshot import (
+    DeploymentState,
+    LimitState,
+    PoolState,
+    QueueState,
+    Snapshot,
+    WorkerState,
+)
 from exporter.store import PollStatus
-from exporter.transitions import DELAY_BUCKETS, HistogramState
 
-# Pool and queue statuses form a closed set: every member is exported, 1 for the current one.
-STATUSES = ("READY", "NOT_READY", "PAUSED")
 AS_OF = "As of the last successful poll."
 
-POOL = ["work_pool"]
-QUEUE = ["work_pool", "work_queue"]
-WORKER = ["work_pool", "worker"]
-LIMIT = ["limit", "kind", "deployment"]
+Source = TypeVar("Source")
+Row = TypeVar("Row")
+Labels = tuple[str, ...]
+Sample = tuple[Labels, float]  # label values in the order of the family's labels, then value
+HistogramSample = tuple[Labels, HistogramState]
+
+POOL = ("work_pool",)
+QUEUE = ("work_pool", "work_queue")
+WORKER = ("work_pool", "worker")
+LIMIT = ("limit", "kind", "deployment")
 
 
-@dataclass(frozen=True)
-class Family:
+def _always(source: object) -> bool:
+    return True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Family(Generic[Source]):
+    """One gauge or counter family: its contract and the function that yields its samples.
+
+    `samples(source)` yields (label values, value) pairs. A family whose `present(source)` is
+    False is left out of the exposition altogether, HELP and TYPE included. A counter's `name`
+    has no `_total` suffix: prometheus-client adds it.
+    """
+
     name: str
     help: str
-    labels: list[str]
+    labels: Labels = ()
+    samples: Callable[[Source], Iterable[Sample]]
+    present: Callable[[Source], bool] = _always
+    counter: bool = False
+
+    @property
+    def type(self) -> str:
+        """The Prometheus type: `gauge` or `counter`."""
+        return "counter" if self.counter else "gauge"
+
+    def build(self, source: Source, help_suffix: str = "") -> Metric:
+        """A fresh family holding the samples of `source`; `help_suffix` is appended to HELP."""
+        help_text = f"{self.help} {help_suffix}" if help_suffix else self.help
+        kind = CounterMetricFamily if self.counter else GaugeMetricFamily
+        family = kind(self.name, help_text, labels=self.labels)
+        for labels, value in self.samples(source):
+            family.add_metric(labels, value)
+        return family
 
 
-def _family(spec: Family) -> GaugeMetricFamily:
-    return GaugeMetricFamily(spec.name, f"{spec.help} {AS_OF}", labels=spec.labels)
+@dataclass(frozen=True, kw_only=True)
+class HistogramFamily(Generic[Source]):
+    """A histogram family over DELAY_BUCKETS; `samples` yields (label values, HistogramState)."""
 
+    name: str
+    help: str
+    labels: Labels = ()
+    samples: Callable[[Source], Iterable[HistogramSample]]
+    present: Callable[[Source], bool] = _always
 
-# Declared up front so the exported set is visible in one place; docs/metrics.md mirrors it.
-POOL_INFO = Family(
-    "prefect_work_pool_info", "Work pools, always 1, with their type.", ["work_pool", "pool_type"]
-)
-POOL_STATUS = Family(
-    "prefect_work_pool_status",
-    "Work pool status: 1 for the current one of READY, NOT_READY, PAUSED.",
-    ["work_pool", "status"],
-)
-POOL_LIMIT = Family(
-    "prefect_work_pool_concurrency_limit",
-    "Work pool concurrency limit in runs (absent when unlimited).",
-    POOL,
-)
-POOL_ONLINE = Family(
-    "prefect_work_pool_online_workers",
-    "Workers of the pool whose last heartbeat is within the online window.",
-    POOL,
-)
-QUEUE_STATUS = Family(
-    "prefect_work_queue_status",
-    "Work queue status: 1 for the current one of READY, NOT_READY, PAUSED.",
-    [*QUEUE, "status"],
-)
-QUEUE_LIMIT = Family(
-    "prefect_work_queue_concurrency_limit",
-    "Work queue concurrency limit in runs (absent when unlimited).",
-    QUEUE,
-)
-QUEUE_PRIORITY = Family(
-    "prefect_work_queue_priority", "Work queue priority within its pool (1 is served first).", QUEUE
-)
-QUEUE_POLLED = Family(
-    "prefect_work_queue_last_polled_timestamp_seconds",
-    "When a worker last polled the queue, Unix seconds (absent if never).",
-    QUEUE,
-)
-QUEUE_BACKLOG = Family(
-    "prefect_work_queue_backlog_runs",
-    "Runs due and not yet claimed: SCHEDULED-type runs whose scheduled time "
-    "has passed, whatever their state name.",
-    QUEUE,
-)
-QUEUE_RUNS = Family(
-    "prefect_work_queue_flow_runs",
-    "Non-terminal flow runs of the queue by state name.",
-    [*QUEUE, "state"],
-)
-QUEUE_OLDEST_DUE = Family(
-    "prefect_work_queue_oldest_due_run_timestamp_seconds",
-    "Scheduled time of the queue's oldest due, unclaimed run, Unix seconds "
-    "(absent when there is none).",
-    QUEUE,
-)
-QUEUE_OLDEST_PENDING = Family(
-    "prefect_work_queue_oldest_pending_run_timestamp_seconds",
-    "When the queue's longest-waiting Pending run entered Pending, "
-    "Unix seconds (absent when there is none).",
-    QUEUE,
-)
-WORKER_HEARTBEAT = Family(
-    "prefect_worker_last_heartbeat_timestamp_seconds",
-    "When the worker last sent a heartbeat, Unix seconds.",
-    WORKER,
-)
-WORKER_INTERVAL = Family(
-    "prefect_worker_heartbeat_interval_seconds",
-    "Heartbeat interval the worker reported, in seconds.",
-    WORKER,
-)
-WORKER_ONLINE = Family(
-    "prefect_worker_online",
-    "1 while the worker's last heartbeat is within the configured multiple "
-    "of its interval, else 0.",
-    WORKER,
-)
+    @property
+    def type(self) -> str:
+        """The Prometheus type: always `histogram`."""
+        return "histogram"
 
-
-POOL_IN_FLIGHT = Family(
-    "prefect_work_pool_in_flight_runs",
-    "Runs of the pool holding a pool slot (Pending or Running types), as Prefect counts them "
-    "against the pool's concurrency limit.",
-    POOL,
-)
-QUEUE_IN_FLIGHT = Family(
-    "prefect_work_queue_in_flight_runs",
-    "Runs of the queue holding a queue slot (Pending or Running types).",
-    QUEUE,
-)
-QUEUE_OLDEST_AWAITING = Family(
-    "prefect_work_queue_oldest_awaiting_slot_run_timestamp_seconds",
-    "Original scheduled time of the queue's oldest AwaitingConcurrencySlot run, Unix seconds "
-    "(absent when there is none).",
-    QUEUE,
-)
-QUEUE_OLDEST_RUNNING = Family(
-    "prefect_work_queue_oldest_running_run_timestamp_seconds",
-    "When the queue's longest-running run entered Running, Unix seconds (absent when none).",
-    QUEUE,
-)
-QUEUE_OLDEST_CANCELLING = Family(
-    "prefect_work_queue_oldest_cancelling_run_timestamp_seconds",
-    "When the queue's longest-cancelling run entered Cancelling, Unix seconds (absent when none).",
-    QUEUE,
-)
-LIMIT_SLOTS = Family(
-    "prefect_concurrency_limit_slots",
-    "Slots of a concurrency limit (global, tag or deployment).",
-    LIMIT,
-)
-LIMIT_ACTIVE = Family(
-    "prefect_concurrency_limit_active_slots",
-    "Slots of a concurrency limit currently taken.",
-    LIMIT,
-)
-LIMIT_ENABLED = Family(
-    "prefect_concurrency_limit_enabled",
-    "1 if the concurrency limit is active (enforced), 0 if it is switched off.",
-    LIMIT,
-)
-LIMIT_LEAKED = Family(
-    "prefect_concurrency_limit_leaked_slots",
-    "Slots held by runs that have already finished: tag limits whose holding task run or its "
-    "flow run is terminal or gone, deployment limits holding more slots than the deployment has "
-    "Pending, Running or Cancelling runs. Absent for global limits (holders unknown).",
-    ["limit", "kind"],
-)
-DEPLOYMENT_AWAITING = Family(
-    "prefect_deployment_awaiting_concurrency_slot_runs",
-    "Runs of the deployment in AwaitingConcurrencySlot (opt-in: --deployments.breakdown).",
-    ["deployment"],
-)
-DEPLOYMENT_OLDEST_AWAITING = Family(
-    "prefect_deployment_oldest_awaiting_concurrency_slot_run_timestamp_seconds",
-    "Original scheduled time of the deployment's oldest AwaitingConcurrencySlot run "
-    "(opt-in: --deployments.breakdown).",
-    ["deployment"],
-)
-EVENTS_LAG = Family(
-    "prefect_exporter_events_lag_seconds",
-    "How far the event reader trails the poll time: the age of the newest event counted, at "
-    "least the settle delay; grows when it falls behind.",
-    [],
-)
-EVENTS_BEHIND = Family(
-    "prefect_exporter_events_behind",
-    "1 if the last poll left flow-run events unread because of its page limit, else 0.",
-    [],
-)
-FEATURE = Family(
-    "prefect_exporter_feature_available",
-    "1 if the Prefect API offers what a feature needs (events, concurrency_limits), 0 if the "
-    "exporter degraded because the server lacks it.",
-    ["feature"],
-)
-HISTOGRAM_HELP = {
-    "prefect_flow_run_pickup_delay_seconds": "Seconds from a run's scheduled time to its first "
-    "Pending state (claimed by a worker); early claims count as 0.",
-    "prefect_flow_run_start_delay_seconds": "Seconds from a run's first Pending state to its "
-    "first Running state (infrastructure start-up).",
-}
-
-
-def _histogram(name: str, by_pool: dict[str, HistogramState], pools: list[str]) -> Metric:
-    family = HistogramMetricFamily(name, f"{HISTOGRAM_HELP[name]} {AS_OF}", labels=["work_pool"])
-    for pool in pools:
-        state = by_pool.get(pool, HistogramState())
+    def build(self, source: Source, help_suffix: str = "") -> Metric:
+        """A fresh family holding the samples of `source`; `help_suffix` is appended to HELP."""
+        help_text = f"{self.help} {help_suffix}" if help_suffix else self.help
+        family = HistogramMetricFamily(self.name, help_text, labels=self.labels)
         bounds = [*(str(float(b)) for b in DELAY_BUCKETS), "+Inf"]
-        family.add_metric(
-            [pool], list(zip(bounds, map(float, state.buckets), strict=True)), state.total
-        )
-    return family
+        for labels, state in self.samples(source):
+            buckets = list(zip(bounds, map(float, state.buckets), strict=True))
+            family.add_metric(labels, buckets, state.total)
+        return family
+
+
+def _each(
+    rows: Callable[[Source], Iterable[Row]],
+    key: Callable[[Row], Labels],
+    value: Callable[[Row], float | None],
+) -> Callable[[Source], Iterator[Sample]]:
+    """One sample per row; a value that does not exist (None) is an absent series, never 0."""
+
+    def samples(source: Source) -> Iterator[Sample]:
+        for row in rows(source):
+            if (v := value(row)) is not None:
+                yield key(row), v
+
+    return samples
+
+
+def _single(value: Callable[[Source], float | None]) -> Callable[[Source], Iterator[Sample]]:
+    """The one unlabelled sample of a family, absent when the value is None."""
+
+    def samples(source: Source) -> Iterator[Sample]:
+        if (v := value(source)) is not None:
+            yield (), v
+
+    return samples
+
+
+def _state_set(
+    rows: Callable[[Snapshot], Iterable[Row]],
+    key: Callable[[Row], Labels],
+    status: Callable[[Row], str | None],
+    members: Iterable[str],
+) -> Callable[[Snapshot], Iterator[Sample]]:
+    """A closed set: every member for every row, 1 for the current one (all 0 without one)."""
+    closed = tuple(map(str, members))
+
+    def samples(snapshot: Snapshot) -> Iterator[Sample]:
+        for row in rows(snapshot):
+            current = status(row)
+            for member in closed:
+                yield (*key(row), member), float(current == member)
+
+    return samples
+
+
+def _pools(s: Snapshot) -> tuple[PoolState, ...]:
+    return s.pools
+
+
+def _pool(p: PoolState) -> Labels:
+    return (p.name,)
+
+
+def _queues(s: Snapshot) -> tuple[QueueState, ...]:
+    return s.queues
+
+
+def _queue(q: QueueState) -> Labels:
+    return (q.pool, q.name)
+
+
+def _queue_runs(s: Snapshot) -> Iterator[Sample]:
+    for q in s.queues:
+        for state, count in q.runs_by_state:
+            yield (q.pool, q.name, state), count
+
+
+def _workers(s: Snapshot) -> tuple[WorkerState, ...]:
+    return s.workers
+
+
+def _worker(w: WorkerState) -> Labels:
+    return (w.pool, w.name)
+
+
+def _limits(s: Snapshot) -> tuple[LimitState, ...]:
+    return s.limits
+
+
+def _limit(limit: LimitState) -> Labels:
+    return (limit.name, str(limit.kind), limit.deployment)
+
+
+def _deployments(s: Snapshot) -> tuple[DeploymentState, ...]:
+    return s.deployments
+
+
+def _deployment(d: DeploymentState) -> Labels:
+    return (d.name,)
+
+
+def _has_deployments(s: Snapshot) -> bool:
+    return bool(s.deployments)
+
+
+def _has_latency(s: Snapshot) -> bool:
+    return s.latency is not None
+
+
+def _latency_pools(s: Snapshot, latency: LatencyStats) -> list[str]:
+    """Every pool gets every latency series, also pools only the events still mention."""
+    return sorted(
+        {p.name for p in s.pools}
+        | set(latency.pickup)
+        | set(latency.start)
+        | {pool for pool, _ in latency.transitions}
+    )
+
+
+def _delays(
+    by_pool: Callable[[LatencyStats], Mapping[str, HistogramState]],
+) -> Callable[[Snapshot], Iterator[HistogramSample]]:
+    def samples(s: Snapshot) -> Iterator[HistogramSample]:
+        if s.latency is None:
+            return
+        histograms = by_pool(s.latency)
+        for pool in _latency_pools(s, s.latency):
+            yield (pool,), histograms.get(pool, HistogramState())
+
+    return samples
+
+
+def _transitions(s: Snapshot) -> Iterator[Sample]:
+    """Every known state name (terminal ones included) for every pool, 0 when none was seen."""
+    if s.latency is None:
+        return
+    counts = s.latency.transitions
+    known = {str(name) for name in (*KNOWN_STATE_NAMES, *TERMINAL_STATE_NAMES)}
+    states = sorted(known | {state for _, state in counts})
+    for pool in _latency_pools(s, s.latency):
+        for state in states:
+            yield (pool, state), counts.get((pool, state), 0)
+
+
+SnapshotFamily = Family[Snapshot] | HistogramFamily[Snapshot]
+
+# Exposition order is table order.
+SNAPSHOT_FAMILIES: tuple[SnapshotFamily, ...] = (
+    Family(
+        name="prefect_work_pool_info",
+        help="Work pools, always 1, with their type.",
+        labels=("work_pool", "pool_type"),
+        samples=_each(_pools, lambda p: (p.name, p.type), lambda p: 1),
+    ),
+    Family(
+        name="prefect_work_pool_status",
+        help="Work pool status: 1 for the current one of READY, NOT_READY, PAUSED.",
+        labels=(*POOL, "status"),
+        samples=_state_set(_pools, _pool, lambda p: p.status, WorkPoolStatus),
+    ),
+    Family(
+        name="prefect_work_pool_concurrency_limit",
+        help="Work pool concurrency limit in runs (absent when unlimited).",
+        labels=POOL,
+        samples=_each(_pools, _pool, lambda p: p.concurrency_limit),
+    ),
+    Family(
+        name="prefect_work_pool_online_workers",
+        help="Workers of the pool whose last heartbeat is within the online window.",
+        labels=POOL,
+        samples=_each(_pools, _pool, lambda p: p.online_workers),
+    ),
+    Family(
+        name="prefect_work_pool_in_flight_runs",
+        help="Runs of the pool holding a pool slot (Pending or Running types), as Prefect counts "
+        "them against the pool's concurrency limit.",
+        labels=POOL,
+        samples=_each(_pools, _pool, lambda p: p.in_flight),
+    ),
+    Family(
+        name="prefect_work_queue_status",
+        help="Work queue status: 1 for the current one of READY, NOT_READY, PAUSED.",
+        labels=(*QUEUE, "status"),
+        samples=_state_set(_queues, _queue, lambda q: q.status, WorkQueueStatus),
+    ),
+    Family(
+        name="prefect_work_queue_priority",
+        help="Work queue priority within its pool (1 is served first).",
+        labels=QUEUE,
+        samples=_each(_queues, _queue, lambda q: q.priority),
+    ),
+    Family(
+        name="prefect_work_queue_backlog_runs",
+        help="Runs due and not yet claimed: SCHEDULED-type runs whose scheduled time has passed, "
+        "whatever their state name.",
+        labels=QUEUE,
+        samples=_each(_queues, _queue, lambda q: q.backlog),
+    ),
+    Family(
+        name="prefect_work_queue_in_flight_runs",
+        help="Runs of the queue holding a queue slot (Pending or Running types).",
+        labels=QUEUE,
+        samples=_each(_queues, _queue, lambda q: q.in_flight),
+    ),
+    Family(
+        name="prefect_work_queue_flow_runs",
+        help="Non-terminal flow runs of the queue by state name.",
+        labels=(*QUEUE, "state"),
+        samples=_queue_runs,
+    ),
+    Family(
+        name="prefect_work_queue_concurrency_limit",
+        help="Work queue concurrency limit in runs (absent when unlimited).",
+        labels=QUEUE,
+        samples=_each(_queues, _queue, lambda q: q.concurrency_limit),
+    ),
+    Family(
+        name="prefect_work_queue_last_polled_timestamp_seconds",
+        help="When a worker last polled the queue, Unix seconds (absent if never).",
+        labels=QUEUE,
+        samples=_each(_queues, _queue, lambda q: q.last_polled),
+    ),
+    Family(
+        name="prefect_work_queue_oldest_due_run_timestamp_seconds",
+        help="Scheduled time of the queue's oldest due, unclaimed run, Unix seconds "
+        "(absent when there is none).",
+        labels=QUEUE,
+        samples=_each(_queues, _queue, lambda q: q.oldest_due),
+    ),
+    Family(
+        name="prefect_work_queue_oldest_pending_run_timestamp_seconds",
+        help="When the queue's longest-waiting Pending run entered Pending, "
+        "Unix seconds (absent when there is none).",
+        labels=QUEUE,
+        samples=_each(_queues, _queue, lambda q: q.oldest_pending_since),
+    ),
+    Family(
+        name="prefect_work_queue_oldest_awaiting_slot_run_timestamp_seconds",
+        help="Original scheduled time of the queue's oldest AwaitingConcurrencySlot run, "
+        "Unix seconds (absent when there is none).",
+        labels=QUEUE,
+        samples=_each(_queues, _queue, lambda q: q.oldest_awaiting_slot),
+    ),
+    Family(
+        name="prefect_work_queue_oldest_running_run_timestamp_seconds",
+        help="When the queue's longest-running run entered Running, Unix seconds "
+        "(absent when none).",
+        labels=QUEUE,
+        samples=_each(_queues, _queue, lambda q: q.oldest_running_since),
+    ),
+    Family(
+        name="prefect_work_queue_oldest_cancelling_run_timestamp_seconds",
+        help="When the queue's longest-cancelling run entered Cancelling, Unix seconds "
+        "(absent when none).",
+        labels=QUEUE,
+        samples=_each(_queues, _queue, lambda q: q.oldest_cancelling_since),
+    ),
+    Family(
+        name="prefect_worker_last_heartbeat_timestamp_seconds",
+        help="When the worker last sent a heartbeat, Unix seconds.",
+        labels=WORKER,
+        samples=_each(_workers, _worker, lambda w: w.last_heartbeat),
+    ),
+    Family(
+        name="prefect_worker_heartbeat_interval_seconds",
+        help="Heartbeat interval the worker reported, in seconds.",
+        labels=WORKER,
+        samples=_each(_workers, _worker, lambda w: w.heartbeat_interval),
+    ),
+    Family(
+        name="prefect_worker_online",
+        help="1 while the worker's last heartbeat is within the configured multiple "
+        "of its interval, else 0.",
+        labels=WORKER,
+        samples=_each(_workers, _worker, lambda w: float(w.online)),
+    ),
+    Family(
+        name="prefect_concurrency_limit_slots",
+        help="Slots of a concurrency limit (global, tag or deployment).",
+        labels=LIMIT,
+        samples=_each(_limits, _limit, lambda limit: limit.slots),
+    ),
+    Family(
+        name="prefect_concurrency_limit_active_slots",
+        help="Slots of a concurrency limit currently taken.",
+        labels=LIMIT,
+        samples=_each(_limits, _limit, lambda limit: limit.active_slots),
+    ),
+    Family(
+        name="prefect_concurrency_limit_enabled",
+        help="1 if the concurrency limit is active (enforced), 0 if it is switched off.",
+        labels=LIMIT,
+        samples=_each(_limits, _limit, lambda limit: float(limit.enabled)),
+    ),
+    Family(
+        name="prefect_concurrency_limit_leaked_slots",
+        help="Slots held by runs that have already finished: tag limits whose holding task run "
+        "or its flow run is terminal or gone, deployment limits holding more slots than the "
+        "deployment has Pending, Running or Cancelling runs. Absent for global limits (holders "
+        "unknown).",
+        labels=("limit", "kind"),
+        samples=_each(_limits, lambda x: (x.name, str(x.kind)), lambda x: x.leaked),
+    ),
+    Family(
+        name="prefect_deployment_awaiting_concurrency_slot_runs",
+        help="Runs of the deployment in AwaitingConcurrencySlot (opt-in: --deployments.breakdown).",
+        labels=("deployment",),
+        samples=_each(_deployments, _deployment, lambda d: d.awaiting_slot),
+        present=_has_deployments,
+    ),
+    Family(
+        name="prefect_deployment_oldest_awaiting_concurrency_slot_run_timestamp_seconds",
+        help="Original scheduled time of the deployment's oldest AwaitingConcurrencySlot run "
+        "(opt-in: --deployments.breakdown).",
+        labels=("deployment",),
+        samples=_each(_deployments, _deployment, lambda d: d.oldest_awaiting_slot),
+        present=_has_deployments,
+    ),
+    Family(
+        name="prefect_exporter_feature_available",
+        help="1 if the Prefect API offers what a feature needs (events, concurrency_limits), 0 "
+        "if the exporter degraded because the server lacks it.",
+        labels=("feature",),
+        samples=_each(lambda s: s.features, lambda f: (f[0],), lambda f: float(f[1])),
+    ),
+    HistogramFamily(
+        name="prefect_flow_run_pickup_delay_seconds",
+        help="Seconds from a run's scheduled time to its first Pending state (claimed by a "
+        "worker); early claims count as 0.",
+        labels=POOL,
+        samples=_delays(lambda latency: latency.pickup),
+        present=_has_latency,
+    ),
+    HistogramFamily(
+        name="prefect_flow_run_start_delay_seconds",
+        help="Seconds from a run's first Pending state to its first Running state "
+        "(infrastructure start-up).",
+        labels=POOL,
+        samples=_delays(lambda latency: latency.start),
+        present=_has_latency,
+    ),
+    Family(
+        name="prefect_flow_run_state_transitions",
+        help="Flow runs entering each state, by pool, read from Prefect's events.",
+        labels=(*POOL, "state"),
+        samples=_transitions,
+        present=_has_latency,
+        counter=True,
+    ),
+    Family(
+        name="prefect_exporter_events_lag_seconds",
+        help="How far the event reader trails the poll time: the age of the newest event "
+        "counted, at least the settle delay; grows when it falls behind.",
+        samples=_single(lambda s: s.latency.lag_seconds if s.latency else None),
+        present=_has_latency,
+    ),
+    Family(
+        name="prefect_exporter_events_behind",
+        help="1 if the last poll left flow-run events unread because of its page limit, else 0.",
+        samples=_single(lambda s: float(s.latency.behind) if s.latency else None),
+        present=_has_latency,
+    ),
+)
+
+OWN_FAMILIES: tuple[Family[PollStatus], ...] = (
+    Family(
+        name="prefect_up",
+        help="1 if the last poll of the Prefect API succeeded, else 0.",
+        samples=_single(lambda status: float(status.up)),
+    ),
+    Family(
+        name="prefect_exporter_last_success_timestamp_seconds",
+        help="When the last successful poll started, Unix seconds (absent before the first).",
+        samples=_single(lambda status: status.last_success),
+    ),
+    Family(
+        name="prefect_exporter_poll_duration_seconds",
+        help="How long the most recent poll took, successful or not, in seconds.",
+        samples=_single(lambda status: status.last_duration),
+    ),
+    Family(
+        name="prefect_exporter_build_info",
+        help="The exporter's version, always 1.",
+        labels=("version",),
+        samples=lambda status: [((__version__,), 1)],
+    ),
+)
 
 
 class SnapshotCollector(Collector):
@@ -227,134 +505,10 @@ class SnapshotCollector(Collector):
         self._snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._pools_and_queues()
-        yield from self._limits()
-        yield from self._latency()
-
-    def _pools_and_queues(self) -> Iterator[Metric]:
-        s = self._snapshot
-        info, status, limit, online, in_flight = (
-            _family(f) for f in (POOL_INFO, POOL_STATUS, POOL_LIMIT, POOL_ONLINE, POOL_IN_FLIGHT)
-        )
-        for pool in s.pools:
-            info.add_metric([pool.name, pool.type], 1)
-            for member in STATUSES:
-                status.add_metric([pool.name, member], float(pool.status == member))
-            if pool.concurrency_limit is not None:
-                limit.add_metric([pool.name], pool.concurrency_limit)
-            online.add_metric([pool.name], pool.online_workers)
-            in_flight.add_metric([pool.name], pool.in_flight)
-        yield from (info, status, limit, online, in_flight)
-
-        q_status, q_priority, q_backlog, q_in_flight, q_runs = (
-            _family(f)
-            for f in (QUEUE_STATUS, QUEUE_PRIORITY, QUEUE_BACKLOG, QUEUE_IN_FLIGHT, QUEUE_RUNS)
-        )
-        # Values that may not exist (no limit, never polled, no such run) are absent, not 0.
-        optional = {
-            spec.name: _family(spec)
-            for spec in (
-                QUEUE_LIMIT,
-                QUEUE_POLLED,
-                QUEUE_OLDEST_DUE,
-                QUEUE_OLDEST_PENDING,
-                QUEUE_OLDEST_AWAITING,
-                QUEUE_OLDEST_RUNNING,
-                QUEUE_OLDEST_CANCELLING,
-            )
-        }
-        for q in s.queues:
-            key = [q.pool, q.name]
-            for member in STATUSES:
-                q_status.add_metric([*key, member], float(q.status == member))
-            q_priority.add_metric(key, q.priority)
-            q_backlog.add_metric(key, q.backlog)
-            q_in_flight.add_metric(key, q.in_flight)
-            for state, count in q.runs_by_state:
-                q_runs.add_metric([*key, state], count)
-            for spec, value in (
-                (QUEUE_LIMIT, q.concurrency_limit),
-                (QUEUE_POLLED, q.last_polled),
-                (QUEUE_OLDEST_DUE, q.oldest_due),
-                (QUEUE_OLDEST_PENDING, q.oldest_pending_since),
-                (QUEUE_OLDEST_AWAITING, q.oldest_awaiting_slot),
-                (QUEUE_OLDEST_RUNNING, q.oldest_running_since),
-                (QUEUE_OLDEST_CANCELLING, q.oldest_cancelling_since),
-            ):
-                if value is not None:
-                    optional[spec.name].add_metric(key, value)
-        yield from (q_status, q_priority, q_backlog, q_in_flight, q_runs)
-        yield from optional.values()
-
-        heartbeat, interval, w_online = (
-            _family(f) for f in (WORKER_HEARTBEAT, WORKER_INTERVAL, WORKER_ONLINE)
-        )
-        for w in s.workers:
-            key = [w.pool, w.name]
-            if w.last_heartbeat is not None:
-                heartbeat.add_metric(key, w.last_heartbeat)
-            if w.heartbeat_interval is not None:
-                interval.add_metric(key, w.heartbeat_interval)
-            w_online.add_metric(key, float(w.online))
-        yield from (heartbeat, interval, w_online)
-
-    def _limits(self) -> Iterator[Metric]:
-        s = self._snapshot
-        slots, active, enabled, leaked = (
-            _family(f) for f in (LIMIT_SLOTS, LIMIT_ACTIVE, LIMIT_ENABLED, LIMIT_LEAKED)
-        )
-        for limit in s.limits:
-            key = [limit.name, limit.kind, limit.deployment]
-            slots.add_metric(key, limit.slots)
-            active.add_metric(key, limit.active_slots)
-            enabled.add_metric(key, float(limit.enabled))
-            if limit.leaked is not None:
-                leaked.add_metric([limit.name, limit.kind], limit.leaked)
-        yield from (slots, active, enabled, leaked)
-        if s.deployments:
-            awaiting, oldest = _family(DEPLOYMENT_AWAITING), _family(DEPLOYMENT_OLDEST_AWAITING)
-            for d in s.deployments:
-                awaiting.add_metric([d.name], d.awaiting_slot)
-                if d.oldest_awaiting_slot is not None:
-                    oldest.add_metric([d.name], d.oldest_awaiting_slot)
-            yield from (awaiting, oldest)
-        features = _family(FEATURE)
-        for feature, available in s.features:
-            features.add_metric([feature], float(available))
-        yield features
-
-    def _latency(self) -> Iterator[Metric]:
-        latency = self._snapshot.latency
-        if latency is None:
-            return
-        pools = sorted(
-            {p.name for p in self._snapshot.pools}
-            | set(latency.pickup)
-            | set(latency.start)
-            | {pool for pool, _ in latency.transitions}
-        )
-        yield _histogram("prefect_flow_run_pickup_delay_seconds", dict(latency.pickup), pools)
-        yield _histogram("prefect_flow_run_start_delay_seconds", dict(latency.start), pools)
-        transitions = CounterMetricFamily(
-            "prefect_flow_run_state_transitions",
-            f"Flow runs entering each state, by pool, read from Prefect's events. {AS_OF}",
-            labels=["work_pool", "state"],
-        )
-        counts = dict(latency.transitions)
-        states = sorted(
-            set(KNOWN_STATE_NAMES)
-            | {"Completed", "Failed", "Crashed", "Cancelled"}
-            | {state for _, state in counts}
-        )
-        for pool in pools:
-            for state in states:
-                transitions.add_metric([pool, state], counts.get((pool, state), 0))
-        yield transitions
-        lag, behind = _family(EVENTS_LAG), _family(EVENTS_BEHIND)
-        if latency.lag_seconds is not None:
-            lag.add_metric([], latency.lag_seconds)
-        behind.add_metric([], float(latency.behind))
-        yield from (lag, behind)
+        """The families of SNAPSHOT_FAMILIES present in the snapshot, in table order."""
+        for family in SNAPSHOT_FAMILIES:
+            if family.present(self._snapshot):
+                yield family.build(self._snapshot, AS_OF)
 
 
 class ExporterCollector(Collector):
@@ -363,29 +517,8 @@ class ExporterCollector(Collector):
     def __init__(self, status: Callable[[], PollStatus]) -> None:
         self._status = status
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
+        """The families of OWN_FAMILIES for the current poll status."""
         status = self._status()
-        yield GaugeMetricFamily(
-            "prefect_up",
-            "1 if the last poll of the Prefect API succeeded, else 0.",
-            value=float(status.up),
-        )
-        last_success = GaugeMetricFamily(
-            "prefect_exporter_last_success_timestamp_seconds",
-            "When the last successful poll started, Unix seconds (absent before the first).",
-        )
-        if status.last_success is not None:
-            last_success.add_metric([], status.last_success)
-        yield last_success
-        duration = GaugeMetricFamily(
-            "prefect_exporter_poll_duration_seconds",
-            "How long the most recent poll took, successful or not, in seconds.",
-        )
-        if status.last_duration is not None:
-            duration.add_metric([], status.last_duration)
-        yield duration
-        info = GaugeMetricFamily(
-            "prefect_exporter_build_info", "The exporter's version, always 1.", labels=["version"]
-        )
-        info.add_metric([__version__], 1)
-        yield info
+        for family in OWN_FAMILIES:
+            yield family.build(status)

@@ -1,9 +1,124 @@
-"""Plain records read from the Prefect API: the only shape in which API data leaves the adapter."""
+"""Plain data from the readers to the snapshot, and the one home of the Prefect vocabulary.
+
+The API adapter and the event reader hand their results to the pure snapshot only in these
+shapes. The vocabulary below (state types and names, statuses, concurrency-limit names) is what
+the exporter knows about Prefect; it is spelled out here once, without importing prefect, and
+tests/test_records.py pins it to prefect-client's own enums.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class StateType(StrEnum):
+    """Prefect's state types (`StateType` in prefect-client): the coarse kind of a run's state."""
+
+    SCHEDULED = "SCHEDULED"
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    CRASHED = "CRASHED"
+    PAUSED = "PAUSED"
+    CANCELLING = "CANCELLING"
+
+
+TERMINAL_STATE_TYPES = frozenset(
+    {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
+)
+# Prefect's pool and queue limits count runs of these types as occupying a slot.
+IN_FLIGHT_STATE_TYPES = frozenset({StateType.PENDING, StateType.RUNNING})
+# A deployment limit's slot is held from Pending until the run leaves Cancelling.
+SLOT_HOLDING_STATE_TYPES = frozenset({StateType.PENDING, StateType.RUNNING, StateType.CANCELLING})
+
+
+class StateName(StrEnum):
+    """The state names Prefect 3 gives runs (a state's `name`; each belongs to one type).
+
+    Members are in the order the exporter lists them: the non-terminal names first.
+    """
+
+    SCHEDULED = "Scheduled"
+    LATE = "Late"
+    AWAITING_RETRY = "AwaitingRetry"
+    AWAITING_CONCURRENCY_SLOT = "AwaitingConcurrencySlot"
+    PENDING = "Pending"
+    SUBMITTING = "Submitting"
+    INFRASTRUCTURE_PENDING = "InfrastructurePending"
+    RUNNING = "Running"
+    RETRYING = "Retrying"
+    PAUSED = "Paused"
+    SUSPENDED = "Suspended"
+    CANCELLING = "Cancelling"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+    CRASHED = "Crashed"
+    CANCELLED = "Cancelled"
+
+    @property
+    def state_type(self) -> StateType:
+        """The type Prefect gives a state of this name (`Late` is SCHEDULED)."""
+        return _STATE_TYPE_OF_NAME[self]
+
+
+_STATE_TYPE_OF_NAME = {
+    StateName.SCHEDULED: StateType.SCHEDULED,
+    StateName.LATE: StateType.SCHEDULED,
+    StateName.AWAITING_RETRY: StateType.SCHEDULED,
+    StateName.AWAITING_CONCURRENCY_SLOT: StateType.SCHEDULED,
+    StateName.PENDING: StateType.PENDING,
+    StateName.SUBMITTING: StateType.PENDING,
+    StateName.INFRASTRUCTURE_PENDING: StateType.PENDING,
+    StateName.RUNNING: StateType.RUNNING,
+    StateName.RETRYING: StateType.RUNNING,
+    StateName.PAUSED: StateType.PAUSED,
+    StateName.SUSPENDED: StateType.PAUSED,
+    StateName.CANCELLING: StateType.CANCELLING,
+    StateName.COMPLETED: StateType.COMPLETED,
+    StateName.FAILED: StateType.FAILED,
+    StateName.CRASHED: StateType.CRASHED,
+    StateName.CANCELLED: StateType.CANCELLED,
+}
+
+# Deployment limits park runs in this SCHEDULED-type state and keep moving their next start.
+AWAITING_CONCURRENCY_SLOT = StateName.AWAITING_CONCURRENCY_SLOT
+# Non-terminal names, in export order. The set is closed so that every queue always exports
+# each of them (0 when empty) and series never vanish; custom names seen in the API are added.
+KNOWN_STATE_NAMES = tuple(n for n in StateName if n.state_type not in TERMINAL_STATE_TYPES)
+TERMINAL_STATE_NAMES = frozenset(n for n in StateName if n.state_type in TERMINAL_STATE_TYPES)
+
+
+class WorkPoolStatus(StrEnum):
+    """A work pool's status (`WorkPoolStatus` in prefect-client); legacy agent pools have none."""
+
+    READY = "READY"
+    NOT_READY = "NOT_READY"
+    PAUSED = "PAUSED"
+
+
+class WorkQueueStatus(StrEnum):
+    """A work queue's status (`WorkQueueStatus`); NOT_READY when no worker polled it for 60 s."""
+
+    READY = "READY"
+    NOT_READY = "NOT_READY"
+    PAUSED = "PAUSED"
+
+
+class LimitKind(StrEnum):
+    """What a row of the v2 concurrency-limit table limits, told by its name's prefix."""
+
+    GLOBAL = "global"
+    TAG = "tag"
+    DEPLOYMENT = "deployment"
+
+
+# Prefect names tag limits `tag:<tag>` and deployment limits `deployment:<deployment id>`.
+TAG_LIMIT_PREFIX = "tag:"
+DEPLOYMENT_LIMIT_PREFIX = "deployment:"
 
 
 @dataclass(frozen=True)
@@ -83,13 +198,50 @@ class PollRecords:
 
 @dataclass(frozen=True)
 class ConcurrencyLimitRecord:
-    """One row of the v2 concurrency-limit table (global, `tag:<tag>` or `deployment:<id>`)."""
+    """One row of the v2 concurrency-limit table (global, `tag:<tag>` or `deployment:<id>`).
+
+    `limit` and `active_slots` count slots; `active` is False when the limit is switched off.
+    """
 
     id: str
     name: str
     limit: int
     active_slots: int
     active: bool
+
+    @property
+    def kind(self) -> LimitKind:
+        """Global, tag or deployment, from the name's prefix."""
+        if self.name.startswith(TAG_LIMIT_PREFIX):
+            return LimitKind.TAG
+        if self.name.startswith(DEPLOYMENT_LIMIT_PREFIX):
+            return LimitKind.DEPLOYMENT
+        return LimitKind.GLOBAL
+
+    @property
+    def tag(self) -> str | None:
+        """The task-run tag a tag limit limits; None for other kinds."""
+        return self.name.removeprefix(TAG_LIMIT_PREFIX) if self.kind is LimitKind.TAG else None
+
+    @property
+    def deployment_id(self) -> str | None:
+        """The id of the deployment a deployment limit limits; None for other kinds."""
+        if self.kind is not LimitKind.DEPLOYMENT:
+            return None
+        return self.name.removeprefix(DEPLOYMENT_LIMIT_PREFIX)
+
+    def deployment_name(self, names: Mapping[str, str]) -> str | None:
+        """The deployment's name from `names` (id to `flow/deployment`), else its id.
+
+        None for limits of other kinds.
+        """
+        deployment_id = self.deployment_id
+        return None if deployment_id is None else names.get(deployment_id, deployment_id)
+
+    def display_name(self, names: Mapping[str, str]) -> str:
+        """The name people know: `deployment:<flow>/<deployment>` instead of an opaque id."""
+        deployment = self.deployment_name(names)
+        return self.name if deployment is None else f"{DEPLOYMENT_LIMIT_PREFIX}{deployment}"
 
 
 @dataclass(frozen=True)
@@ -128,3 +280,46 @@ class FlowRunEvent:
     state_type: str
     state_name: str
     work_pool: str
+
+
+# Waits from seconds (a warm process worker) to hours (a starved pool).
+DELAY_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800)
+
+
+@dataclass(frozen=True)
+class HistogramState:
+    """Cumulative bucket counts (one per bound of DELAY_BUCKETS, then +Inf), sum and count.
+
+    `total` is the sum of the observed values, in seconds.
+    """
+
+    buckets: tuple[int, ...] = (0,) * (len(DELAY_BUCKETS) + 1)
+    total: float = 0.0
+
+    @property
+    def count(self) -> int:
+        """How many values were observed."""
+        return self.buckets[-1]
+
+    def observe(self, value: float) -> HistogramState:
+        """A new state with `value` (seconds) added."""
+        bounds = (*DELAY_BUCKETS, float("inf"))
+        buckets = tuple(n + (value <= bound) for n, bound in zip(self.buckets, bounds, strict=True))
+        return HistogramState(buckets, self.total + value)
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Everything the event reader has counted, as immutable data for the snapshot.
+
+    `pickup` and `start` are delay histograms by work pool, `transitions` counts runs entering
+    each (pool, state name), `lag_seconds` is how far the reader trails the poll and `behind`
+    says that the last poll left events unread.
+    """
+
+    pickup: Mapping[str, HistogramState] = field(default_factory=dict)
+    start: Mapping[str, HistogramState] = field(default_factory=dict)
+    transitions: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    lag_seconds: float | None = None
+    behind: bool = False
+    events_read: int = 0

@@ -5,38 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from exporter.records import (
+    AWAITING_CONCURRENCY_SLOT,
+    IN_FLIGHT_STATE_TYPES,
+    KNOWN_STATE_NAMES,
+    TERMINAL_STATE_TYPES,
     ConcurrencyLimitRecord,
+    LatencyStats,
     LimitHolders,
+    LimitKind,
     PollRecords,
     QueueRunStats,
     StateCount,
     WorkerRecord,
 )
-from exporter.transitions import LatencyStats
-
-AWAITING_CONCURRENCY_SLOT = "AwaitingConcurrencySlot"
-
-# Non-terminal state names Prefect 3 uses. The set is closed so that every queue always exports
-# each of them (0 when empty) and series never vanish; custom names seen in the API are added.
-KNOWN_STATE_NAMES = (
-    "Scheduled",
-    "Late",
-    "AwaitingRetry",
-    AWAITING_CONCURRENCY_SLOT,
-    "Pending",
-    "Submitting",
-    "InfrastructurePending",
-    "Running",
-    "Retrying",
-    "Paused",
-    "Suspended",
-    "Cancelling",
-)
-
-TERMINAL_STATE_TYPES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
-# Prefect's pool and queue limits count runs of these types as occupying a slot.
-IN_FLIGHT_STATE_TYPES = frozenset({"PENDING", "RUNNING"})
-LIMIT_KINDS = ("global", "tag", "deployment")
 
 # Prefect's own fallback when a worker does not report its heartbeat interval.
 DEFAULT_HEARTBEAT_INTERVAL_SECONDS = 30.0
@@ -44,6 +25,8 @@ DEFAULT_HEARTBEAT_INTERVAL_SECONDS = 30.0
 
 @dataclass(frozen=True)
 class PoolState:
+    """One work pool; the limit and in-flight counts are runs, `status` a WorkPoolStatus value."""
+
     name: str
     type: str
     status: str | None
@@ -54,6 +37,12 @@ class PoolState:
 
 @dataclass(frozen=True)
 class QueueState:
+    """One work queue; timestamps are Unix seconds, None when there is no such run or poll.
+
+    `runs_by_state` pairs each state name (every known one, then custom ones) with its count of
+    non-terminal runs; `status` is a WorkQueueStatus.
+    """
+
     pool: str
     name: str
     status: str | None
@@ -72,6 +61,8 @@ class QueueState:
 
 @dataclass(frozen=True)
 class WorkerState:
+    """One worker: last heartbeat in Unix seconds, its reported interval in seconds."""
+
     pool: str
     name: str
     last_heartbeat: float | None
@@ -84,7 +75,7 @@ class LimitState:
     """One concurrency limit; `leaked` is None where holders cannot be checked (global)."""
 
     name: str
-    kind: str
+    kind: LimitKind
     deployment: str
     slots: int
     active_slots: int
@@ -133,7 +124,7 @@ def is_online(worker: WorkerRecord, now: float, heartbeat_multiple: float) -> bo
 
 
 def _runs_by_state(stats: QueueRunStats) -> tuple[tuple[str, int], ...]:
-    totals = dict.fromkeys(KNOWN_STATE_NAMES, 0)
+    totals = dict.fromkeys(map(str, KNOWN_STATE_NAMES), 0)
     for count in stats.counts:
         totals[count.state_name] = totals.get(count.state_name, 0) + count.count
     return tuple(totals.items())
@@ -146,15 +137,6 @@ def _oldest(*timestamps: float | None) -> float | None:
 
 def _in_flight(counts: tuple[StateCount, ...]) -> int:
     return sum(c.count for c in counts if c.state_type in IN_FLIGHT_STATE_TYPES)
-
-
-def limit_kind(name: str) -> str:
-    """Prefect's v2 table names tag limits `tag:<tag>` and deployment limits `deployment:<id>`."""
-    if name.startswith("tag:"):
-        return "tag"
-    if name.startswith("deployment:"):
-        return "deployment"
-    return "global"
 
 
 def _is_finished(run_id: str, holders: LimitHolders) -> bool:
@@ -172,31 +154,24 @@ def leaked_slots(limit: ConcurrencyLimitRecord, holders: LimitHolders | None) ->
     """Slots held by runs that no longer run; None when the holders are unknown."""
     if holders is None:
         return None
-    kind = limit_kind(limit.name)
-    if kind == "tag":
-        tag_holders = holders.tag_holders.get(limit.name.removeprefix("tag:"))
+    if limit.tag is not None:
+        tag_holders = holders.tag_holders.get(limit.tag)
         if tag_holders is None:
             return None
         return sum(_is_finished(run_id, holders) for run_id in tag_holders)
-    if kind == "deployment":
-        holding = holders.deployment_slot_runs.get(limit.name.removeprefix("deployment:"))
+    if limit.deployment_id is not None:
+        holding = holders.deployment_slot_runs.get(limit.deployment_id)
         return None if holding is None else max(0, limit.active_slots - holding)
     return None
 
 
 def _limit_state(limit: ConcurrencyLimitRecord, holders: LimitHolders | None) -> LimitState:
-    kind = limit_kind(limit.name)
-    name, deployment = limit.name, ""
-    if kind == "deployment":
-        deployment_id = limit.name.removeprefix("deployment:")
-        names = holders.deployment_names if holders else {}
-        # Ids are opaque to people; the flow/deployment name is what they know.
-        deployment = names.get(deployment_id, deployment_id)
-        name = f"deployment:{deployment}"
+    # Ids are opaque to people; the flow/deployment name is what they know.
+    names = holders.deployment_names if holders else {}
     return LimitState(
-        name=name,
-        kind=kind,
-        deployment=deployment,
+        name=limit.display_name(names),
+        kind=limit.kind,
+        deployment=limit.deployment_name(names) or "",
         slots=limit.limit,
         active_slots=limit.active_slots,
         enabled=limit.active,

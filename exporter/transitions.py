@@ -11,13 +11,11 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.records import FlowRunEvent
+from exporter.records import FlowRunEvent, HistogramState, LatencyStats, StateName, StateType
 
-# Waits from seconds (a warm process worker) to hours (a starved pool).
-DELAY_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800)
 _REMEMBERED_RUNS = 50_000  # bounds memory: runs whose Pending time or observation we keep
 
 
@@ -62,35 +60,6 @@ class Cursor:
             return None
 
 
-@dataclass(frozen=True)
-class HistogramState:
-    """Cumulative bucket counts (one per bound, then +Inf), sum and count."""
-
-    buckets: tuple[int, ...] = (0,) * (len(DELAY_BUCKETS) + 1)
-    total: float = 0.0
-
-    @property
-    def count(self) -> int:
-        return self.buckets[-1]
-
-    def observe(self, value: float) -> HistogramState:
-        bounds = (*DELAY_BUCKETS, float("inf"))
-        buckets = tuple(n + (value <= bound) for n, bound in zip(self.buckets, bounds, strict=True))
-        return HistogramState(buckets, self.total + value)
-
-
-@dataclass(frozen=True)
-class LatencyStats:
-    """Everything the transition reader has counted, as immutable data for the snapshot."""
-
-    pickup: Mapping[str, HistogramState] = field(default_factory=dict)
-    start: Mapping[str, HistogramState] = field(default_factory=dict)
-    transitions: Mapping[tuple[str, str], int] = field(default_factory=dict)
-    lag_seconds: float | None = None
-    behind: bool = False
-    events_read: int = 0
-
-
 class _BoundedSet:
     def __init__(self, size: int) -> None:
         self._items: OrderedDict[str, None] = OrderedDict()
@@ -128,7 +97,7 @@ class TransitionTracker:
         return [
             e
             for e in self.cursor.unseen(events)
-            if e.state_name == "Pending" and e.flow_run_id not in self._picked_up
+            if e.state_name == StateName.PENDING and e.flow_run_id not in self._picked_up
         ]
 
     def consume(
@@ -141,7 +110,7 @@ class TransitionTracker:
             key = (event.work_pool, event.state_name)
             self._transitions[key] = self._transitions.get(key, 0) + 1
             run = event.flow_run_id
-            if event.state_name == "Pending" and run not in self._picked_up:
+            if event.state_name == StateName.PENDING and run not in self._picked_up:
                 self._picked_up.add(run)
                 self._pending_at[run] = (event.work_pool, event.occurred)
                 if len(self._pending_at) > _REMEMBERED_RUNS:
@@ -150,7 +119,7 @@ class TransitionTracker:
                 if expected is not None:
                     delay = max(0.0, event.occurred - expected)
                     self._observe(self._pickup, event.work_pool, delay)
-            elif event.state_type == "RUNNING" and run not in self._started:
+            elif event.state_type == StateType.RUNNING and run not in self._started:
                 pending = self._pending_at.pop(run, None)
                 if pending is not None:
                     self._started.add(run)

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, generate_latest
 
-from exporter.collector import ExporterCollector, SnapshotCollector
-from exporter.snapshot import PoolState, QueueState, Snapshot, WorkerState
+from exporter.collector import OWN_FAMILIES, SNAPSHOT_FAMILIES, ExporterCollector, SnapshotCollector
+from exporter.records import HistogramState, LatencyStats, LimitKind
+from exporter.snapshot import (
+    DeploymentState,
+    LimitState,
+    PoolState,
+    QueueState,
+    Snapshot,
+    WorkerState,
+)
 from exporter.store import PollStatus
+from tests.metrics_docs import documented_metrics
 
 NOW = 1_800_000_000.0
 
@@ -36,6 +48,42 @@ def snapshot() -> Snapshot:
             WorkerState("k8s", "w1", NOW - 10, 30.0, True),
             WorkerState("k8s", "w2", NOW - 500, None, False),
         ),
+    )
+
+
+def full_snapshot() -> Snapshot:
+    """A snapshot in which every family of the table has a series."""
+    base = snapshot()
+    return Snapshot(
+        observed_at=NOW,
+        pools=base.pools,
+        queues=(
+            QueueState(
+                pool="k8s",
+                name="default",
+                status="READY",
+                priority=1,
+                concurrency_limit=4,
+                last_polled=NOW - 20,
+                runs_by_state=(("Running", 2),),
+                backlog=6,
+                oldest_due=NOW - 600,
+                oldest_pending_since=NOW - 60,
+                in_flight=2,
+                oldest_awaiting_slot=NOW - 500,
+                oldest_running_since=NOW - 30,
+                oldest_cancelling_since=NOW - 10,
+            ),
+        ),
+        workers=base.workers,
+        limits=(LimitState("tag:etl", LimitKind.TAG, "", 3, 2, True, 1),),
+        deployments=(DeploymentState("etl/nightly", 2, NOW - 90),),
+        latency=LatencyStats(
+            pickup={"k8s": HistogramState().observe(3)},
+            transitions={("k8s", "Completed"): 4},
+            lag_seconds=30.0,
+        ),
+        features=(("events", True),),
     )
 
 
@@ -119,6 +167,68 @@ class TestSnapshotCollector:
             'prefect_work_pool_in_flight_runs{work_pool="p"} 0.0',
         ]
         assert "As of the last successful poll." in text
+
+
+class TestFamilyTable:
+    """The collector is a loop over its table: the table is exactly what is served."""
+
+    def test_a_full_snapshot_serves_every_family_of_the_table_in_order(self) -> None:
+        """Each declared family appears once, in table order, with its type and HELP."""
+        served = list(SnapshotCollector(full_snapshot()).collect())
+        assert [(m.name, m.type) for m in served] == [(f.name, f.type) for f in SNAPSHOT_FAMILIES]
+        for metric, family in zip(served, SNAPSHOT_FAMILIES, strict=True):
+            assert metric.documentation == f"{family.help} As of the last successful poll."
+            assert metric.samples, family.name
+
+    def test_optional_groups_are_left_out_without_their_data(self) -> None:
+        """No deployment breakdown and no events: those families are absent, HELP and all."""
+        served = {m.name for m in SnapshotCollector(snapshot()).collect()}
+        optional = {f.name for f in SNAPSHOT_FAMILIES if f.present(snapshot()) is False}
+        assert "prefect_flow_run_pickup_delay_seconds" in optional
+        assert "prefect_deployment_awaiting_concurrency_slot_runs" in optional
+        assert served == {f.name for f in SNAPSHOT_FAMILIES} - optional
+
+    def test_counters_are_served_with_total(self) -> None:
+        """The table names a counter without `_total`; the exposition adds it."""
+        text = generate_latest(registry_for(SnapshotCollector(full_snapshot()))).decode()
+        assert (
+            'prefect_flow_run_state_transitions_total{state="Completed",work_pool="k8s"} 4.0'
+            in text
+        )
+
+    def test_family_names_are_unique(self) -> None:
+        """No family is declared twice across both tables."""
+        names = [f.name for f in (*SNAPSHOT_FAMILIES, *OWN_FAMILIES)]
+        assert len(names) == len(set(names))
+
+
+def names_in_other_modules() -> set[str]:
+    """String constants of the exporter's modules other than the collector (metric names)."""
+    package = Path(__file__).resolve().parent.parent / "exporter"
+    found: set[str] = set()
+    for path in package.glob("*.py"):
+        if path.name != "collector.py":
+            found |= {
+                node.value
+                for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            }
+    return found
+
+
+class TestMetricsDocs:
+    """docs/metrics.md and the collector's tables describe the same families."""
+
+    def test_every_family_of_the_tables_is_documented_with_its_type_and_labels(self) -> None:
+        """A family added to a table must get its row in docs/metrics.md."""
+        documented = documented_metrics()
+        for family in (*SNAPSHOT_FAMILIES, *OWN_FAMILIES):
+            assert documented.get(family.name) == (family.type, set(family.labels)), family.name
+
+    def test_every_documented_family_is_declared(self) -> None:
+        """A documented family is in the tables, or named by the module that registers it."""
+        declared = {f.name for f in (*SNAPSHOT_FAMILIES, *OWN_FAMILIES)} | names_in_other_modules()
+        assert set(documented_metrics()) - declared == set()
 
 
 class TestExporterCollector:

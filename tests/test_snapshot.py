@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from exporter.records import (
+    KNOWN_STATE_NAMES,
     PollRecords,
     PoolRecord,
     QueueRecord,
@@ -10,7 +11,7 @@ from exporter.records import (
     StateCount,
     WorkerRecord,
 )
-from exporter.snapshot import KNOWN_STATE_NAMES, build_snapshot
+from exporter.snapshot import build_snapshot
 
 NOW = 1_800_000_000.0
 

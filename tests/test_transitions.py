@@ -4,18 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporter.records import FlowRunEvent
-from exporter.transitions import DELAY_BUCKETS, Cursor, HistogramState, TransitionTracker
+from exporter.records import FlowRunEvent, StateName
+from exporter.transitions import Cursor, TransitionTracker
 
 
 def event(eid: str, at: float, run: str, name: str, pool: str = "p") -> FlowRunEvent:
-    state_type = {
-        "Pending": "PENDING",
-        "Running": "RUNNING",
-        "Completed": "COMPLETED",
-        "Scheduled": "SCHEDULED",
-    }[name]
-    return FlowRunEvent(eid, at, run, state_type, name, pool)
+    return FlowRunEvent(eid, at, run, StateName(name).state_type, name, pool)
 
 
 class TestCursor:
@@ -105,15 +99,3 @@ class TestTracker:
         fresh = [event("a", 10, "r1", "Pending"), event("b", 12, "r2", "Pending")]
         assert [e.flow_run_id for e in tracker.first_pendings(fresh)] == ["r2"]
 
-
-class TestHistogramState:
-    """Buckets are cumulative, as the exposition needs."""
-
-    def test_observe(self) -> None:
-        """A 45 s wait lands in the 60 s bucket and every larger one."""
-        state = HistogramState().observe(45)
-        bounds = dict(zip((*DELAY_BUCKETS, float("inf")), state.buckets, strict=True))
-        assert bounds[30] == 0
-        assert bounds[60] == 1
-        assert bounds[float("inf")] == 1
-        assert state.count == 1
