@@ -8,13 +8,14 @@ saved to a file to survive restarts of the exporter.
 
 from __future__ import annotations
 
-import json
+import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 from exporter.records import FlowRunEvent, HistogramState, LatencyStats, StateName, StateType
+from exporter.statefile import StateFile
 
 _REMEMBERED_RUNS = 50_000  # bounds memory: runs whose Pending time or observation we keep
 
@@ -44,20 +45,29 @@ class Cursor:
                 cursor = Cursor(cursor.occurred, cursor.ids_at_occurred | {event.id})
         return cursor
 
-    def save(self, path: Path) -> None:
-        data = {"occurred": self.occurred, "ids_at_occurred": sorted(self.ids_at_occurred)}
-        temporary = path.with_suffix(path.suffix + ".tmp")
-        temporary.write_text(json.dumps(data))
-        temporary.replace(path)  # atomic: a crash never leaves half a cursor
+    def save(self, file: StateFile) -> bool:
+        """Write the cursor to `file`; False when that failed (recorded by the file, never raised).
+
+        The poll goes on either way: only a restart would lose the place.
+        """
+        return file.save(
+            {"occurred": self.occurred, "ids_at_occurred": sorted(self.ids_at_occurred)}
+        )
 
     @classmethod
-    def load(cls, path: Path) -> Cursor | None:
-        """The saved cursor, or None when there is none or it is unreadable."""
-        try:
-            data = json.loads(path.read_text())
-            return cls(float(data["occurred"]), frozenset(map(str, data["ids_at_occurred"])))
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+    def load(cls, file: StateFile) -> Cursor | None:
+        """The saved cursor; None when there is none, or when it is unusable (the file warns)."""
+        return file.load(cls._from_json)
+
+    @classmethod
+    def _from_json(cls, data: Any) -> Cursor:
+        """`{"occurred": Unix seconds, "ids_at_occurred": [event id, ...]}`; ValueError if not."""
+        if not isinstance(data, dict) or not isinstance(data.get("ids_at_occurred"), list):
+            raise ValueError("expected {occurred, ids_at_occurred: [...]}")
+        occurred = float(data["occurred"])
+        if not math.isfinite(occurred):
+            raise ValueError(f"occurred is {occurred}")
+        return cls(occurred, frozenset(map(str, data["ids_at_occurred"])))
 
 
 class _BoundedSet:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import logging.config
 import re
 from pathlib import Path
 from typing import Any
@@ -12,7 +10,6 @@ import pytest
 import yaml
 
 from exporter.config import load_settings
-from exporter.worklog import parse_line
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
@@ -69,36 +66,6 @@ class TestWorkerSidecar:
         mounts = {c: {m["name"]: m["mountPath"] for m in pods[c]["volumeMounts"]} for c in pods}
         assert mounts["worker"]["logs"] == mounts["exporter-sidecar"]["logs"]
         assert filename.startswith(mounts["worker"]["logs"] + "/")
-
-    def test_logging_config_writes_lines_the_sidecar_counts(self, tmp_path: Path) -> None:
-        """Applied with Python's dictConfig, the config logs retries and responses we parse."""
-        config_map, _ = self.manifest()
-        config = yaml.safe_load(config_map["data"]["logging.yml"])
-        log_file = tmp_path / "worker.log"
-        config["handlers"]["file"]["filename"] = str(log_file)
-        previous = logging.root.manager.loggerDict.copy()
-        try:
-            logging.config.dictConfig(config)
-            logging.getLogger("prefect.client").debug(
-                "Received response with retryable status code 429. Another attempt will be "
-                "made in 2.0s. This is attempt 1/6."
-            )
-            logging.getLogger("httpx").info(
-                "HTTP Request: POST http://x/api/work_pools/p/get_scheduled_flow_runs "
-                '"HTTP/1.1 429 Too Many Requests"'
-            )
-        finally:
-            for handler in (
-                logging.getLogger("prefect").handlers + logging.getLogger("httpx").handlers
-            ):
-                handler.close()
-            for name in ("prefect", "prefect.client", "httpx"):
-                logging.getLogger(name).handlers.clear()
-                logging.getLogger(name).propagate = True
-                logging.getLogger(name).setLevel(logging.NOTSET)
-            logging.root.manager.loggerDict.update(previous)
-        kinds = [parse_line(line) for line in log_file.read_text().splitlines()]
-        assert [(k.kind, k.code) for k in kinds if k] == [("retry", "429"), ("response", "429")]
 
 
 class TestDockerfile:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import structlog
+
 from exporter.records import FlowRunEvent, StateName
+from exporter.statefile import StateFile
 from exporter.transitions import Cursor, TransitionTracker
 
 
@@ -37,11 +40,11 @@ class TestCursor:
 
     def test_a_saved_cursor_resumes_without_double_counting(self, tmp_path: Path) -> None:
         """After a restart from the state file, old events are skipped, new ones counted."""
-        path = tmp_path / "cursor.json"
+        file = StateFile(tmp_path / "cursor.json", "events", structlog.get_logger())
         first = TransitionTracker(Cursor(0))
         first.consume([event("a", 5, "r1", "Pending"), event("b", 6, "r1", "Running")], {})
-        first.cursor.save(path)
-        loaded = Cursor.load(path)
+        assert first.cursor.save(file)
+        loaded = Cursor.load(file)
         assert loaded == first.cursor
         second = TransitionTracker(loaded or Cursor(0))
         second.consume([event("b", 6, "r1", "Running"), event("c", 7, "r2", "Pending")], {})
@@ -49,10 +52,10 @@ class TestCursor:
 
     def test_an_unreadable_state_file_means_no_cursor(self, tmp_path: Path) -> None:
         """A corrupt file is ignored rather than crashing start-up."""
-        path = tmp_path / "cursor.json"
-        path.write_text("{not json")
-        assert Cursor.load(path) is None
-        assert Cursor.load(tmp_path / "missing.json") is None
+        (tmp_path / "cursor.json").write_text("{not json")
+        log = structlog.get_logger()
+        assert Cursor.load(StateFile(tmp_path / "cursor.json", "events", log)) is None
+        assert Cursor.load(StateFile(tmp_path / "missing.json", "events", log)) is None
 
 
 class TestTracker:
@@ -98,4 +101,3 @@ class TestTracker:
         tracker.consume([event("a", 10, "r1", "Pending")], {"r1": 5.0})
         fresh = [event("a", 10, "r1", "Pending"), event("b", 12, "r2", "Pending")]
         assert [e.flow_run_id for e in tracker.first_pendings(fresh)] == ["r2"]
-
