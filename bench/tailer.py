@@ -18,6 +18,7 @@ from pathlib import Path
 import structlog
 from prometheus_client import CollectorRegistry
 
+from exporter.statefile import StateFile
 from exporter.worklog import Position, PositionStore, WorkerLog, WorkerLogMetrics, WorkerLogTailer
 
 LINES = [
@@ -53,12 +54,11 @@ def main() -> None:
                 written += len(block)
         lines_in_file = written // len(block) * len(LINES) * 2000
         registry = CollectorRegistry()
-        state = PositionStore(Path(tmp) / "positions.json")
+        log = structlog.get_logger()
+        state = PositionStore(StateFile(Path(tmp) / "positions.json", "worker_log", log))
         # Start at the top of the file, as after a restart with a saved position at 0.
         state.save({str(path): Position(path.stat().st_ino, 0)})
-        tailer = WorkerLogTailer(
-            [WorkerLog("w", path)], WorkerLogMetrics(registry), state, structlog.get_logger()
-        )
+        tailer = WorkerLogTailer([WorkerLog("w", path)], WorkerLogMetrics(registry), state, log)
         before = peak_rss_mib()
         started = time.perf_counter()
         total = 0
