@@ -63,10 +63,17 @@ def _clean_env(extra: Mapping[str, str]) -> dict[str, str]:
 class PrefectServer:
     """`prefect server start` on a free port with a throw-away PREFECT_HOME (SQLite)."""
 
-    def __init__(self, home: Path, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        home: Path,
+        port: int | None = None,
+        log_path: Path | None = None,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
         self.home = home
         self.port = port or free_port()
         self.log_path = log_path or home / "server.log"
+        self.extra_env = dict(extra_env or {})
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -78,7 +85,7 @@ class PrefectServer:
 
     def start(self, timeout: float = 180) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
-        env = _clean_env({"PREFECT_HOME": str(self.home)})
+        env = _clean_env({"PREFECT_HOME": str(self.home), **self.extra_env})
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [
@@ -103,7 +110,8 @@ class PrefectServer:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(f"prefect server exited; see {self.log_path}")
-            return httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200
+            # With an auth string set, /health answers 401: the server is up all the same.
+            return httpx.get(f"{self.api_url}/health", timeout=2).status_code in (200, 401)
 
         wait_for(healthy, timeout, f"the Prefect server on port {self.port}")
 

@@ -7,6 +7,7 @@ tests can compare the proxy's own count with what the exporter and the worker's 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -40,11 +41,34 @@ class Record:
 
 @dataclass(frozen=True)
 class Fault:
+    """The proxy's own answer: status, headers and body, after an optional delay (seconds)."""
+
     status: int
     headers: dict[str, str]
+    body: bytes = b'{"detail":"injected"}'
+    delay: float = 0.0
 
 
 Rule = Callable[[str, str, str], Fault | None]  # (client, method, path) -> fault or None
+# Called after a forwarded request was answered: (client, method, path, status).
+After = Callable[[str, str, str, int], None]
+
+
+class Once:
+    """One fault for the first request of `client` whose path contains `path`, then none."""
+
+    def __init__(self, client: str, path: str, fault: Fault, times: int = 1) -> None:
+        self.client, self.path, self.fault, self.left = client, path, fault, times
+        self._lock = threading.Lock()
+
+    def __call__(self, client: str, method: str, path: str) -> Fault | None:
+        if client != self.client or self.path not in path:
+            return None
+        with self._lock:
+            if self.left <= 0:
+                return None
+            self.left -= 1
+            return self.fault
 
 
 def client_of(user_agent: str) -> str:
@@ -76,9 +100,10 @@ class EveryNth:
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, rule: Rule) -> None:
+    def __init__(self, upstream: str, rule: Rule, after: After | None = None) -> None:
         self.upstream = upstream.rstrip("/")
         self.rule = rule
+        self.after = after
         self.records: list[Record] = []
         self._lock = threading.Lock()
         self._client = httpx.Client(timeout=30)
@@ -125,13 +150,10 @@ class FaultProxy:
                     return
                 fault = proxy.rule(client, self.command, self.path)
                 if fault is not None:
+                    if fault.delay:
+                        time.sleep(fault.delay)
                     self._reply(
-                        fault.status,
-                        fault.headers,
-                        b'{"detail":"injected"}',
-                        received,
-                        client,
-                        injected=True,
+                        fault.status, fault.headers, fault.body, received, client, injected=True
                     )
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
@@ -146,6 +168,8 @@ class FaultProxy:
                 self._reply(
                     upstream.status_code, passed, upstream.content, received, client, injected=False
                 )
+                if proxy.after is not None:
+                    proxy.after(client, self.command, self.path, upstream.status_code)
 
             def _reply(
                 self,
@@ -163,7 +187,9 @@ class FaultProxy:
                 if "content-type" not in {k.lower() for k in headers}:
                     self.send_header("Content-Type", "application/json")
                 self.end_headers()
-                self.wfile.write(body)
+                # The client may give up reading (an oversized body, say).
+                with contextlib.suppress(OSError):
+                    self.wfile.write(body)
                 with proxy._lock:
                     proxy.records.append(
                         Record(
