@@ -211,7 +211,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for key, value in (extra or {}).items():
             self.send_header(key, value)
-        if "Content-Length" in self.headers or "Transfer-Encoding" in self.headers:
+        if self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers:
             # The body is never read, so its bytes would be taken for the next request.
             self.send_header("Connection", "close")
         self.end_headers()
