@@ -7,9 +7,12 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
+from enum import StrEnum
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from exporter.clock import Deadline
 
 
 class BudgetExhausted(Exception):
@@ -49,11 +52,10 @@ class RequestBudget:
         while self._sent and self._sent[0] + self.WINDOW_SECONDS <= now:
             self._sent.popleft()
 
-    async def acquire(self, deadline_monotonic: float) -> float:
+    async def acquire(self, deadline: Deadline) -> float:
         """Take one slot, waiting if needed; returns seconds waited.
 
-        Raises BudgetExhausted, without waiting, when no slot frees up before
-        `deadline_monotonic` (monotonic seconds).
+        Raises BudgetExhausted, without waiting, when no slot frees up before `deadline`.
         """
         waited = 0.0
         while True:
@@ -63,10 +65,33 @@ class RequestBudget:
                 self._sent.append(now)
                 return waited
             wait = self._sent[0] + self.WINDOW_SECONDS - now
-            if now + wait > deadline_monotonic:
+            if now + wait > deadline:
                 raise BudgetExhausted(f"request budget of {self.per_minute}/min is spent")
             await self._sleep(wait)
             waited += wait
+
+
+class PollPlan(StrEnum):
+    """How much of a poll the budget affords."""
+
+    FULL = "full"
+    SHORTENED = "shortened"  # pools, queues, workers and runs; limits and events wait
+    SKIP = "skip"
+
+
+def plan_poll(
+    available: float, per_minute: int, full_cost: int | None, core_cost: int | None
+) -> PollPlan:
+    """The plan for the next poll from the requests available now and the last polls' costs.
+
+    `full_cost` and `core_cost` are the requests the last full poll took in all and without its
+    optional parts; None before the first poll (then: full).
+    """
+    if full_cost is None or core_cost is None or available >= full_cost:
+        return PollPlan.FULL
+    if core_cost > per_minute:
+        return PollPlan.FULL  # never affordable: try anyway; the poll fails with reason budget
+    return PollPlan.SHORTENED if available >= core_cost else PollPlan.SKIP
 
 
 class BudgetCollector(Collector):

@@ -5,64 +5,53 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from structlog.typing import FilteringBoundLogger
 
-from exporter.budget import Backoff, RequestBudget
-from exporter.prefect_api import ERROR_REASONS, ApiStatusError, ObjectGone, PrefectApiError
+from exporter.budget import Backoff, PollPlan, RequestBudget, plan_poll
+from exporter.clock import Deadline, UnixTime
+from exporter.errors import ERROR_REASONS, ApiStatusError, ObjectGone, PrefectApiError
+from exporter.events_reader import EventsApi, EventsReader
+from exporter.features import Feature, FeatureGate
+from exporter.gather import gather_bounded
+from exporter.limits_reader import LimitsApi, LimitsReader
 from exporter.records import (
     ConcurrencyLimitRecord,
-    FlowRunEvent,
     LatencyStats,
     LimitHolders,
     PollRecords,
     PoolRecord,
     QueueRecord,
     QueueRunStats,
-    RunState,
     WorkerRecord,
 )
 from exporter.snapshot import Snapshot, build_snapshot
 from exporter.statefile import StateFile
-from exporter.transitions import Cursor, TransitionTracker
 
 T = TypeVar("T")
 POLL_RESULTS = ("success", "failure")
-BUDGET_OUTCOMES = ("shortened", "skipped")
-FAILURE_REASONS = (*ERROR_REASONS, "internal")
+BUDGET_OUTCOMES = {PollPlan.SHORTENED: "shortened", PollPlan.SKIP: "skipped"}
+INTERNAL = "internal"  # a bug in the exporter, not a failure of the API
+FAILURE_REASONS = (*ERROR_REASONS, INTERNAL)
 
 
-class Api(Protocol):
-    """What the poller needs from the Prefect API adapter."""
+class Api(LimitsApi, EventsApi, Protocol):
+    """What the poller needs from the Prefect API adapter (prefect_api.PrefectApi)."""
 
-    requests_sent: int
+    @property
+    def requests_sent(self) -> int: ...
 
-    async def work_pools(self, deadline: float) -> list[PoolRecord]: ...
-    async def work_queues(self, deadline: float) -> list[QueueRecord]: ...
-    async def workers(self, pool: str, deadline: float) -> list[WorkerRecord]: ...
+    async def work_pools(self, deadline: Deadline) -> list[PoolRecord]: ...
+    async def work_queues(self, deadline: Deadline) -> list[QueueRecord]: ...
+    async def workers(self, pool: str, deadline: Deadline) -> list[WorkerRecord]: ...
     async def queue_run_stats(
-        self, queue_id: str, now: float, deadline: float
+        self, queue_id: str, now: UnixTime, deadline: Deadline
     ) -> QueueRunStats: ...
-    async def concurrency_limits(self, deadline: float) -> list[ConcurrencyLimitRecord]: ...
-    async def tag_limit_holders(self, deadline: float) -> dict[str, tuple[str, ...]]: ...
-    async def task_run_states(self, ids: Sequence[str], deadline: float) -> list[RunState]: ...
-    async def flow_run_states(self, ids: Sequence[str], deadline: float) -> list[RunState]: ...
-    async def deployment_names(self, ids: Sequence[str], deadline: float) -> dict[str, str]: ...
-    async def deployment_slot_runs(self, deployment_id: str, deadline: float) -> int: ...
-    async def deployment_awaiting_slot(
-        self, deployment_id: str, deadline: float
-    ) -> tuple[int, float | None]: ...
-    async def flow_run_events(
-        self, since: float, until: float, max_pages: int, deadline: float
-    ) -> tuple[list[FlowRunEvent], bool]: ...
-    async def expected_start_times(
-        self, ids: Sequence[str], deadline: float
-    ) -> dict[str, float | None]: ...
 
 
 class Publisher(Protocol):
@@ -75,6 +64,8 @@ class Publisher(Protocol):
 
 @dataclass(frozen=True)
 class PollSettings:
+    """Seconds for `interval`, `timeout` and `events_settle`; `concurrency` in requests."""
+
     interval: float
     timeout: float
     concurrency: int
@@ -84,12 +75,6 @@ class PollSettings:
     events_settle: float = 30.0
     events_state_file: Path | None = None
     deployments_breakdown: bool = False
-
-
-FEATURES = ("concurrency_limits", "events")
-# A feature the server lacked (404) is asked for again after this many polls, so an upgraded
-# server is noticed without restarting the exporter.
-FEATURE_RETRY_POLLS = 20
 
 
 class PollMetrics:
@@ -104,8 +89,7 @@ class PollMetrics:
         )
         self.errors = Counter(
             "prefect_exporter_poll_errors",
-            "Failed polls by reason: timeout, connection, http_status, malformed_response, "
-            "budget, internal (a bug in the exporter).",
+            f"Failed polls by reason: {', '.join(FAILURE_REASONS)} (a bug in the exporter).",
             ["reason"],
             registry=registry,
         )
@@ -145,34 +129,16 @@ class PollMetrics:
             self.polls.labels(result)
         for reason in FAILURE_REASONS:
             self.errors.labels(reason)
-        for outcome in BUDGET_OUTCOMES:
+        for outcome in BUDGET_OUTCOMES.values():
             self.budget_polls.labels(outcome)
 
 
-async def _all(coroutines: Sequence[Coroutine[Any, Any, T]], limit: int) -> list[T]:
-    """Run coroutines with at most `limit` at once; the first failure cancels the rest."""
-    semaphore = asyncio.Semaphore(limit)
-
-    async def limited(coroutine: Awaitable[T]) -> T:
-        async with semaphore:
-            return await coroutine
-
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(limited(c)) for c in coroutines]
-    except BaseExceptionGroup as group_error:
-        # Report the first real cause, not the group wrapper.
-        raise group_error.exceptions[0] from None
-    finally:
-        # A task cancelled before it started never awaited its coroutine; close those so that
-        # no "coroutine was never awaited" warning escapes into the log (a no-op for the rest).
-        for coroutine in coroutines:
-            coroutine.close()
-    return [task.result() for task in tasks]
-
-
 class Poller:
-    """Polls on a fixed interval; a failed poll keeps the last snapshot (the store ages it)."""
+    """Polls on a fixed interval; a failed poll keeps the last snapshot (the store ages it).
+
+    `cursor_file` keeps the events cursor across restarts (built from
+    `settings.events_state_file` when not given).
+    """
 
     def __init__(
         self,
@@ -185,6 +151,7 @@ class Poller:
         monotonic: Callable[[], float] = time.monotonic,
         budget: RequestBudget | None = None,
         backoff: Backoff | None = None,
+        cursor_file: StateFile | None = None,
     ) -> None:
         self._api = api
         self._budget = budget
@@ -201,102 +168,32 @@ class Poller:
         self._clock = clock
         self._monotonic = monotonic
         self._polls = 0
-        self._unavailable_until: dict[str, int] = {}
-        state_file = settings.events_state_file
-        # A save that fails (full disk) is recorded and logged by the file; the poll goes on.
-        self._cursor_file = StateFile(state_file, "events", log) if state_file else None
-        saved = Cursor.load(self._cursor_file) if self._cursor_file else None
-        self._tracker = TransitionTracker(saved or Cursor(clock() - settings.events_settle))
-
-    def _available(self, feature: str) -> bool:
-        return self._polls >= self._unavailable_until.get(feature, 0)
-
-    def _degrade(self, feature: str, error: ApiStatusError) -> None:
-        """The server lacks an endpoint (older Prefect 3.x): go on without the feature."""
-        self._unavailable_until[feature] = self._polls + FEATURE_RETRY_POLLS
-        self._log.warning(
-            "feature_unavailable",
-            feature=feature,
-            error=str(error),
-            retry_after_polls=FEATURE_RETRY_POLLS,
+        self._features = FeatureGate(log)
+        self._limits = LimitsReader(api, settings.concurrency, settings.deployments_breakdown)
+        if cursor_file is None and settings.events_state_file is not None:
+            cursor_file = StateFile(settings.events_state_file, "events", log)
+        self._events = EventsReader(
+            api,
+            settings.events_max_pages,
+            settings.events_settle,
+            UnixTime(clock()),
+            cursor_file,
         )
 
-    async def _limits(
-        self, deadline: float
-    ) -> tuple[tuple[ConcurrencyLimitRecord, ...], LimitHolders | None]:
-        """Concurrency limits and who holds their slots; a server lacking them degrades."""
+    async def _optional(self, feature: Feature, read: Callable[[], Awaitable[T]]) -> T | None:
+        """A feature's read, or None when the server lacks its endpoint (it is degraded)."""
         try:
-            return await self._read_limits(deadline)
+            return await read()
         except ApiStatusError as exc:
             if exc.status != 404:
                 raise
-            self._degrade("concurrency_limits", exc)
-            return (), None
+            self._features.degrade(feature, exc, self._polls)
+            return None
 
-    async def _read_limits(
-        self, deadline: float
-    ) -> tuple[tuple[ConcurrencyLimitRecord, ...], LimitHolders]:
-        """A few requests per poll: the v2 table, then only the holders worth checking."""
-        api, limit = self._api, self._settings.concurrency
-        limits = tuple(await api.concurrency_limits(deadline))
-        kinds = {record.name: record.kind for record in limits}
-        tag_holders = await api.tag_limit_holders(deadline) if "tag" in kinds.values() else {}
-        holder_ids = sorted({run for runs in tag_holders.values() for run in runs})
-        task_states = await api.task_run_states(holder_ids, deadline) if holder_ids else []
-        parent_ids = sorted({s.flow_run_id for s in task_states if s.flow_run_id})
-        flow_states = await api.flow_run_states(parent_ids, deadline) if parent_ids else []
-        deployment_limits = [r for r in limits if kinds[r.name] == "deployment"]
-        deployment_ids = [r.name.removeprefix("deployment:") for r in deployment_limits]
-        names = await api.deployment_names(deployment_ids, deadline) if deployment_ids else {}
-        # Only limits with taken slots can leak; the others need no request.
-        busy = [r.name.removeprefix("deployment:") for r in deployment_limits if r.active_slots]
-        holding = await _all([api.deployment_slot_runs(d, deadline) for d in busy], limit)
-        slot_runs = dict.fromkeys(deployment_ids, 0) | dict(zip(busy, holding, strict=True))
-        awaiting: dict[str, tuple[int, float | None]] = {}
-        if self._settings.deployments_breakdown:
-            answers = await _all(
-                [api.deployment_awaiting_slot(d, deadline) for d in deployment_ids], limit
-            )
-            awaiting = dict(zip(deployment_ids, answers, strict=True))
-        holders = LimitHolders(
-            tag_holders=tag_holders,
-            holder_states={s.id: s for s in (*task_states, *flow_states)},
-            deployment_names=names,
-            deployment_slot_runs=slot_runs,
-            deployment_awaiting=awaiting,
-        )
-        return limits, holders
+    def _available(self, feature: Feature) -> bool:
+        return self._features.available(feature, self._polls)
 
-    async def _events(self, now: float, deadline: float) -> LatencyStats | None:
-        """Read the flow-run events since the cursor; the tracker changes only on success."""
-        settings = self._settings
-        until = now - settings.events_settle
-        since = self._tracker.cursor.occurred
-        behind = False
-        if until > since:
-            try:
-                events, behind = await self._api.flow_run_events(
-                    since, until, settings.events_max_pages, deadline
-                )
-            except ApiStatusError as exc:
-                if exc.status != 404:
-                    raise
-                self._degrade("events", exc)
-                return None
-            pendings = self._tracker.first_pendings(events)
-            expected = (
-                await self._api.expected_start_times(
-                    sorted({e.flow_run_id for e in pendings}), deadline
-                )
-                if pendings
-                else {}
-            )
-            self._tracker.consume(events, expected)
-            if self._cursor_file is not None:
-                self._tracker.cursor.save(self._cursor_file)
-        return self._tracker.stats(now, behind)
-
-    async def _pool_workers(self, pool: str, deadline: float) -> list[WorkerRecord] | None:
+    async def _pool_workers(self, pool: str, deadline: Deadline) -> list[WorkerRecord] | None:
         """The pool's workers, or None when the pool was deleted after the pool list was read."""
         try:
             return await self._api.workers(pool, deadline)
@@ -305,16 +202,12 @@ class Poller:
             self._log.info("work_pool_gone", work_pool=pool, error=str(exc))
             return None
 
-    def _plan(self) -> str:
-        """`full`, `shortened` (no limits or events this time) or `skip`, by the budget left."""
-        if self._budget is None or self._full_cost is None or self._core_cost is None:
-            return "full"
-        available = self._budget.available
-        if available >= self._full_cost:
-            return "full"
-        if self._core_cost > self._budget.per_minute:
-            return "full"  # never affordable: try anyway; the poll fails with reason budget
-        return "shortened" if available >= self._core_cost else "skip"
+    def _plan(self) -> PollPlan:
+        if self._budget is None:
+            return PollPlan.FULL
+        return plan_poll(
+            self._budget.available, self._budget.per_minute, self._full_cost, self._core_cost
+        )
 
     async def poll_once(self, full: bool = True) -> Snapshot:
         """One read of the API; raises PrefectApiError or TimeoutError on failure.
@@ -322,40 +215,45 @@ class Poller:
         A shortened poll reads pools, queues, workers and runs, and carries the concurrency
         limits of the last full poll over (the latency counters are cumulative anyway).
         """
-        now = self._clock()
+        now = UnixTime(self._clock())
         requests_before = self._api.requests_sent
-        deadline = self._monotonic() + self._settings.timeout
-        limit = self._settings.concurrency
+        deadline = Deadline(self._monotonic() + self._settings.timeout)
+        concurrency = self._settings.concurrency
         async with asyncio.timeout(self._settings.timeout):
             pools, queues = await asyncio.gather(
                 self._api.work_pools(deadline), self._api.work_queues(deadline)
             )
-            worker_lists = await _all([self._pool_workers(p.name, deadline) for p in pools], limit)
-            gone = {
-                p.name for p, workers in zip(pools, worker_lists, strict=True) if workers is None
-            }
+            worker_lists = await gather_bounded(
+                [self._pool_workers(p.name, deadline) for p in pools], concurrency
+            )
+            found = zip(pools, worker_lists, strict=True)
+            gone = {pool.name for pool, workers in found if workers is None}
             if gone:
                 pools = [p for p in pools if p.name not in gone]
                 queues = [q for q in queues if q.pool not in gone]
-            stats = await _all(
-                [self._api.queue_run_stats(q.id, now, deadline) for q in queues], limit
+            stats = await gather_bounded(
+                [self._api.queue_run_stats(q.id, now, deadline) for q in queues], concurrency
             )
             core_cost = self._api.requests_sent - requests_before
             limits, holders = self._last_limits, self._last_holders
-            if full and self._available("concurrency_limits"):
-                limits, holders = await self._limits(deadline)
-            latency = None
-            if self._settings.events_enabled and self._available("events"):
+            if full and self._available(Feature.CONCURRENCY_LIMITS):
+                read = await self._optional(
+                    Feature.CONCURRENCY_LIMITS, lambda: self._limits.read(deadline)
+                )
+                limits, holders = read if read is not None else ((), None)
+            latency: LatencyStats | None = None
+            if self._settings.events_enabled and self._available(Feature.EVENTS):
                 if full:
                     # Last: the events cursor must only move when nothing after it can fail.
-                    latency = await self._events(now, deadline)
+                    latency = await self._optional(
+                        Feature.EVENTS, lambda: self._events.read(now, deadline)
+                    )
                 else:
-                    latency = self._tracker.stats(now, behind=True)
+                    latency = self._events.stats(now, behind=True)
         if full:
             self._full_cost = self._api.requests_sent - requests_before
             self._last_limits, self._last_holders = limits, holders
         self._core_cost = core_cost
-        features = tuple((f, self._available(f)) for f in FEATURES)
         records = PollRecords(
             observed_at=now,
             pools=tuple(pools),
@@ -365,6 +263,7 @@ class Poller:
             limits=limits,
             holders=holders,
         )
+        features = self._features.states(self._polls)
         return build_snapshot(records, self._settings.heartbeat_multiple, latency, features)
 
     async def poll_and_publish(self) -> float:
@@ -372,23 +271,23 @@ class Poller:
         started = self._monotonic()
         self._polls += 1
         requests_before = self._api.requests_sent
-        events_before = self._tracker.events_read
+        events_before = self._events.events_read
         wait = self._settings.interval
         plan = self._plan()
-        if plan != "full":
-            self._metrics.budget_polls.labels("skipped" if plan == "skip" else "shortened").inc()
+        if plan is not PollPlan.FULL:
+            self._metrics.budget_polls.labels(BUDGET_OUTCOMES[plan]).inc()
             self._log.warning(
                 "request_budget_short",
-                plan=plan,
+                plan=str(plan),
                 available_requests=round(self._budget.available, 1) if self._budget else None,
                 full_poll_requests=self._full_cost,
                 core_poll_requests=self._core_cost,
                 hint="raise --prefect.requests-per-minute or --poll.interval",
             )
-        if plan == "skip":
+        if plan is PollPlan.SKIP:
             return wait
         try:
-            snapshot = await self.poll_once(full=plan == "full")
+            snapshot = await self.poll_once(full=plan is PollPlan.FULL)
         except (PrefectApiError, TimeoutError) as exc:
             reason = exc.reason if isinstance(exc, PrefectApiError) else "timeout"
             error = str(exc) or f"no complete poll within {self._settings.timeout:g}s"
@@ -413,7 +312,7 @@ class Poller:
             )
         except Exception as exc:  # a bug must not stop the exporter serving: count, log, go on
             duration = self._monotonic() - started
-            self._fail("internal", f"{type(exc).__name__}: {exc}", duration)
+            self._fail(INTERNAL, f"{type(exc).__name__}: {exc}", duration)
             self._log.exception("poll_crashed", duration_seconds=round(duration, 3))
         else:
             duration = self._monotonic() - started

@@ -11,7 +11,8 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from exporter.budget import RequestBudget
-from exporter.prefect_api import ApiMetrics, Connection, PrefectApi
+from exporter.prefect_api import PrefectApi
+from exporter.prefect_http import MAX_RESPONSE_BYTES, ApiMetrics, Connection, PrefectHttp
 
 API_URL = "http://prefect.test/api"
 
@@ -63,12 +64,16 @@ def make_api(
     registry: CollectorRegistry | None = None,
     connection: Connection | None = None,
     per_minute: int = 10_000,
+    max_response_bytes: int = MAX_RESPONSE_BYTES,
 ) -> PrefectApi:
     return PrefectApi(
-        connection or Connection(API_URL),
-        ApiMetrics(registry or CollectorRegistry()),
-        RequestBudget(per_minute),
-        transport=httpx.MockTransport(fake),
+        PrefectHttp(
+            connection or Connection(API_URL),
+            ApiMetrics(registry or CollectorRegistry()),
+            RequestBudget(per_minute),
+            transport=httpx.MockTransport(fake),
+            max_response_bytes=max_response_bytes,
+        )
     )
 
 

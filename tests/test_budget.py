@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from exporter.budget import Backoff, BudgetExhausted, RequestBudget
+from exporter.clock import Deadline
 
 
 class FakeTime:
@@ -30,7 +31,7 @@ class TestRequestBudget:
         fake = FakeTime()
         budget = RequestBudget(60, clock=fake.clock, sleep=fake.sleep)
         for _ in range(60):
-            assert asyncio.run(budget.acquire(10)) == 0
+            assert asyncio.run(budget.acquire(Deadline(10))) == 0
         assert fake.slept == []
 
     def test_beyond_the_budget_the_caller_waits_until_the_first_request_is_a_minute_old(
@@ -40,16 +41,16 @@ class TestRequestBudget:
         fake = FakeTime()
         budget = RequestBudget(60, clock=fake.clock, sleep=fake.sleep)
         for _ in range(60):
-            asyncio.run(budget.acquire(10))
-        assert asyncio.run(budget.acquire(100)) == pytest.approx(60.0)
+            asyncio.run(budget.acquire(Deadline(10)))
+        assert asyncio.run(budget.acquire(Deadline(100))) == pytest.approx(60.0)
 
     def test_a_wait_past_the_deadline_is_refused(self) -> None:
         """When no token arrives before the deadline, BudgetExhausted is raised."""
         fake = FakeTime()
         budget = RequestBudget(1, clock=fake.clock, sleep=fake.sleep)
-        asyncio.run(budget.acquire(10))
+        asyncio.run(budget.acquire(Deadline(10)))
         with pytest.raises(BudgetExhausted):
-            asyncio.run(budget.acquire(10))
+            asyncio.run(budget.acquire(Deadline(10)))
 
     def test_over_two_minutes_no_more_than_the_budget_plus_burst_is_spent(self) -> None:
         """Sustained demand is held to the per-minute rate."""
@@ -57,7 +58,7 @@ class TestRequestBudget:
         budget = RequestBudget(30, clock=fake.clock, sleep=fake.sleep)
         spent = 0
         while fake.now < 120:
-            asyncio.run(budget.acquire(fake.now + 60))
+            asyncio.run(budget.acquire(Deadline(fake.now + 60)))
             spent += 1
         assert spent <= 30 + 30 * 2 + 1
 
@@ -69,7 +70,7 @@ class TestRequestBudget:
         sent: list[float] = []
         for burst in range(4):
             for _ in range(45):  # a poll costing more than the budget, as in the reproduction
-                asyncio.run(budget.acquire(fake.now + 1e6))
+                asyncio.run(budget.acquire(Deadline(fake.now + 1e6)))
                 sent.append(fake.now)
                 fake.now += 0.01
             fake.now += pause * burst
@@ -81,7 +82,7 @@ class TestRequestBudget:
         fake = FakeTime()
         budget = RequestBudget(3, clock=fake.clock, sleep=fake.sleep)
         for _ in range(3):
-            asyncio.run(budget.acquire(0))
+            asyncio.run(budget.acquire(Deadline(0)))
             fake.now += 10
         assert budget.available == 0
         fake.now = 60

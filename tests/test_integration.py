@@ -32,7 +32,7 @@ from demo.stack import (
     wait_for,
 )
 from exporter.collector import AS_OF, OWN_FAMILIES, SNAPSHOT_FAMILIES
-from exporter.prefect_api import to_timestamp
+from exporter.prefect_parse import to_timestamp
 from tests.metrics_docs import documented_metrics
 
 pytestmark = pytest.mark.integration

@@ -23,7 +23,7 @@ from demo.stack import (
     past,
     wait_for,
 )
-from exporter.prefect_api import to_timestamp
+from exporter.prefect_parse import to_timestamp
 
 pytestmark = pytest.mark.integration
 

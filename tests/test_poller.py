@@ -13,8 +13,8 @@ import structlog
 import structlog.testing
 from prometheus_client import CollectorRegistry
 
+from exporter.errors import ApiStatusError, MalformedResponse, ObjectGone
 from exporter.poller import Poller, PollMetrics, PollSettings
-from exporter.prefect_api import ApiStatusError, MalformedResponse, ObjectGone
 from exporter.records import (
     ConcurrencyLimitRecord,
     FlowRunEvent,

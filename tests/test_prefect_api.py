@@ -11,24 +11,21 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from exporter.budget import RequestBudget
-from exporter.config import Secret
-from exporter.prefect_api import (
-    USER_AGENT,
+from exporter.clock import Deadline, UnixTime
+from exporter.errors import (
     ApiConnectionError,
-    ApiMetrics,
     ApiStatusError,
     ApiTimeout,
-    Connection,
     MalformedResponse,
     ObjectGone,
-    PrefectApi,
-    parse_retry_after,
 )
+from exporter.prefect_api import PrefectApi
+from exporter.prefect_http import USER_AGENT, Connection, parse_retry_after
+from exporter.secret import Secret
 from tests.fakes import API_URL, FakePrefect, make_api, pool_json, queue_json, worker_json
 
-FAR = 1e12  # a deadline that never passes in these tests
-NOW = 1_800_000_000.0
+FAR = Deadline(1e12)  # a deadline that never passes in these tests
+NOW = UnixTime(1_800_000_000.0)
 
 
 def run(coro: Any) -> Any:
@@ -124,7 +121,7 @@ class TestCounting:
         fake.on("POST", "work_pools/filter", [])
         api = make_api(fake)
         with pytest.raises(ApiTimeout):
-            run(call_and_close(api, api.work_pools(deadline=0)))
+            run(call_and_close(api, api.work_pools(deadline=Deadline(0))))
         assert fake.requests == []
 
 
@@ -391,13 +388,7 @@ class TestBoundedAnswers:
         fake = FakePrefect()
         fake.on("POST", "work_pools/filter", lambda r: httpx.Response(200, content=chunks()))
         registry = CollectorRegistry()
-        api = PrefectApi(
-            Connection(API_URL),
-            ApiMetrics(registry),
-            RequestBudget(1000),
-            transport=httpx.MockTransport(fake),
-            max_response_bytes=10 * 1024,
-        )
+        api = make_api(fake, registry, max_response_bytes=10 * 1024)
         with pytest.raises(MalformedResponse, match="larger than 10240 bytes"):
             run(call_and_close(api, api.work_pools(FAR)))
         assert requests_count(registry, "/work_pools/filter", "200") == 1
@@ -412,13 +403,7 @@ class TestBoundedAnswers:
         fake = FakePrefect()
         big = b"[" + b" " * 20_000 + b"]"
         fake.on("POST", "work_pools/filter", big)
-        api = PrefectApi(
-            Connection(API_URL),
-            ApiMetrics(CollectorRegistry()),
-            RequestBudget(1000),
-            transport=httpx.MockTransport(fake),
-            max_response_bytes=10_000,
-        )
+        api = make_api(fake, max_response_bytes=10_000)
         with pytest.raises(MalformedResponse, match="larger than"):
             run(call_and_close(api, api.work_pools(FAR)))
 

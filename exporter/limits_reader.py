@@ -1,0 +1,74 @@
+"""Reads concurrency limits and who holds their slots, in a few requests per poll."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from exporter.clock import Deadline
+from exporter.gather import gather_bounded
+from exporter.records import ConcurrencyLimitRecord, LimitHolders, LimitKind, RunState
+
+
+class LimitsApi(Protocol):
+    """The reads the limits reader needs (prefect_api.PrefectApi has them)."""
+
+    async def concurrency_limits(self, deadline: Deadline) -> list[ConcurrencyLimitRecord]: ...
+    async def tag_limit_holders(self, deadline: Deadline) -> dict[str, tuple[str, ...]]: ...
+    async def task_run_states(self, ids: Sequence[str], deadline: Deadline) -> list[RunState]: ...
+    async def flow_run_states(self, ids: Sequence[str], deadline: Deadline) -> list[RunState]: ...
+    async def deployment_names(self, ids: Sequence[str], deadline: Deadline) -> dict[str, str]: ...
+    async def deployment_slot_runs(self, deployment_id: str, deadline: Deadline) -> int: ...
+    async def deployment_awaiting_slot(
+        self, deployment_id: str, deadline: Deadline
+    ) -> tuple[int, float | None]: ...
+
+
+class LimitsReader:
+    """The v2 limit table, then only the holders worth checking.
+
+    Tag holders are asked for only when a tag limit exists, their task and flow runs only when
+    a slot is taken, and deployment runs only for deployments whose limit has taken slots.
+    `deployments_breakdown` adds two requests per limited deployment (opt-in).
+    """
+
+    def __init__(self, api: LimitsApi, concurrency: int, deployments_breakdown: bool) -> None:
+        self._api = api
+        self._concurrency = concurrency
+        self._deployments_breakdown = deployments_breakdown
+
+    async def read(
+        self, deadline: Deadline
+    ) -> tuple[tuple[ConcurrencyLimitRecord, ...], LimitHolders]:
+        """Every limit and what is known about its holders; raises PrefectApiError."""
+        api, concurrency = self._api, self._concurrency
+        limits = tuple(await api.concurrency_limits(deadline))
+        has_tags = any(r.kind == LimitKind.TAG for r in limits)
+        tag_holders = await api.tag_limit_holders(deadline) if has_tags else {}
+        holder_ids = sorted({run for runs in tag_holders.values() for run in runs})
+        task_states = await api.task_run_states(holder_ids, deadline) if holder_ids else []
+        parent_ids = sorted({s.flow_run_id for s in task_states if s.flow_run_id})
+        flow_states = await api.flow_run_states(parent_ids, deadline) if parent_ids else []
+        deployment_limits = [r for r in limits if r.kind == LimitKind.DEPLOYMENT]
+        deployment_ids = [r.deployment_id for r in deployment_limits if r.deployment_id]
+        names = await api.deployment_names(deployment_ids, deadline) if deployment_ids else {}
+        # Only limits with taken slots can leak; the others need no request.
+        busy = [r.deployment_id for r in deployment_limits if r.deployment_id and r.active_slots]
+        holding = await gather_bounded(
+            [api.deployment_slot_runs(d, deadline) for d in busy], concurrency
+        )
+        slot_runs = dict.fromkeys(deployment_ids, 0) | dict(zip(busy, holding, strict=True))
+        awaiting: dict[str, tuple[int, float | None]] = {}
+        if self._deployments_breakdown:
+            answers = await gather_bounded(
+                [api.deployment_awaiting_slot(d, deadline) for d in deployment_ids], concurrency
+            )
+            awaiting = dict(zip(deployment_ids, answers, strict=True))
+        holders = LimitHolders(
+            tag_holders=tag_holders,
+            holder_states={s.id: s for s in (*task_states, *flow_states)},
+            deployment_names=names,
+            deployment_slot_runs=slot_runs,
+            deployment_awaiting=awaiting,
+        )
+        return limits, holders

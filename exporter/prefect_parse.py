@@ -1,0 +1,219 @@
+"""Turns the Prefect API's JSON into records, rejecting what cannot be true.
+
+Pure functions: no I/O. Every unexpected shape, type or value raises MalformedResponse, so a
+wrong answer fails the poll as `malformed_response` and never passes for data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+from exporter.errors import MalformedResponse
+from exporter.records import (
+    ConcurrencyLimitRecord,
+    FlowRunEvent,
+    PoolRecord,
+    QueueRecord,
+    RunState,
+    StateCount,
+    WorkerRecord,
+)
+
+FLOW_RUN_EVENT_PREFIX = "prefect.flow-run."
+_LATEST_PLAUSIBLE_TIMESTAMP = datetime(2200, 1, 1, tzinfo=UTC).timestamp()
+# Counts, limits and slots above this are not numbers a Prefect database produces.
+MAX_PLAUSIBLE_COUNT = 2**53
+
+
+def to_timestamp(value: object, where: str) -> float | None:
+    """Epoch seconds from the API's ISO-8601 strings; None stays None."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise MalformedResponse(f"{where}: expected a timestamp, got {type(value).__name__}")
+    try:
+        parsed = datetime.fromisoformat(value)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        timestamp = parsed.timestamp()
+    except (ValueError, OverflowError):
+        raise MalformedResponse(f"{where}: not an ISO-8601 timestamp") from None
+    if not 0 <= timestamp < _LATEST_PLAUSIBLE_TIMESTAMP:
+        # A heartbeat in the year 9999 would keep a worker "online" forever.
+        raise MalformedResponse(f"{where}: impossible timestamp")
+    return timestamp
+
+
+def iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _get(obj: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], where: str) -> Any:
+    value = obj.get(key)
+    if value is None:
+        return None
+    # bool is an int in Python, but never a valid count or limit in the API.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool):
+        raise MalformedResponse(f"{where}.{key}: unexpected {type(value).__name__}")
+    return value
+
+
+def _count_field(obj: Mapping[str, Any], key: str, where: str) -> int | None:
+    """A count, limit or slot number: a whole number a database can hold, never negative."""
+    value: int | None = _get(obj, key, int, where)
+    if value is not None and not 0 <= value <= MAX_PLAUSIBLE_COUNT:
+        raise MalformedResponse(f"{where}.{key}: impossible value")
+    return value
+
+
+def required(obj: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], where: str) -> Any:
+    value = _get(obj, key, kinds, where)
+    if value is None:
+        raise MalformedResponse(f"{where}.{key}: missing")
+    return value
+
+
+def objects(payload: Any, where: str) -> list[Mapping[str, Any]]:
+    if not isinstance(payload, list) or not all(isinstance(item, dict) for item in payload):
+        raise MalformedResponse(f"{where}: expected a list of objects")
+    return payload
+
+
+def page(payload: Any, where: str, limit: int) -> list[Mapping[str, Any]]:
+    """A page of objects that honours the `limit` asked for.
+
+    More rows than asked for cannot be a correct answer, and would otherwise read as "more pages
+    follow" and page on without end.
+    """
+    rows = objects(payload, where)
+    if len(rows) > limit:
+        raise MalformedResponse(f"{where}: {len(rows)} rows where at most {limit} were asked for")
+    return rows
+
+
+def parse_pool(obj: Mapping[str, Any]) -> PoolRecord:
+    where = "work_pool"
+    return PoolRecord(
+        name=required(obj, "name", str, where),
+        type=_get(obj, "type", str, where) or "unknown",
+        status=_get(obj, "status", str, where),
+        is_paused=bool(_get(obj, "is_paused", bool, where)),
+        concurrency_limit=_count_field(obj, "concurrency_limit", where),
+    )
+
+
+def parse_queue(obj: Mapping[str, Any]) -> QueueRecord:
+    where = "work_queue"
+    return QueueRecord(
+        id=required(obj, "id", str, where),
+        name=required(obj, "name", str, where),
+        pool=required(obj, "work_pool_name", str, where),
+        status=_get(obj, "status", str, where),
+        is_paused=bool(_get(obj, "is_paused", bool, where)),
+        priority=_get(obj, "priority", int, where) or 0,
+        concurrency_limit=_count_field(obj, "concurrency_limit", where),
+        last_polled=to_timestamp(obj.get("last_polled"), f"{where}.last_polled"),
+    )
+
+
+def parse_worker(pool: str, obj: Mapping[str, Any]) -> WorkerRecord:
+    where = "worker"
+    interval = _get(obj, "heartbeat_interval_seconds", (int, float), where)
+    if interval is not None and not 0 < interval < MAX_PLAUSIBLE_COUNT:
+        raise MalformedResponse(f"{where}.heartbeat_interval_seconds: impossible value")
+    return WorkerRecord(
+        pool=pool,
+        name=required(obj, "name", str, where),
+        last_heartbeat=to_timestamp(obj.get("last_heartbeat_time"), f"{where}.last_heartbeat_time"),
+        heartbeat_interval=float(interval) if interval is not None else None,
+    )
+
+
+def parse_limit(obj: Mapping[str, Any]) -> ConcurrencyLimitRecord:
+    where = "concurrency_limit"
+    limit = _count_field(obj, "limit", where)
+    if limit is None:
+        raise MalformedResponse(f"{where}.limit: missing")
+    return ConcurrencyLimitRecord(
+        id=required(obj, "id", str, where),
+        name=required(obj, "name", str, where),
+        limit=limit,
+        active_slots=_count_field(obj, "active_slots", where) or 0,
+        active=_get(obj, "active", bool, where) is not False,
+    )
+
+
+def parse_run_state(obj: Mapping[str, Any], where: str) -> RunState:
+    state = obj.get("state")
+    state_type = obj.get("state_type")
+    if state_type is None and isinstance(state, dict):
+        state_type = state.get("type")
+    if state_type is not None and not isinstance(state_type, str):
+        raise MalformedResponse(f"{where}.state_type: unexpected {type(state_type).__name__}")
+    return RunState(
+        id=required(obj, "id", str, where),
+        state_type=state_type,
+        flow_run_id=_get(obj, "flow_run_id", str, where),
+    )
+
+
+def parse_event(obj: Mapping[str, Any]) -> FlowRunEvent | None:
+    """A flow-run state event, or None for events of another kind."""
+    where = "event"
+    name = required(obj, "event", str, where)
+    resource = obj.get("resource")
+    if not name.startswith(FLOW_RUN_EVENT_PREFIX) or not isinstance(resource, dict):
+        return None
+    state_type = resource.get("prefect.state-type")
+    state_name = resource.get("prefect.state-name")
+    resource_id = resource.get("prefect.resource.id", "")
+    if not isinstance(state_type, str) or not isinstance(state_name, str):
+        return None  # not a state change (e.g. a heartbeat from a newer client)
+    pool = ""
+    related = obj.get("related") or []
+    if isinstance(related, list):
+        for item in related:
+            if isinstance(item, dict) and item.get("prefect.resource.role") == "work-pool":
+                pool = str(item.get("prefect.resource.name", ""))
+    occurred = to_timestamp(obj.get("occurred"), "event.occurred")
+    if occurred is None:
+        raise MalformedResponse("event.occurred: missing")
+    return FlowRunEvent(
+        id=required(obj, "id", str, where),
+        occurred=occurred,
+        flow_run_id=str(resource_id).removeprefix(FLOW_RUN_EVENT_PREFIX),
+        state_type=state_type,
+        state_name=state_name,
+        work_pool=pool,
+    )
+
+
+def page_token(next_page: object) -> str | None:
+    if not next_page:
+        return None
+    if not isinstance(next_page, str):
+        raise MalformedResponse("events.next_page: expected a URL")
+    # The server builds the URL from its own idea of its base; only the token is ours to use.
+    token = parse_qs(urlsplit(next_page).query).get("page-token")
+    if not token:
+        raise MalformedResponse("events.next_page: no page-token")
+    return quote(token[0], safe="")
+
+
+def parse_history(payload: Any) -> tuple[StateCount, ...]:
+    """Sum the single-bucket /flow_runs/history answer by state type and name."""
+    totals: dict[tuple[str, str], int] = {}
+    for bucket in objects(payload, "history"):
+        for state in objects(bucket.get("states", []), "history.states"):
+            key = (
+                required(state, "state_type", str, "history.state"),
+                required(state, "state_name", str, "history.state"),
+            )
+            count = _count_field(state, "count_runs", "history.state")
+            if count is None:
+                raise MalformedResponse("history.state.count_runs: missing")
+            totals[key] = totals.get(key, 0) + count
+    return tuple(StateCount(t, n, c) for (t, n), c in sorted(totals.items()))
