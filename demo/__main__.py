@@ -8,6 +8,7 @@ prints where /metrics is and runs until Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import io
 import signal
 import socket
 import sys
@@ -52,6 +53,10 @@ def main() -> int:
         help="stop everything once /metrics shows the demo (for tests)",
     )
     args = parser.parse_args()
+    # Piped to a file or `tee`, Python would hold these lines in a block buffer until exit:
+    # the URL of /metrics must show as soon as it is known.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
 
     home = ROOT / ".demo"
     home.mkdir(exist_ok=True)

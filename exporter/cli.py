@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
+
+# prefect-client, imported below through prefect_api, prints a telemetry notice on a terminal
+# and creates ~/.prefect when it is imported. The exporter sends no telemetry and writes nothing
+# under the user's home: DO_NOT_TRACK turns the first off, and a PREFECT_HOME that exists (this
+# package's directory, which holds no Prefect files) the second.
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ.setdefault("PREFECT_HOME", os.path.dirname(os.path.abspath(__file__)))
+
+import asyncio
 import signal
 import sys
 import time
@@ -16,12 +24,14 @@ from structlog.typing import FilteringBoundLogger
 from exporter import __version__, logs
 from exporter.budget import BudgetCollector, RequestBudget
 from exporter.collector import ExporterCollector, SnapshotCollector
-from exporter.config import ConfigError, Settings, load_settings
+from exporter.config import ConfigError, Settings, read_settings
 from exporter.exposition import Exposition, render
 from exporter.poller import Poller, PollMetrics, PollSettings
-from exporter.prefect_api import ApiMetrics, Connection, PrefectApi
+from exporter.prefect_api import PrefectApi
+from exporter.prefect_http import ApiMetrics, Connection, PrefectHttp
 from exporter.server import App, MetricsServer
 from exporter.snapshot import Snapshot
+from exporter.statefile import StateFile
 from exporter.store import Store
 from exporter.worklog import PositionStore, WorkerLog, WorkerLogMetrics, WorkerLogTailer
 
@@ -39,14 +49,16 @@ def build_poller(
     budget = RequestBudget(settings.requests_per_minute)
     registry.register(BudgetCollector(budget))
     api = PrefectApi(
-        Connection(
-            api_url=settings.api_url,
-            api_key=settings.api_key,
-            auth_string=settings.auth_string,
-            request_timeout=settings.request_timeout,
-        ),
-        ApiMetrics(registry),
-        budget,
+        PrefectHttp(
+            Connection(
+                api_url=settings.api_url,
+                api_key=settings.api_key,
+                auth_string=settings.auth_string,
+                request_timeout=settings.request_timeout,
+            ),
+            ApiMetrics(registry),
+            budget,
+        )
     )
     poller = Poller(
         api,
@@ -78,7 +90,7 @@ def build_tailer(
     return WorkerLogTailer(
         [WorkerLog(worker, Path(path)) for worker, path in settings.worker_logs],
         WorkerLogMetrics(registry),
-        PositionStore(Path(state) if state else None),
+        PositionStore(StateFile(Path(state), "worker_log", log) if state else None),
         log,
     )
 
@@ -145,14 +157,19 @@ async def serve(settings: Settings, log: FilteringBoundLogger) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the exporter until SIGTERM or SIGINT; the exit code (2: invalid configuration).
+
+    `argv` excludes the program name (default: sys.argv[1:]).
+    """
     try:
-        settings = load_settings(sys.argv[1:] if argv is None else argv, os.environ)
+        settings, warnings = read_settings(sys.argv[1:] if argv is None else argv, os.environ)
     except ConfigError as exc:
-        print("prefect-exporter: invalid configuration:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  - {problem}", file=sys.stderr)
+        # In the format asked for when that part was valid: JSON lines for a log shipper.
+        logs.report_problems("config_invalid", exc.problems, exc.log_format or "console")
         return 2
     log = logs.configure(settings.log_level, settings.log_format)
+    for warning in warnings:
+        log.warning("config_warning", problem=warning)
     if settings.prefect_enabled and settings.api_url_from_default:
         log.warning(
             "api_url_not_configured",

@@ -5,8 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from exporter.config import DEFAULT_API_URL, ConfigError, Secret, load_settings, parse_duration
+from exporter.config import (
+    DEFAULT_API_URL,
+    MAX_CONFIG_FILE_BYTES,
+    OPTIONS,
+    ConfigError,
+    Option,
+    Settings,
+    build_parser,
+    documentation_rows,
+    load_settings,
+    parse_duration,
+    read_settings,
+)
+from exporter.secret import Secret
 
 
 class TestSources:
@@ -177,3 +191,362 @@ class TestWorkerLogs:
         """Two logs may not share a worker label."""
         with pytest.raises(ConfigError, match="same worker name"):
             load_settings(["--worker-log", "/a/worker.log", "--worker-log", "/b/worker.log"], {})
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# One valid sample per option: (text as a user writes it, expected Settings fields). A new
+# option must add a line here, which proves its flag, YAML key and variable reach its field.
+SAMPLES: dict[str, tuple[str, dict[str, object]]] = {
+    "api_url": ("https://prefect.example.com/api/", {"api_url": "https://prefect.example.com/api"}),
+    "api_key": ("pnu_abc123", {"api_key": Secret("pnu_abc123")}),
+    "auth_string": ("admin:pässword", {"auth_string": Secret("admin:pässword")}),
+    "prefect_enabled": ("true", {"prefect_enabled": True}),
+    "requests_per_minute": ("300", {"requests_per_minute": 300}),
+    "request_timeout": ("4s", {"request_timeout": 4.0}),
+    "poll_interval": ("1m", {"poll_interval": 60.0, "max_staleness": 180.0}),
+    "poll_timeout": ("15s", {"poll_timeout": 15.0}),
+    "max_staleness": ("5m", {"max_staleness": 300.0}),
+    "poll_concurrency": ("8", {"poll_concurrency": 8}),
+    "heartbeat_multiple": ("2.5", {"heartbeat_multiple": 2.5}),
+    "events_enabled": ("false", {"events_enabled": False}),
+    "events_max_pages": ("20", {"events_max_pages": 20}),
+    "events_settle": ("45s", {"events_settle": 45.0}),
+    "events_state_file": ("/var/lib/e.json", {"events_state_file": "/var/lib/e.json"}),
+    "deployments_breakdown": ("true", {"deployments_breakdown": True}),
+    "worker_logs": ("w1=/logs/a.log", {"worker_logs": (("w1", "/logs/a.log"),)}),
+    "worker_log_state_file": ("/var/lib/p.json", {"worker_log_state_file": "/var/lib/p.json"}),
+    "listen_address": ("127.0.0.1:9000", {"listen_host": "127.0.0.1", "listen_port": 9000}),
+    "telemetry_path": ("/prefect", {"telemetry_path": "/prefect"}),
+    "log_level": ("DEBUG", {"log_level": "debug"}),
+    "log_format": ("json", {"log_format": "json"}),
+    "config_file": ("", {"config_file": None}),
+}
+
+
+def readme_configuration_rows() -> list[tuple[str, ...]]:
+    """The cells of the README's configuration table, stripped, one tuple per row."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index("| Flag | YAML key | Environment | Default | Meaning |") + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append(tuple(cell.strip() for cell in line.strip().strip("|").split(" | ")))
+    return rows
+
+
+def problems_of(argv: list[str], environ: dict[str, str] | None = None) -> list[str]:
+    """The problems load_settings reports (fails the test if it accepts the input)."""
+    with pytest.raises(ConfigError) as raised:
+        load_settings(argv, environ or {})
+    return raised.value.problems
+
+
+class TestOptionTable:
+    """Flags, YAML keys, variables, defaults, --help and the README derive from one table."""
+
+    def test_readme_table_is_the_option_table(self) -> None:
+        """Every README row equals the row derived from OPTIONS, in the same order."""
+        assert readme_configuration_rows() == [
+            tuple(cell.strip() for cell in row) for row in documentation_rows()
+        ]
+
+    def test_help_texts_fit_in_a_table_cell(self) -> None:
+        """A '|' in a help text would split the README row."""
+        for option in OPTIONS:
+            assert "|" not in option.help, option.name
+
+    def test_settings_defaults_are_what_loading_nothing_gives(self) -> None:
+        """The dataclass defaults and the table's defaults are the same values."""
+        assert Settings() == load_settings([], {})
+        assert Settings().max_staleness == 3 * Settings().poll_interval == 90
+
+    def test_every_option_has_a_sample(self) -> None:
+        """The wiring tests below cover every option."""
+        assert set(SAMPLES) == {option.name for option in OPTIONS}
+
+    @pytest.mark.parametrize("option", [o for o in OPTIONS if o.flag], ids=lambda o: o.name)
+    def test_each_flag_sets_its_field(self, option: Option) -> None:
+        """`--flag=value` reaches the Settings field."""
+        text, expected = SAMPLES[option.name]
+        settings = load_settings([f"{option.flag}={text}"], {})
+        for field, value in expected.items():
+            assert getattr(settings, field) == value
+
+    @pytest.mark.parametrize("option", [o for o in OPTIONS if o.yaml_key], ids=lambda o: o.name)
+    def test_each_yaml_key_sets_its_field(self, option: Option, tmp_path: Path) -> None:
+        """`section: {key: value}` in the file reaches the Settings field."""
+        text, expected = SAMPLES[option.name]
+        assert option.yaml_key is not None
+        section, key = option.yaml_key.split(".")
+        value: object = [text] if option.repeatable else text
+        config = tmp_path / "c.yml"
+        config.write_text(yaml.safe_dump({section: {key: value}}))
+        settings = load_settings(["--config.file", str(config)], {})
+        for field, wanted in expected.items():
+            assert getattr(settings, field) == wanted
+
+    @pytest.mark.parametrize("option", [o for o in OPTIONS if o.env], ids=lambda o: o.name)
+    def test_each_variable_sets_its_field(self, option: Option) -> None:
+        """The environment variable reaches the Settings field."""
+        text, expected = SAMPLES[option.name]
+        assert option.env is not None
+        settings = load_settings([], {option.env: text})
+        for field, value in expected.items():
+            assert getattr(settings, field) == value
+
+    def test_help_shows_each_flag_with_its_default(self) -> None:
+        """--help lists every flag and the default the table gives it."""
+        text = " ".join(build_parser().format_help().split())
+        for option in OPTIONS:
+            if option.flag:
+                assert option.flag in text
+        assert "time between polls (default: 30s)" in text
+        assert "(default: $PREFECT_API_URL, else http://127.0.0.1:4200/api)" in text
+        assert "(default: 3 intervals)" in text
+        assert "deployment (default: off)" in text
+
+    def test_help_names_the_credential_variables(self) -> None:
+        """Options without a flag are listed with their environment variables."""
+        text = build_parser().format_help()
+        assert "PREFECT_API_KEY" in text
+        assert "PREFECT_API_AUTH_STRING" in text
+
+
+class TestProblemsNameWhatTheUserWrote:
+    """Each problem names the flag, the key and file, or the variable to fix."""
+
+    def test_a_flag_a_key_and_a_variable(self, tmp_path: Path) -> None:
+        """One bad value from each source, each named as written."""
+        config = tmp_path / "c.yml"
+        config.write_text("poll:\n  interval: soon\n")
+        problems = problems_of(
+            ["--config.file", str(config), "--poll.concurrency", "99"],
+            {"PREFECT_API_URL": "ftp://x"},
+        )
+        assert sorted(problems) == sorted(
+            [
+                "PREFECT_API_URL: expected an http:// or https:// URL such as "
+                "http://127.0.0.1:4200/api (setting api_url)",
+                f"poll.interval in config file {config}: expected a duration such as 30s or "
+                "5m, got 'soon' (setting poll_interval)",
+                "--poll.concurrency: must be between 1 and 32 (setting poll_concurrency)",
+            ]
+        )
+
+    def test_a_bad_choice_hides_no_other_problem(self) -> None:
+        """--log.format xml, a bad URL and a too short staleness: three problems."""
+        problems = problems_of(
+            ["--prefect.api-url", "ftp://x", "--poll.max-staleness", "1s", "--log.format", "xml"]
+        )
+        assert problems == [
+            "--prefect.api-url: expected an http:// or https:// URL such as "
+            "http://127.0.0.1:4200/api (setting api_url)",
+            "--log.format: must be one of auto, json, console, got 'xml' (setting log_format)",
+            "--poll.max-staleness: must be at least the poll interval (30s by default)"
+            " (setting max_staleness)",
+        ]
+
+    def test_the_log_format_is_passed_on_when_valid(self) -> None:
+        """Problems can be reported as JSON when --log.format json was valid."""
+        with pytest.raises(ConfigError) as raised:
+            load_settings(["--log.format", "json", "--poll.interval", "x"], {})
+        assert raised.value.log_format == "json"
+        with pytest.raises(ConfigError) as raised:
+            load_settings(["--log.format", "xml"], {})
+        assert raised.value.log_format is None
+
+    def test_relations_name_both_sources(self, tmp_path: Path) -> None:
+        """A timeout longer than the interval names where each was set."""
+        config = tmp_path / "c.yml"
+        config.write_text("poll:\n  interval: 10s\n")
+        problems = problems_of(["--config.file", str(config), "--poll.timeout", "20s"])
+        assert problems == [
+            "--poll.timeout: must not be longer than the poll interval (10s from poll.interval "
+            f"in config file {config}): a poll may not outlast it (setting poll_timeout)"
+        ]
+
+
+class TestFlags:
+    """Bad flags are listed with the rest instead of stopping at the first."""
+
+    def test_a_mistyped_flag_suggests_the_closest(self) -> None:
+        """--poll.intervl is unknown, its value is not a stray argument, and others still count."""
+        problems = problems_of(["--poll.intervl", "5s", "--poll.concurrency", "0"])
+        assert problems == [
+            "--poll.intervl: unknown flag (did you mean --poll.interval?)",
+            "--poll.concurrency: must be between 1 and 32 (setting poll_concurrency)",
+        ]
+
+    def test_abbreviations_are_unknown_flags(self) -> None:
+        """A prefix of a flag is not silently taken for it."""
+        assert problems_of(["--poll.int=5s"]) == [
+            "--poll.int: unknown flag (did you mean --poll.interval?)"
+        ]
+
+    def test_a_missing_value_is_a_problem(self) -> None:
+        """A flag at the end, or followed by another flag, has no value."""
+        problems = problems_of(["--poll.timeout", "--log.level", "debug", "--poll.interval"])
+        assert problems == [
+            "--poll.timeout: expects a value (DURATION)",
+            "--poll.interval: expects a value (DURATION)",
+        ]
+
+    def test_a_stray_argument_is_a_problem(self) -> None:
+        """The exporter takes no positional arguments."""
+        assert problems_of(["metrics"]) == ["unexpected argument 'metrics'; flags start with --"]
+
+    def test_a_value_starting_with_a_dash_is_a_value(self) -> None:
+        """--poll.interval -5s is a bad duration, not a missing value."""
+        assert problems_of(["--poll.interval", "-5s"]) == [
+            "--poll.interval: expected a duration such as 30s or 5m, got '-5s' "
+            "(setting poll_interval)"
+        ]
+
+    def test_boolean_flags_take_an_explicit_value(self) -> None:
+        """--events.enabled=false and --no-events.enabled=true both turn events off."""
+        assert not load_settings(["--events.enabled=false"], {}).events_enabled
+        assert not load_settings(["--no-events.enabled=true"], {}).events_enabled
+        assert load_settings(["--no-deployments.breakdown=false"], {}).deployments_breakdown
+        assert problems_of(["--events.enabled=maybe"]) == [
+            "--events.enabled: expected true or false, got 'maybe'"
+        ]
+
+    def test_no_prefect_enabled_is_named_as_written(self) -> None:
+        """The log-only mode without a log names --no-prefect.enabled."""
+        assert problems_of(["--no-prefect.enabled"]) == [
+            "--no-prefect.enabled: with the API off, give at least one --worker-log "
+            "(worker_logs.files in YAML) (setting prefect_enabled)"
+        ]
+
+
+class TestConfigFile:
+    """Whatever the file holds, the result is settings or listed problems, never a traceback."""
+
+    def write(self, tmp_path: Path, data: bytes) -> str:
+        path = tmp_path / "c.yml"
+        path.write_bytes(data)
+        return str(path)
+
+    def test_a_file_that_is_not_utf8_is_a_problem(self, tmp_path: Path) -> None:
+        """Latin-1 bytes are reported with their offset, along with other problems."""
+        path = self.write(tmp_path, b"poll:\n  interval: 5s # \xe9t\xe9\n")
+        problems = problems_of(["--config.file", path, "--poll.concurrency", "0"])
+        assert problems == [
+            f"config file {path}: not UTF-8 text (byte 0xe9 on line 2); save it as UTF-8",
+            "--poll.concurrency: must be between 1 and 32 (setting poll_concurrency)",
+        ]
+
+    def test_a_huge_file_is_not_read_whole(self, tmp_path: Path) -> None:
+        """A file over the size limit is refused."""
+        path = self.write(tmp_path, b"#" * (MAX_CONFIG_FILE_BYTES + 1))
+        assert problems_of(["--config.file", path]) == [
+            f"config file {path}: larger than 1024 KiB; not a config"
+        ]
+
+    @pytest.mark.parametrize(
+        "text",
+        ["poll:\n  interval: 2020-13-45\n", "[" * 5000, "poll: !!python/object:os.system x\n"],
+        ids=["impossible-date", "deep-nesting", "python-tag"],
+    )
+    def test_yaml_the_parser_refuses_is_a_problem(self, tmp_path: Path, text: str) -> None:
+        """PyYAML's other exceptions are reported as invalid YAML too."""
+        path = self.write(tmp_path, text.encode())
+        problems = problems_of(["--config.file", path])
+        assert len(problems) == 1
+        assert problems[0].startswith(f"config file {path}: not valid YAML")
+
+    def test_unknown_keys_get_a_suggestion(self, tmp_path: Path) -> None:
+        """A misspelt key names the closest known one."""
+        path = self.write(tmp_path, b"web:\n  listen_adress: ':1'\nlogs: {}\n")
+        assert problems_of(["--config.file", path]) == [
+            f"web.listen_adress in config file {path}: unknown key "
+            "(did you mean web.listen_address?)",
+            f"config file {path}: unknown section 'logs' (did you mean log?)",
+        ]
+
+    @pytest.mark.parametrize(
+        ("text", "field"),
+        [
+            ("poll:\n  interval: .inf\n", "poll_interval"),
+            ("workers:\n  heartbeat_multiple: .nan\n", "heartbeat_multiple"),
+            ("poll:\n  concurrency: true\n", "poll_concurrency"),
+            ("poll:\n  concurrency: 2.5\n", "poll_concurrency"),
+            ("events:\n  enabled: sometimes\n", "events_enabled"),
+            ("prefect:\n  api_key: 12\n", "api_key"),
+        ],
+    )
+    def test_values_of_the_wrong_kind_are_problems(
+        self, tmp_path: Path, text: str, field: str
+    ) -> None:
+        """Infinite, NaN, boolean-for-number and number-for-key values are refused."""
+        path = self.write(tmp_path, text.encode())
+        problems = problems_of(["--config.file", path])
+        assert len(problems) == 1
+        assert problems[0].endswith(f"(setting {field})")
+
+    def test_an_empty_value_means_unset(self, tmp_path: Path) -> None:
+        """`state_file:` with nothing after it is the default, no file."""
+        path = self.write(tmp_path, b"events:\n  state_file:\nprefect:\n  api_key:\n")
+        settings = load_settings(["--config.file", path], {})
+        assert settings.events_state_file is None
+        assert settings.api_key is None
+
+
+class TestCredentials:
+    """Keys and auth strings are cleaned or refused with a clear message, never echoed."""
+
+    def test_a_trailing_newline_is_removed_with_a_warning(self) -> None:
+        """A Kubernetes secret made from a file works, and the user is told."""
+        loaded = read_settings([], {"PREFECT_API_KEY": "pnu_abc\n"})
+        assert loaded.settings.api_key == Secret("pnu_abc")
+        assert loaded.warnings == [
+            "PREFECT_API_KEY: removed a trailing newline from the value (a secret or file that"
+            " ends with a newline?)"
+        ]
+
+    def test_surrounding_spaces_in_the_url_are_removed_with_a_warning(self) -> None:
+        """A URL pasted with a space works, and the user is told."""
+        loaded = read_settings([], {"PREFECT_API_URL": " http://h:4200/api "})
+        assert loaded.settings.api_url == "http://h:4200/api"
+        assert loaded.warnings == [
+            "PREFECT_API_URL: removed surrounding whitespace from the value (a secret or file"
+            " that ends with a newline?)"
+        ]
+
+    @pytest.mark.parametrize(
+        ("key", "problem"),
+        [
+            ("pnu_sécret", "contains a non-ASCII character (character 6)"),
+            ("pnu_se cret", "contains a space or control character (character 7)"),
+            ("pnu_se\ncret", "contains a space or control character (character 7)"),
+            ("  \n", "is blank"),
+        ],
+    )
+    def test_a_bad_api_key_is_refused_without_echoing_it(self, key: str, problem: str) -> None:
+        """The message says what is wrong and where, not the key."""
+        problems = problems_of([], {"PREFECT_API_KEY": key})
+        assert len(problems) == 1
+        assert problems[0].startswith(f"PREFECT_API_KEY: {problem}")
+        assert "cret" not in problems[0]
+
+    def test_a_control_character_in_the_auth_string_is_refused(self) -> None:
+        """A newline inside user:password is a copy-and-paste accident."""
+        problems = problems_of([], {"PREFECT_API_AUTH_STRING": "admin:hun\nter2"})
+        assert problems == [
+            "PREFECT_API_AUTH_STRING: contains a control character (character 10)"
+            " (setting auth_string)"
+        ]
+
+    def test_a_non_ascii_auth_string_is_accepted(self) -> None:
+        """Basic auth is sent UTF-8 encoded, as Prefect's client does."""
+        settings = load_settings([], {"PREFECT_API_AUTH_STRING": "admin:pässword"})
+        assert settings.auth_string == Secret("admin:pässword")
+
+    def test_a_url_with_spaces_inside_is_refused_without_echoing_it(self) -> None:
+        """Whitespace inside the URL is refused; the URL is not repeated."""
+        problems = problems_of([], {"PREFECT_API_URL": "http://h:4200/a pi"})
+        assert problems == [
+            "PREFECT_API_URL: contains spaces or control characters (setting api_url)"
+        ]
