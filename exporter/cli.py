@@ -31,9 +31,15 @@ from exporter.prefect_api import PrefectApi
 from exporter.prefect_http import ApiMetrics, Connection, PrefectHttp
 from exporter.server import App, MetricsServer
 from exporter.snapshot import Snapshot
-from exporter.statefile import StateFile
+from exporter.statefile import StateFile, StateFileCollector, check_state_file
 from exporter.store import Store
-from exporter.worklog import PositionStore, WorkerLog, WorkerLogMetrics, WorkerLogTailer
+from exporter.worklog import (
+    PositionStore,
+    WorkerLog,
+    WorkerLogMetrics,
+    WorkerLogTailer,
+    check_worker_log,
+)
 
 
 def render_snapshot(snapshot: Snapshot) -> Exposition:
@@ -45,6 +51,7 @@ def build_poller(
     store: Store[Exposition],
     registry: CollectorRegistry,
     log: FilteringBoundLogger,
+    cursor_file: StateFile | None,
 ) -> tuple[Poller, PrefectApi]:
     budget = RequestBudget(settings.requests_per_minute)
     registry.register(BudgetCollector(budget))
@@ -71,28 +78,65 @@ def build_poller(
             events_enabled=settings.events_enabled,
             events_max_pages=settings.events_max_pages,
             events_settle=settings.events_settle,
-            events_state_file=(
-                Path(settings.events_state_file) if settings.events_state_file else None
-            ),
             deployments_breakdown=settings.deployments_breakdown,
+            mode=settings.poll_mode,
+            max_backoff=settings.max_backoff,
         ),
         PollMetrics(registry),
         log,
         budget=budget,
+        cursor_file=cursor_file,
     )
     return poller, api
 
 
 def build_tailer(
-    settings: Settings, registry: CollectorRegistry, log: FilteringBoundLogger
+    settings: Settings,
+    registry: CollectorRegistry,
+    log: FilteringBoundLogger,
+    positions_file: StateFile | None,
 ) -> WorkerLogTailer:
-    state = settings.worker_log_state_file
     return WorkerLogTailer(
         [WorkerLog(worker, Path(path)) for worker, path in settings.worker_logs],
         WorkerLogMetrics(registry),
-        PositionStore(StateFile(Path(state), "worker_log", log) if state else None),
+        PositionStore(positions_file),
         log,
     )
+
+
+def state_files(
+    settings: Settings, log: FilteringBoundLogger
+) -> tuple[StateFile | None, StateFile | None]:
+    """The events cursor file and the worker-log positions file, where configured and used."""
+    cursor = settings.events_state_file
+    positions = settings.worker_log_state_file
+    events_used = settings.prefect_enabled and settings.events_enabled
+    return (
+        StateFile(Path(cursor), "events", log) if cursor and events_used else None,
+        StateFile(Path(positions), "worker_log", log)
+        if positions and settings.worker_logs
+        else None,
+    )
+
+
+def startup_problems(settings: Settings) -> list[str]:
+    """Files named in the settings that cannot be used, one sentence each naming the flag.
+
+    Checked once at start-up so that a typo or a read-only volume is an exit 2 with a clear
+    message, not a silent gap; what goes wrong later is reported by metrics and logs.
+    """
+    events_used = settings.prefect_enabled and settings.events_enabled
+    checks: list[tuple[str, str | None]] = [
+        ("--events.state-file", check_state_file(settings.events_state_file))
+        if settings.events_state_file and events_used
+        else ("", None),
+        ("--worker-log.state-file", check_state_file(settings.worker_log_state_file))
+        if settings.worker_log_state_file and settings.worker_logs
+        else ("", None),
+        *((f"--worker-log {w}={p}", check_worker_log(p)) for w, p in settings.worker_logs),
+    ]
+    problems = [f"{where}: {problem}" for where, problem in checks if problem]
+    return problems
 
 
 async def serve(settings: Settings, log: FilteringBoundLogger) -> int:
@@ -101,11 +145,13 @@ async def serve(settings: Settings, log: FilteringBoundLogger) -> int:
     disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry(auto_describe=True)
     store: Store[Exposition] = Store(render_snapshot, settings.max_staleness)
+    cursor_file, positions_file = state_files(settings, log)
+    registry.register(StateFileCollector([f for f in (cursor_file, positions_file) if f]))
     poller, api = None, None
     if settings.prefect_enabled:
         registry.register(ExporterCollector(store.status))
-        poller, api = build_poller(settings, store, registry, log)
-    tailer = build_tailer(settings, registry, log) if settings.worker_logs else None
+        poller, api = build_poller(settings, store, registry, log, cursor_file)
+    tailer = build_tailer(settings, registry, log, positions_file) if settings.worker_logs else None
     app = App(
         store,
         registry,
@@ -166,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         # In the format asked for when that part was valid: JSON lines for a log shipper.
         logs.report_problems("config_invalid", exc.problems, exc.log_format or "console")
+        return 2
+    if problems := startup_problems(settings):
+        logs.report_problems("config_invalid", problems, settings.log_format)
         return 2
     log = logs.configure(settings.log_level, settings.log_format)
     for warning in warnings:

@@ -34,6 +34,7 @@ DEFAULT_API_URL = "http://127.0.0.1:4200/api"
 DEFAULT_LISTEN_ADDRESS = ":9716"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
+POLL_MODES = ("auto", "per-queue", "run-centric")
 PROG = "prefect-exporter"
 
 # A configuration file is a few hundred bytes; reading at most this much keeps a wrong path
@@ -397,6 +398,27 @@ OPTIONS: tuple[Option, ...] = (
         check=_between(1, 32),
     ),
     Option(
+        "poll_mode",
+        "how queues are read: `per-queue` (1-6 requests a queue), `run-centric` (the runs that"
+        " matter listed across all queues: cost follows active runs, not queues) or `auto` (the"
+        " cheaper, by measured cost)",
+        _choice(*POLL_MODES),
+        "auto",
+        flag="--poll.mode",
+        yaml_key="poll.mode",
+        metavar="MODE",
+    ),
+    Option(
+        "max_backoff",
+        "longest pause after a throttling answer, whatever its `Retry-After` says",
+        parse_duration,
+        "10m",
+        flag="--poll.max-backoff",
+        yaml_key="poll.max_backoff",
+        metavar="DURATION",
+        check=_greater_than_zero,
+    ),
+    Option(
         "heartbeat_multiple",
         "a worker is online while its last heartbeat is within this many of its intervals",
         _number,
@@ -557,6 +579,8 @@ class Settings:
     request_timeout: float = _DEFAULTS["request_timeout"]
     requests_per_minute: int = _DEFAULTS["requests_per_minute"]
     poll_concurrency: int = _DEFAULTS["poll_concurrency"]
+    poll_mode: str = _DEFAULTS["poll_mode"]
+    max_backoff: float = _DEFAULTS["max_backoff"]
     heartbeat_multiple: float = _DEFAULTS["heartbeat_multiple"]
     log_level: str = _DEFAULTS["log_level"]
     log_format: str = _DEFAULTS["log_format"]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -30,6 +31,7 @@ from exporter.records import (
     QueueRunStats,
     WorkerRecord,
 )
+from exporter.run_reader import RunCentricReader, RunsApi
 from exporter.snapshot import Snapshot, build_snapshot
 from exporter.statefile import StateFile
 
@@ -40,7 +42,18 @@ INTERNAL = "internal"  # a bug in the exporter, not a failure of the API
 FAILURE_REASONS = (*ERROR_REASONS, INTERNAL)
 
 
-class Api(LimitsApi, EventsApi, Protocol):
+class PollMode(StrEnum):
+    """How a poll reads the queues' runs (see run_reader for run-centric)."""
+
+    PER_QUEUE = "per-queue"
+    RUN_CENTRIC = "run-centric"
+
+
+# `auto` switches mode only when the other is clearly cheaper, so that it does not flap.
+MODE_SWITCH_FACTOR = 1.5
+
+
+class Api(LimitsApi, EventsApi, RunsApi, Protocol):
     """What the poller needs from the Prefect API adapter (prefect_api.PrefectApi)."""
 
     @property
@@ -75,6 +88,8 @@ class PollSettings:
     events_settle: float = 30.0
     events_state_file: Path | None = None
     deployments_breakdown: bool = False
+    mode: str = "auto"  # "auto" or a PollMode value
+    max_backoff: float = 600.0
 
 
 class PollMetrics:
@@ -120,6 +135,22 @@ class PollMetrics:
             registry=registry,
         )
         self.gone.labels("work_pool")
+        self.mode = Gauge(
+            "prefect_exporter_poll_mode",
+            "1 for the way the last poll read the queues' runs: per-queue (1 to 6 requests a "
+            "queue) or run-centric (runs listed across all queues).",
+            ["mode"],
+            registry=registry,
+        )
+        for mode in PollMode:
+            self.mode.labels(str(mode))
+        self.far_counts_missing = Gauge(
+            "prefect_exporter_far_counts_missing_queues",
+            "Queues whose runs scheduled more than an hour ahead are not in "
+            "prefect_work_queue_flow_runs as of the last poll (run-centric mode, counts not "
+            "read yet for want of request budget).",
+            registry=registry,
+        )
         self.maintenance = Gauge(
             "prefect_exporter_api_maintenance",
             "1 while the API's last throttling answer carried Prefect-Maintenance: true.",
@@ -155,7 +186,7 @@ class Poller:
     ) -> None:
         self._api = api
         self._budget = budget
-        self._backoff = backoff or Backoff(settings.interval)
+        self._backoff = backoff or Backoff(settings.interval, cap=settings.max_backoff)
         # Requests one poll took, measured: all of it, and without the optional parts.
         self._full_cost: int | None = None
         self._core_cost: int | None = None
@@ -170,6 +201,12 @@ class Poller:
         self._polls = 0
         self._features = FeatureGate(log)
         self._limits = LimitsReader(api, settings.concurrency, settings.deployments_breakdown)
+        self._runs = RunCentricReader(api, settings.concurrency)
+        # Measured cost of reading the queues' runs: per-queue (requests, queues), run-centric
+        # (requests without the slow round, which is paid for by spare budget).
+        self._per_queue_cost: tuple[int, int] | None = None
+        self._run_centric_cost: int | None = None
+        self._mode = PollMode.PER_QUEUE
         if cursor_file is None and settings.events_state_file is not None:
             cursor_file = StateFile(settings.events_state_file, "events", log)
         self._events = EventsReader(
@@ -202,6 +239,74 @@ class Poller:
             self._log.info("work_pool_gone", work_pool=pool, error=str(exc))
             return None
 
+    def _choose_mode(self, queue_count: int) -> PollMode:
+        """The configured mode, or under `auto` the cheaper one by the last measured costs."""
+        if self._settings.mode != "auto":
+            return PollMode(self._settings.mode)
+        if self._per_queue_cost is None:
+            per_queue = float(queue_count)  # at least one request a queue
+        else:
+            spent, queues = self._per_queue_cost
+            per_queue = spent * queue_count / max(1, queues)
+        run_centric = float(
+            self._run_centric_cost
+            if self._run_centric_cost is not None
+            else 2 + self._runs.minimum_refreshes(queue_count, self._settings.interval)
+        )
+        if self._mode is PollMode.PER_QUEUE and run_centric * MODE_SWITCH_FACTOR < per_queue:
+            return PollMode.RUN_CENTRIC
+        if self._mode is PollMode.RUN_CENTRIC and per_queue * MODE_SWITCH_FACTOR < run_centric:
+            return PollMode.PER_QUEUE
+        return self._mode
+
+    def _refresh_limit(self, queue_ids: Sequence[str]) -> int:
+        """Far-ahead counts to read this poll: the unread ones and a steady round, as the
+        budget's spare requests allow (the slow round never makes a poll fail for budget)."""
+        queue_count = len(queue_ids)
+        steady = 2 * self._runs.minimum_refreshes(queue_count, self._settings.interval)
+        wanted = max(steady, self._runs.unread(queue_ids))
+        if self._budget is None:
+            return wanted
+        optional = (self._full_cost or 0) - (self._core_cost or 0)
+        expected = (self._run_centric_cost or 2) + optional + queue_count // 200 + 4
+        spare = int(self._budget.available) - expected
+        return max(0, min(wanted, spare))
+
+    async def _queue_stats(
+        self, queues: Sequence[QueueRecord], now: UnixTime, deadline: Deadline
+    ) -> dict[str, QueueRunStats]:
+        """Every queue's run stats, per queue or run-centric as planned; records the cost."""
+        concurrency = self._settings.concurrency
+        mode = self._choose_mode(len(queues))
+        before = self._api.requests_sent
+        fallback: Sequence[QueueRecord] = queues
+        stats: dict[str, QueueRunStats] = {}
+        refreshed = 0
+        if mode is PollMode.RUN_CENTRIC:
+            ids = [q.id for q in queues]
+            limit = self._refresh_limit(ids)
+            refreshed = min(limit, len(self._runs.refresh_wanted(ids, now)))
+            result = await self._runs.read(ids, now, deadline, limit)
+            stats = dict(result.stats)
+            fallback = [q for q in queues if q.id in result.incomplete]
+            self._metrics.far_counts_missing.set(result.far_counts_missing)
+        else:
+            self._metrics.far_counts_missing.set(0)
+        answers = await gather_bounded(
+            [self._api.queue_run_stats(q.id, now, deadline) for q in fallback], concurrency
+        )
+        stats.update({q.id: s for q, s in zip(fallback, answers, strict=True)})
+        spent = self._api.requests_sent - before
+        if mode is PollMode.RUN_CENTRIC:
+            steady = self._runs.minimum_refreshes(len(queues), self._settings.interval)
+            self._run_centric_cost = spent - refreshed + steady
+        else:
+            self._per_queue_cost = (spent, len(queues))
+        self._mode = mode
+        for each in PollMode:
+            self._metrics.mode.labels(str(each)).set(1 if each is mode else 0)
+        return stats
+
     def _plan(self) -> PollPlan:
         if self._budget is None:
             return PollPlan.FULL
@@ -231,9 +336,7 @@ class Poller:
             if gone:
                 pools = [p for p in pools if p.name not in gone]
                 queues = [q for q in queues if q.pool not in gone]
-            stats = await gather_bounded(
-                [self._api.queue_run_stats(q.id, now, deadline) for q in queues], concurrency
-            )
+            stats = await self._queue_stats(queues, now, deadline)
             core_cost = self._api.requests_sent - requests_before
             limits, holders = self._last_limits, self._last_holders
             if full and self._available(Feature.CONCURRENCY_LIMITS):
@@ -259,7 +362,7 @@ class Poller:
             pools=tuple(pools),
             queues=tuple(queues),
             workers=tuple(w for workers in worker_lists if workers for w in workers),
-            queue_stats={q.id: s for q, s in zip(queues, stats, strict=True)},
+            queue_stats=stats,
             limits=limits,
             holders=holders,
         )

@@ -17,6 +17,7 @@ from exporter.records import (
     FlowRunEvent,
     PoolRecord,
     QueueRecord,
+    RunRecord,
     RunState,
     StateCount,
     WorkerRecord,
@@ -157,6 +158,25 @@ def parse_run_state(obj: Mapping[str, Any], where: str) -> RunState:
         id=required(obj, "id", str, where),
         state_type=state_type,
         flow_run_id=_get(obj, "flow_run_id", str, where),
+    )
+
+
+def parse_run(obj: Mapping[str, Any]) -> RunRecord:
+    """A flow run from `/flow_runs/filter`, with its state's type, name and timestamp."""
+    where = "flow_run"
+    state = obj.get("state")
+    if not isinstance(state, dict):
+        raise MalformedResponse(f"{where}.state: expected an object")
+    return RunRecord(
+        id=required(obj, "id", str, where),
+        queue_id=_get(obj, "work_queue_id", str, where),
+        state_type=required(state, "type", str, f"{where}.state"),
+        state_name=required(state, "name", str, f"{where}.state"),
+        state_timestamp=to_timestamp(state.get("timestamp"), f"{where}.state.timestamp"),
+        expected_start=to_timestamp(obj.get("expected_start_time"), f"{where}.expected_start_time"),
+        next_scheduled_start=to_timestamp(
+            obj.get("next_scheduled_start_time"), f"{where}.next_scheduled_start_time"
+        ),
     )
 
 

@@ -184,6 +184,23 @@ class QueueRunStats:
 
 
 @dataclass(frozen=True)
+class RunRecord:
+    """One flow run from a cross-queue listing, reduced to what per-queue figures need.
+
+    Times are Unix seconds; `state_timestamp` is when the run entered its current state.
+    `queue_id` is None for a run whose work queue was deleted (no worker can take it).
+    """
+
+    id: str
+    queue_id: str | None
+    state_type: str
+    state_name: str
+    state_timestamp: float | None
+    expected_start: float | None
+    next_scheduled_start: float | None
+
+
+@dataclass(frozen=True)
 class PollRecords:
     """Everything one poll read, with the moment the poll started (the snapshot has no clock)."""
 

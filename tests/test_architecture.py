@@ -67,6 +67,7 @@ LAYERS = {
     # Readers that plan reads on top of the adapter.
     "limits_reader": 4,
     "events_reader": 4,
+    "run_reader": 4,
     # The poll loop, and the sidecar's log follower beside it.
     "poller": 5,
     "worklog": 5,

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 
 from exporter import __version__
+from exporter.cli import startup_problems
+from exporter.config import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CONSOLE_SCRIPT = Path(sys.executable).parent / "prefect-exporter"
@@ -164,6 +166,43 @@ class TestInvalidConfiguration:
             ("config_invalid", "error"),
         ]
         assert lines[1]["problem"].startswith("--poll.interval: expected a duration")
+
+
+class TestStartupChecks:
+    """Files named in the settings are checked before anything starts: exit 2, flag named."""
+
+    def test_an_events_state_file_in_a_missing_directory_exits_2(self, tmp_path: Path) -> None:
+        """The problem names --events.state-file and the directory."""
+        missing = tmp_path / "nowhere" / "cursor.json"
+        result = run_cli(f"--events.state-file={missing}", "--log.format=console")
+        assert result.returncode == 2
+        assert "--events.state-file" in result.stderr
+        assert "does not exist" in result.stderr
+
+    def test_a_directory_as_worker_log_and_its_state_file_exit_2_with_both_listed(
+        self, tmp_path: Path
+    ) -> None:
+        """Every file problem is listed, not only the first."""
+        result = run_cli(
+            f"--worker-log=w1={tmp_path}",
+            f"--worker-log.state-file={tmp_path}",
+            "--no-prefect.enabled",
+            "--log.format=console",
+        )
+        assert result.returncode == 2
+        assert "--worker-log w1=" in result.stderr
+        assert "--worker-log.state-file" in result.stderr
+
+    def test_an_events_state_file_is_not_checked_when_events_are_off(self, tmp_path: Path) -> None:
+        """A setting that is not used cannot stop the exporter."""
+        assert (
+            startup_problems(
+                load_settings(
+                    [f"--events.state-file={tmp_path / 'no' / 'x'}", "--no-events.enabled"], {}
+                )
+            )
+            == []
+        )
 
 
 class TestInformation:

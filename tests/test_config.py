@@ -208,6 +208,8 @@ SAMPLES: dict[str, tuple[str, dict[str, object]]] = {
     "poll_timeout": ("15s", {"poll_timeout": 15.0}),
     "max_staleness": ("5m", {"max_staleness": 300.0}),
     "poll_concurrency": ("8", {"poll_concurrency": 8}),
+    "poll_mode": ("run-centric", {"poll_mode": "run-centric"}),
+    "max_backoff": ("2m", {"max_backoff": 120.0}),
     "heartbeat_multiple": ("2.5", {"heartbeat_multiple": 2.5}),
     "events_enabled": ("false", {"events_enabled": False}),
     "events_max_pages": ("20", {"events_max_pages": 20}),

@@ -44,6 +44,8 @@ EXPORTER_ARGS = (
     f"--poll.interval={POLL_INTERVAL}s",
     "--prefect.requests-per-minute=6000",
     "--deployments.breakdown",
+    # These tests pin the per-queue path; tests/test_integration_scale.py the run-centric one.
+    "--poll.mode=per-queue",
 )
 
 
@@ -94,8 +96,11 @@ def scenario(prefect_server: PrefectServer) -> Iterator[Scenario]:
     exporter = ExporterProcess(
         prefect_server.api_url,
         *EXPORTER_ARGS,
-        # Also a sidecar for one worker, so the worker-log families are in the scrape too.
+        # Also a sidecar for one worker, so the worker-log families are in the scrape too,
+        # and both state files, so theirs are.
         f"--worker-log=w-high={workers[0].log_path}",
+        f"--worker-log.state-file={prefect_server.home / 'positions.json'}",
+        f"--events.state-file={prefect_server.home / 'cursor.json'}",
         log_path=prefect_server.home / "exporter.log",
     )
     exporter.start()

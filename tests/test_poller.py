@@ -21,7 +21,9 @@ from exporter.records import (
     PoolRecord,
     QueueRecord,
     QueueRunStats,
+    RunRecord,
     RunState,
+    StateCount,
     WorkerRecord,
 )
 from exporter.snapshot import Snapshot
@@ -105,6 +107,19 @@ class FakeApi:
         self, ids: Sequence[str], deadline: float
     ) -> dict[str, float | None]:
         return dict.fromkeys(ids, NOW - 100)
+
+    async def active_runs_page(self, queue_ids: Sequence[str], deadline: float) -> list[RunRecord]:
+        return []
+
+    async def scheduled_runs_page(
+        self, until: float, queue_ids: Sequence[str], deadline: float
+    ) -> list[RunRecord]:
+        return [RunRecord("r1", "a", "SCHEDULED", "Late", NOW - 70, NOW - 70, NOW - 60)]
+
+    async def scheduled_counts_after(
+        self, queue_id: str, after: float, deadline: float
+    ) -> tuple[StateCount, ...]:
+        return (StateCount("SCHEDULED", "Scheduled", 5),)
 
 
 class FakeStore:
@@ -554,3 +569,60 @@ class TestNoStrayWarnings:
             gc.collect()
         assert [str(w.message) for w in caught] == []
         assert store.failures
+
+
+class TestPollModes:
+    """Per-queue or run-centric, as configured or by measured cost under `auto`."""
+
+    def test_run_centric_reads_listings_and_no_queue_one_by_one(self) -> None:
+        """Three queues, no per-queue read; the listed due run is queue a's backlog."""
+        store, registry = FakeStore(), CollectorRegistry()
+        api = FakeApi()
+        settings = PollSettings(
+            interval=30, timeout=5, concurrency=2, heartbeat_multiple=3, mode="run-centric"
+        )
+        asyncio.run(poller(api, store, registry, settings).poll_and_publish())
+        (snapshot,) = store.published
+        assert api.stats_calls == []
+        backlog = {q.name: q.backlog for q in snapshot.queues}
+        assert backlog == {"a": 1, "b": 0, "c": 0}
+        scheduled = {q.name: dict(q.runs_by_state)["Scheduled"] for q in snapshot.queues}
+        assert scheduled == {"a": 5, "b": 5, "c": 5}
+        assert registry.get_sample_value("prefect_exporter_poll_mode", {"mode": "run-centric"}) == 1
+        assert registry.get_sample_value("prefect_exporter_poll_mode", {"mode": "per-queue"}) == 0
+
+    def test_auto_moves_to_run_centric_when_queues_cost_more_than_listings(self) -> None:
+        """Measured per-queue cost of 6 a queue makes listings (about 3 requests) the choice."""
+
+        class Expensive(FakeApi):
+            async def queue_run_stats(
+                self, queue_id: str, now: float, deadline: float
+            ) -> QueueRunStats:
+                self.requests_sent += 6
+                return await super().queue_run_stats(queue_id, now, deadline)
+
+        store, registry = FakeStore(), CollectorRegistry()
+        api = Expensive()
+        p = poller(api, store, registry)
+        asyncio.run(p.poll_and_publish())
+        asyncio.run(p.poll_and_publish())
+        assert registry.get_sample_value("prefect_exporter_poll_mode", {"mode": "per-queue"}) == 0
+        assert len(api.stats_calls) == 3  # the first poll only
+
+    def test_auto_stays_per_queue_for_idle_queues(self) -> None:
+        """Idle queues at one request each are no dearer than listings: no switch."""
+
+        class Idle(FakeApi):
+            async def queue_run_stats(
+                self, queue_id: str, now: float, deadline: float
+            ) -> QueueRunStats:
+                self.requests_sent += 1
+                return await super().queue_run_stats(queue_id, now, deadline)
+
+        store, registry = FakeStore(), CollectorRegistry()
+        api = Idle()
+        p = poller(api, store, registry)
+        for _ in range(3):
+            asyncio.run(p.poll_and_publish())
+        assert registry.get_sample_value("prefect_exporter_poll_mode", {"mode": "per-queue"}) == 1
+        assert len(api.stats_calls) == 9

@@ -538,3 +538,55 @@ class TestCsrfErrors:
         if status == 401:
             assert "401" in str(raised.value)
             assert "PREFECT_API_AUTH_STRING" in str(raised.value)
+
+
+class TestRunListings:
+    """Cross-queue listings use the right body keys and refuse answers the filter cannot give."""
+
+    def test_active_and_scheduled_pages_filter_by_queue_ids_with_the_filter_key(self) -> None:
+        """`work_pool_queues` (not `work_queues`) carries the ids; states are OR-ed for active."""
+        fake = FakePrefect()
+        fake.on("POST", "flow_runs/filter", [])
+        api = make_api(fake)
+        run(call_and_close(api, api.active_runs_page(["q1", "q2"], FAR)))
+        api = make_api(fake)
+        run(call_and_close(api, api.scheduled_runs_page(UnixTime(NOW + 60), ["q1"], FAR)))
+        active, scheduled = fake.bodies("flow_runs/filter")
+        assert active["work_pool_queues"] == {"id": {"any_": ["q1", "q2"]}}
+        assert active["flow_runs"]["state"]["operator"] == "or_"
+        assert active["sort"] == "EXPECTED_START_TIME_ASC"
+        assert scheduled["flow_runs"]["next_scheduled_start_time"]["before_"].startswith("2027")
+        assert scheduled["sort"] == "NEXT_SCHEDULED_START_TIME_ASC"
+        assert scheduled["limit"] == 200
+
+    def test_a_run_from_a_queue_not_asked_for_is_malformed(self) -> None:
+        """An ignored filter key would otherwise pass every run off as this queue's."""
+        row = {
+            "id": "r",
+            "work_queue_id": "other",
+            "state": {"type": "PENDING", "name": "Pending", "timestamp": "2026-11-29T10:00:00Z"},
+            "expected_start_time": "2026-11-29T09:59:00Z",
+            "next_scheduled_start_time": None,
+        }
+        fake = FakePrefect()
+        fake.on("POST", "flow_runs/filter", [row])
+        api = make_api(fake)
+        with pytest.raises(MalformedResponse, match="queue filter"):
+            run(call_and_close(api, api.active_runs_page(["q1"], FAR)))
+
+    def test_far_ahead_counts_use_the_history_key_and_the_cut(self) -> None:
+        """`/history` names the queue filter `work_queues`; runs at or after the cut count."""
+        fake = FakePrefect()
+        fake.on(
+            "POST",
+            "flow_runs/history",
+            [{"states": [{"state_type": "SCHEDULED", "state_name": "Scheduled", "count_runs": 7}]}],
+        )
+        api = make_api(fake)
+        counts = run(
+            call_and_close(api, api.scheduled_counts_after("q1", UnixTime(NOW + 3600), FAR))
+        )
+        assert [(c.state_name, c.count) for c in counts] == [("Scheduled", 7)]
+        (body,) = fake.bodies("flow_runs/history")
+        assert body["work_queues"] == {"id": {"any_": ["q1"]}}
+        assert "after_" in body["flow_runs"]["next_scheduled_start_time"]
