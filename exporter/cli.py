@@ -29,6 +29,7 @@ from exporter.exposition import Exposition, render
 from exporter.poller import Poller, PollMetrics, PollSettings
 from exporter.prefect_api import PrefectApi
 from exporter.prefect_http import ApiMetrics, Connection, PrefectHttp
+from exporter.records import PoolSelector
 from exporter.server import App, MetricsServer
 from exporter.snapshot import Snapshot
 from exporter.statefile import StateFile, StateFileCollector, check_state_file
@@ -81,6 +82,7 @@ def build_poller(
             deployments_breakdown=settings.deployments_breakdown,
             mode=settings.poll_mode,
             max_backoff=settings.max_backoff,
+            pools=PoolSelector(settings.work_pools_include, settings.work_pools_exclude),
         ),
         PollMetrics(registry),
         log,

@@ -227,6 +227,18 @@ def _worker_logs(value: object) -> tuple[tuple[str, str], ...]:
     return tuple(logs)
 
 
+def _globs(value: object) -> tuple[str, ...]:
+    """Shell-style patterns (`etl-*`, `k8s-?`): repeated flags or a YAML list of strings."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(
+        isinstance(item, str) and item.strip() for item in items
+    ):
+        raise ValueError(f"expected a list of patterns such as etl-*, got {value!r}")
+    return tuple(item.strip() for item in items)
+
+
 # --- Range checks: typed value to a problem, or None when fine.
 
 
@@ -419,6 +431,28 @@ OPTIONS: tuple[Option, ...] = (
         check=_greater_than_zero,
     ),
     Option(
+        "work_pools_include",
+        "watch only work pools whose name matches one of these globs (repeatable; default all):"
+        " several exporters can split one workspace, each within its own budget",
+        _globs,
+        (),
+        flag="--work-pool.include",
+        yaml_key="work_pools.include",
+        metavar="GLOB",
+        repeatable=True,
+    ),
+    Option(
+        "work_pools_exclude",
+        "leave out work pools whose name matches one of these globs (repeatable; wins over"
+        " include)",
+        _globs,
+        (),
+        flag="--work-pool.exclude",
+        yaml_key="work_pools.exclude",
+        metavar="GLOB",
+        repeatable=True,
+    ),
+    Option(
         "heartbeat_multiple",
         "a worker is online while its last heartbeat is within this many of its intervals",
         _number,
@@ -580,6 +614,8 @@ class Settings:
     requests_per_minute: int = _DEFAULTS["requests_per_minute"]
     poll_concurrency: int = _DEFAULTS["poll_concurrency"]
     poll_mode: str = _DEFAULTS["poll_mode"]
+    work_pools_include: tuple[str, ...] = ()
+    work_pools_exclude: tuple[str, ...] = ()
     max_backoff: float = _DEFAULTS["max_backoff"]
     heartbeat_multiple: float = _DEFAULTS["heartbeat_multiple"]
     log_level: str = _DEFAULTS["log_level"]

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from exporter.clock import Deadline, UnixTime
-from exporter.records import FlowRunEvent, LatencyStats
+from exporter.records import FlowRunEvent, LatencyStats, PoolSelector
 from exporter.statefile import StateFile
 from exporter.transitions import Cursor, TransitionTracker
 
@@ -37,11 +37,13 @@ class EventsReader:
         settle: float,
         start: UnixTime,
         cursor_file: StateFile | None = None,
+        pools: PoolSelector | None = None,
     ) -> None:
         self._api = api
         self._max_pages = max_pages
         self._settle = settle
         self._cursor_file = cursor_file
+        self._pools = pools or PoolSelector()
         saved = Cursor.load(cursor_file) if cursor_file else None
         self._tracker = TransitionTracker(saved or Cursor(start - settle))
 
@@ -63,12 +65,13 @@ class EventsReader:
             events, behind = await self._api.flow_run_events(
                 since, until, self._max_pages, deadline
             )
-            pendings = self._tracker.first_pendings(events)
+            selects = self._pools.selects
+            pendings = [e for e in self._tracker.first_pendings(events) if selects(e.work_pool)]
             pending_ids = sorted({e.flow_run_id for e in pendings})
             expected = (
                 await self._api.expected_start_times(pending_ids, deadline) if pending_ids else {}
             )
-            self._tracker.consume(events, expected)
+            self._tracker.consume(events, expected, selects)
             if self._cursor_file is not None:
                 self._tracker.cursor.save(self._cursor_file)
         return self._tracker.stats(now, behind)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -27,6 +27,7 @@ from exporter.records import (
     LimitHolders,
     PollRecords,
     PoolRecord,
+    PoolSelector,
     QueueRecord,
     QueueRunStats,
     WorkerRecord,
@@ -90,6 +91,7 @@ class PollSettings:
     deployments_breakdown: bool = False
     mode: str = "auto"  # "auto" or a PollMode value
     max_backoff: float = 600.0
+    pools: PoolSelector = field(default_factory=PoolSelector)
 
 
 class PollMetrics:
@@ -215,6 +217,7 @@ class Poller:
             settings.events_settle,
             UnixTime(clock()),
             cursor_file,
+            settings.pools,
         )
 
     async def _optional(self, feature: Feature, read: Callable[[], Awaitable[T]]) -> T | None:
@@ -328,6 +331,9 @@ class Poller:
             pools, queues = await asyncio.gather(
                 self._api.work_pools(deadline), self._api.work_queues(deadline)
             )
+            selects = self._settings.pools.selects
+            pools = [p for p in pools if selects(p.name)]
+            queues = [q for q in queues if selects(q.pool)]
             worker_lists = await gather_bounded(
                 [self._pool_workers(p.name, deadline) for p in pools], concurrency
             )

@@ -133,21 +133,9 @@ class PrefectApi:
         The follow-up requests are made only when the counts say there is something to find,
         so an idle queue costs one request and the cost never grows with the number of runs.
         """
-        history = await self._http.call(
-            "POST",
-            "/flow_runs/history",
-            "flow_runs/history",
-            {
-                "history_start": _HISTORY_START,
-                "history_end": _HISTORY_END,
-                "history_interval_seconds": _HISTORY_SECONDS,
-                # Body-key trap: /history names the queue filter `work_queues`.
-                "work_queues": {"id": {"any_": [queue_id]}},
-                "flow_runs": {"state": {"type": {"not_any_": _TERMINAL}}},
-            },
-            deadline,
+        counts = await self._history(
+            queue_id, {"state": {"type": {"not_any_": _TERMINAL}}}, deadline
         )
-        counts = parse_history(history)
         in_queue = {"work_pool_queues": {"id": {"any_": [queue_id]}}}
         due_filter = {
             **in_queue,
@@ -245,22 +233,34 @@ class PrefectApi:
 
         AwaitingConcurrencySlot runs are left out (the active listing has them).
         """
+        return await self._history(
+            queue_id,
+            {
+                "state": {
+                    "type": {"any_": [StateType.SCHEDULED.value]},
+                    "name": {"not_any_": [AWAITING_CONCURRENCY_SLOT]},
+                },
+                "next_scheduled_start_time": {"after_": iso(after)},
+            },
+            deadline,
+        )
+
+    async def _history(
+        self, queue_id: str, runs_filter: Mapping[str, Any], deadline: Deadline
+    ) -> tuple[StateCount, ...]:
+        """One queue's runs matching `runs_filter`, counted by state type and name."""
         history = await self._http.call(
             "POST",
             "/flow_runs/history",
             "flow_runs/history",
             {
+                # One bucket spanning all time: counts, not a history.
                 "history_start": _HISTORY_START,
                 "history_end": _HISTORY_END,
                 "history_interval_seconds": _HISTORY_SECONDS,
+                # Body-key trap: /history names the queue filter `work_queues`.
                 "work_queues": {"id": {"any_": [queue_id]}},
-                "flow_runs": {
-                    "state": {
-                        "type": {"any_": [StateType.SCHEDULED.value]},
-                        "name": {"not_any_": [AWAITING_CONCURRENCY_SLOT]},
-                    },
-                    "next_scheduled_start_time": {"after_": iso(after)},
-                },
+                "flow_runs": runs_filter,
             },
             deadline,
         )

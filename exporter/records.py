@@ -8,6 +8,7 @@ tests/test_records.py pins it to prefect-client's own enums.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -119,6 +120,24 @@ class LimitKind(StrEnum):
 # Prefect names tag limits `tag:<tag>` and deployment limits `deployment:<deployment id>`.
 TAG_LIMIT_PREFIX = "tag:"
 DEPLOYMENT_LIMIT_PREFIX = "deployment:"
+
+
+@dataclass(frozen=True)
+class PoolSelector:
+    """Which work pools one exporter watches: shell-style globs, exclusion winning.
+
+    No `include` means every pool. Several exporters with disjoint selections split one
+    workspace, each within its own request budget.
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def selects(self, pool: str) -> bool:
+        """True when `pool` (a work pool name) is watched."""
+        if any(fnmatch.fnmatchcase(pool, pattern) for pattern in self.exclude):
+            return False
+        return not self.include or any(fnmatch.fnmatchcase(pool, p) for p in self.include)
 
 
 @dataclass(frozen=True)

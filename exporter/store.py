@@ -47,12 +47,10 @@ class Store(Generic[Rendered]):
         self,
         render: Callable[[Snapshot], Rendered],
         max_staleness: float,
-        clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._render = render
         self._max_staleness = max_staleness
-        self._clock = clock
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._published: Published[Rendered] | None = None

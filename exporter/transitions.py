@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,11 +111,20 @@ class TransitionTracker:
         ]
 
     def consume(
-        self, events: Iterable[FlowRunEvent], expected_starts: Mapping[str, float | None]
+        self,
+        events: Iterable[FlowRunEvent],
+        expected_starts: Mapping[str, float | None],
+        counted: Callable[[str], bool] = lambda pool: True,
     ) -> None:
-        """Count events past the cursor; `expected_starts` dates the runs' Pending events."""
+        """Count events past the cursor; `expected_starts` dates the runs' Pending events.
+
+        Only events of pools for which `counted(pool)` holds are counted; the cursor moves past
+        all of them, so events of other pools are not read again.
+        """
         fresh = self.cursor.unseen(events)
         for event in fresh:
+            if not counted(event.work_pool):
+                continue
             self._events_read += 1
             key = (event.work_pool, event.state_name)
             self._transitions[key] = self._transitions.get(key, 0) + 1

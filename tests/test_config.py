@@ -209,6 +209,8 @@ SAMPLES: dict[str, tuple[str, dict[str, object]]] = {
     "max_staleness": ("5m", {"max_staleness": 300.0}),
     "poll_concurrency": ("8", {"poll_concurrency": 8}),
     "poll_mode": ("run-centric", {"poll_mode": "run-centric"}),
+    "work_pools_include": ("etl-*", {"work_pools_include": ("etl-*",)}),
+    "work_pools_exclude": ("etl-test-*", {"work_pools_exclude": ("etl-test-*",)}),
     "max_backoff": ("2m", {"max_backoff": 120.0}),
     "heartbeat_multiple": ("2.5", {"heartbeat_multiple": 2.5}),
     "events_enabled": ("false", {"events_enabled": False}),

@@ -167,25 +167,30 @@ class TestVanishedPool:
 class TestThrottling:
     """Retry-After is bounded, and a deliberate back-off is not a stalled loop."""
 
-    def test_retry_after_inf_is_rejected_and_polling_resumes(
+    @pytest.mark.parametrize(
+        "header", ["inf", "999999", "Wed, 21 Oct 2099 07:28:00 GMT"], ids=["inf", "days", "2099"]
+    )
+    def test_an_unbounded_retry_after_is_clamped_and_polling_resumes(
         self,
         prefect_server: PrefectServer,
         admin: PrefectAdmin,
         proxies: list[FaultProxy],
         tmp_path: Path,
+        header: str,
     ) -> None:
-        """One 429 with Retry-After: inf; the exporter is back within seconds and says why."""
-        rule = Once("exporter", "/work_pools/filter", Fault(429, {"Retry-After": "inf"}))
+        """One 429 asking for forever; the exporter is back after the cap (3 s here), says why."""
+        rule = Once("exporter", "/work_pools/filter", Fault(429, {"Retry-After": header}))
         proxy = start_proxy(prefect_server, proxies, rule)
         log = tmp_path / "e.log"
-        exporter = ExporterProcess(proxy.url + "/api", *FAST, log_path=log)
+        exporter = ExporterProcess(proxy.url + "/api", *FAST, "--poll.max-backoff=3s", log_path=log)
         exporter.start()
         try:
             wait_for(lambda: exporter.value("prefect_up") == 1, 30, "polling to resume")
             assert exporter.value("prefect_exporter_retry_after_clamped_total") == 1
             lines = [json.loads(line) for line in log.read_text().splitlines() if line]
             clamped = [line for line in lines if line["event"] == "retry_after_clamped"]
-            assert [line["retry_after"] for line in clamped] == ["inf"]
+            assert [line["retry_after"] for line in clamped] == [header]
+            assert clamped[0]["wait_seconds"] <= 3
         finally:
             exporter.stop()
 

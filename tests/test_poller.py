@@ -19,6 +19,7 @@ from exporter.records import (
     ConcurrencyLimitRecord,
     FlowRunEvent,
     PoolRecord,
+    PoolSelector,
     QueueRecord,
     QueueRunStats,
     RunRecord,
@@ -626,3 +627,29 @@ class TestPollModes:
             asyncio.run(p.poll_and_publish())
         assert registry.get_sample_value("prefect_exporter_poll_mode", {"mode": "per-queue"}) == 1
         assert len(api.stats_calls) == 9
+
+
+class TestPoolSelection:
+    """A shard watches only its pools: their queues, workers and runs, nothing of the others."""
+
+    def test_a_shard_reads_and_publishes_only_its_pools(self) -> None:
+        """With `stays` selected, `doomed`'s queue and workers are neither read nor published."""
+        store, registry = FakeStore(), CollectorRegistry()
+        api = GoneApi()
+        settings = PollSettings(
+            interval=30,
+            timeout=5,
+            concurrency=2,
+            heartbeat_multiple=3,
+            pools=PoolSelector(include=("st*",)),
+        )
+        asyncio.run(poller(api, store, registry, settings).poll_and_publish())
+        (snapshot,) = store.published
+        assert [p.name for p in snapshot.pools] == ["stays"]
+        assert {q.pool for q in snapshot.queues} == {"stays"}
+        assert api.stats_calls == ["a"]
+        # doomed's workers were not asked for: no 404, nothing gone.
+        assert (
+            registry.get_sample_value("prefect_exporter_objects_gone_total", {"kind": "work_pool"})
+            == 0
+        )

@@ -16,6 +16,7 @@ from exporter.records import (
     ConcurrencyLimitRecord,
     HistogramState,
     LimitKind,
+    PoolSelector,
     StateName,
     StateType,
     WorkPoolStatus,
@@ -140,3 +141,20 @@ class TestHistogramState:
         assert bounds[60] == 1
         assert bounds[float("inf")] == 1
         assert state.count == 1
+
+
+class TestPoolSelector:
+    """Shard selection by work pool name: globs, exclusion winning, everything by default."""
+
+    def test_no_patterns_select_every_pool(self) -> None:
+        """The default exporter watches the whole workspace."""
+        assert PoolSelector().selects("anything")
+
+    def test_include_and_exclude_globs(self) -> None:
+        """`etl-*` but not `etl-test-*`; names are matched case-sensitively, as Prefect's."""
+        selector = PoolSelector(include=("etl-*", "k8s-?"), exclude=("etl-test-*",))
+        assert selector.selects("etl-prod")
+        assert selector.selects("k8s-a")
+        assert not selector.selects("etl-test-1")
+        assert not selector.selects("ETL-prod")
+        assert not selector.selects("k8s-ab")

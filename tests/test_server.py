@@ -50,7 +50,7 @@ def make_app(store: Store[Exposition], clock: Clock) -> App:
 
 
 def make_store(clock: Clock) -> Store[Exposition]:
-    return Store(lambda s: render(SnapshotCollector(s)), 90, clock=clock, monotonic=clock)
+    return Store(lambda s: render(SnapshotCollector(s)), 90, monotonic=clock)
 
 
 @contextmanager

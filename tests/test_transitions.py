@@ -72,6 +72,19 @@ class TestTracker:
         assert stats.start["p"].total == 2
         assert stats.lag_seconds == 68
 
+    def test_events_of_pools_not_watched_move_the_cursor_but_count_nothing(self) -> None:
+        """A shard counts its own pools' events only, and never reads the others again."""
+        tracker = TransitionTracker(Cursor(0))
+        tracker.consume(
+            [event("a", 130, "r1", "Pending", pool="other"), event("b", 131, "r2", "Pending")],
+            {"r1": 100.0, "r2": 101.0},
+            counted=lambda pool: pool == "p",
+        )
+        stats = tracker.stats(200, False)
+        assert set(stats.pickup) == {"p"}
+        assert stats.transitions == {("p", "Pending"): 1}
+        assert tracker.cursor.occurred == 131
+
     def test_retries_do_not_observe_a_run_twice(self) -> None:
         """A second Pending and Running of the same run counts as transitions only."""
         tracker = TransitionTracker(Cursor(0))
