@@ -135,7 +135,8 @@ class Backoff:
         self.consecutive += 1
         if retry_after is not None:
             return min(self.cap, max(self._interval, retry_after))
-        delay = min(self.cap, self._interval * 2.0 ** (self.consecutive - 1))
+        # The exponent is bounded: 2.0 ** 1024 overflows, after days of throttling.
+        delay = min(self.cap, self._interval * 2.0 ** min(self.consecutive - 1, 32))
         return max(self._interval, delay * (0.5 + self._jitter() / 2))
 
     def reset(self) -> None:

@@ -50,6 +50,8 @@ class PollMode(StrEnum):
     RUN_CENTRIC = "run-centric"
 
 
+# Requests the slow round leaves in the budget for the unexpected (a CSRF token, say).
+SLOW_ROUND_RESERVE = 4
 # `auto` switches mode only when the other is clearly cheaper, so that it does not flap.
 MODE_SWITCH_FACTOR = 1.5
 
@@ -263,33 +265,30 @@ class Poller:
         return self._mode
 
     def _refresh_limit(self, queue_ids: Sequence[str]) -> int:
-        """Far-ahead counts to read this poll: the unread ones and a steady round, as the
-        budget's spare requests allow (the slow round never makes a poll fail for budget)."""
-        queue_count = len(queue_ids)
-        steady = 2 * self._runs.minimum_refreshes(queue_count, self._settings.interval)
+        """Far-ahead counts to read now: the unread ones and a steady round, as far as the
+        budget's spare requests allow once the rest of this poll is paid for (the slow round
+        runs after the listings and never makes a poll fail for budget)."""
+        steady = 2 * self._runs.minimum_refreshes(len(queue_ids), self._settings.interval)
         wanted = max(steady, self._runs.unread(queue_ids))
         if self._budget is None:
             return wanted
-        optional = (self._full_cost or 0) - (self._core_cost or 0)
-        expected = (self._run_centric_cost or 2) + optional + queue_count // 200 + 4
-        spare = int(self._budget.available) - expected
+        # Still to come in this poll: concurrency limits and events, as last measured.
+        rest = (self._full_cost or 0) - (self._core_cost or 0)
+        spare = int(self._budget.available) - rest - SLOW_ROUND_RESERVE
         return max(0, min(wanted, spare))
 
     async def _queue_stats(
         self, queues: Sequence[QueueRecord], now: UnixTime, deadline: Deadline
-    ) -> dict[str, QueueRunStats]:
-        """Every queue's run stats, per queue or run-centric as planned; records the cost."""
+    ) -> tuple[dict[str, QueueRunStats], int]:
+        """Every queue's run stats, per queue or run-centric as planned, and the requests the
+        slow round spent (they are not part of the poll's core cost)."""
         concurrency = self._settings.concurrency
         mode = self._choose_mode(len(queues))
         before = self._api.requests_sent
         fallback: Sequence[QueueRecord] = queues
         stats: dict[str, QueueRunStats] = {}
-        refreshed = 0
         if mode is PollMode.RUN_CENTRIC:
-            ids = [q.id for q in queues]
-            limit = self._refresh_limit(ids)
-            refreshed = min(limit, len(self._runs.refresh_wanted(ids, now)))
-            result = await self._runs.read(ids, now, deadline, limit)
+            result = await self._runs.read([q.id for q in queues], now, deadline)
             stats = dict(result.stats)
             fallback = [q for q in queues if q.id in result.incomplete]
             self._metrics.far_counts_missing.set(result.far_counts_missing)
@@ -300,15 +299,22 @@ class Poller:
         )
         stats.update({q.id: s for q, s in zip(fallback, answers, strict=True)})
         spent = self._api.requests_sent - before
+        slow = 0
         if mode is PollMode.RUN_CENTRIC:
+            listed = [q.id for q in queues if q.id in stats and q not in fallback]
+            slow_before = self._api.requests_sent
+            await self._runs.refresh(
+                listed, now, deadline, self._refresh_limit(listed), self._monotonic
+            )
+            slow = self._api.requests_sent - slow_before
             steady = self._runs.minimum_refreshes(len(queues), self._settings.interval)
-            self._run_centric_cost = spent - refreshed + steady
+            self._run_centric_cost = spent + steady
         else:
             self._per_queue_cost = (spent, len(queues))
         self._mode = mode
         for each in PollMode:
             self._metrics.mode.labels(str(each)).set(1 if each is mode else 0)
-        return stats
+        return stats, slow
 
     def _plan(self) -> PollPlan:
         if self._budget is None:
@@ -342,8 +348,9 @@ class Poller:
             if gone:
                 pools = [p for p in pools if p.name not in gone]
                 queues = [q for q in queues if q.pool not in gone]
-            stats = await self._queue_stats(queues, now, deadline)
-            core_cost = self._api.requests_sent - requests_before
+            stats, slow_requests = await self._queue_stats(queues, now, deadline)
+            # The slow round is paid from spare budget: not part of what a poll must afford.
+            core_cost = self._api.requests_sent - requests_before - slow_requests
             limits, holders = self._last_limits, self._last_holders
             if full and self._available(Feature.CONCURRENCY_LIMITS):
                 read = await self._optional(
@@ -360,7 +367,7 @@ class Poller:
                 else:
                     latency = self._events.stats(now, behind=True)
         if full:
-            self._full_cost = self._api.requests_sent - requests_before
+            self._full_cost = self._api.requests_sent - requests_before - slow_requests
             self._last_limits, self._last_holders = limits, holders
         self._core_cost = core_cost
         records = PollRecords(
@@ -473,20 +480,23 @@ class Poller:
         a SIGTERM ends the exporter well within Kubernetes' grace period.
         """
         stopping = asyncio.create_task(stop.wait())
+        poll: asyncio.Task[float] | None = None
         try:
             while not stop.is_set():
                 poll = asyncio.create_task(self.poll_and_publish())
                 await asyncio.wait({poll, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if not poll.done():
-                    poll.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await poll
                     self._log.info("poll_cancelled", reason="shutdown")
-                    return
+                    return  # the poll is cancelled below
                 wait = poll.result()
                 # Waiting on purpose (interval, back-off) is not a stalled loop: say until when.
                 self._store.loop_waiting(self._monotonic() + wait)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(stopping), timeout=wait)
         finally:
+            # On shutdown, and when this loop itself is cancelled: never leave a poll running.
             stopping.cancel()
+            if poll is not None and not poll.done():
+                poll.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poll

@@ -40,6 +40,7 @@ from exporter.records import (
     PoolRecord,
     QueueRecord,
     QueueRunStats,
+    RunPlace,
     RunRecord,
     RunState,
     StateCount,
@@ -188,40 +189,50 @@ class PrefectApi:
         )
 
     async def active_runs_page(
-        self, queue_ids: Sequence[str], deadline: Deadline
+        self, queue_ids: Sequence[str], after: UnixTime | None, deadline: Deadline
     ) -> list[RunRecord]:
         """The first page (oldest expected start first) of runs that hold or wait for a slot.
 
         Pending, Running, Cancelling and Paused runs, and AwaitingConcurrencySlot runs, in the
-        queues `queue_ids` (runs without a queue are left out). One request; raises
-        MalformedResponse when the answer shows the queue filter was not applied.
+        queues `queue_ids` (runs without a queue are left out), expected to start at `after` or
+        later when given. One request; raises MalformedResponse when the answer shows the queue
+        filter was not applied.
         """
-        body = {
-            "flow_runs": {
-                "state": {
-                    "operator": "or_",
-                    "type": {"any_": sorted(ACTIVE_STATE_TYPES)},
-                    "name": {"any_": [AWAITING_CONCURRENCY_SLOT]},
-                },
+        runs_filter: dict[str, Any] = {
+            "state": {
+                "operator": "or_",
+                "type": {"any_": sorted(ACTIVE_STATE_TYPES)},
+                "name": {"any_": [AWAITING_CONCURRENCY_SLOT]},
             },
         }
+        if after is not None:
+            runs_filter["expected_start_time"] = {"after_": iso(after)}
+        body = {"flow_runs": runs_filter}
         return await self._run_page(body, "EXPECTED_START_TIME_ASC", queue_ids, deadline)
 
     async def scheduled_runs_page(
-        self, until: UnixTime, queue_ids: Sequence[str], deadline: Deadline
+        self,
+        until: UnixTime,
+        queue_ids: Sequence[str],
+        after: UnixTime | None,
+        deadline: Deadline,
     ) -> list[RunRecord]:
         """The first page (earliest first) of runs scheduled to start by `until`.
 
         SCHEDULED-type runs other than AwaitingConcurrencySlot (whose next start the deployment
-        limit keeps pushing ahead), in the queues `queue_ids`. One request.
+        limit keeps pushing ahead), in the queues `queue_ids`, due at `after` or later when
+        given. One request.
         """
+        window = {"before_": iso(until)}
+        if after is not None:
+            window["after_"] = iso(after)
         body = {
             "flow_runs": {
                 "state": {
                     "type": {"any_": [StateType.SCHEDULED.value]},
                     "name": {"not_any_": [AWAITING_CONCURRENCY_SLOT]},
                 },
-                "next_scheduled_start_time": {"before_": iso(until)},
+                "next_scheduled_start_time": window,
             },
         }
         return await self._run_page(body, "NEXT_SCHEDULED_START_TIME_ASC", queue_ids, deadline)
@@ -300,6 +311,79 @@ class PrefectApi:
         runs = await self._runs(body, sort, PENDING_SAMPLE, deadline)
         entered = [self._state_timestamp(run) for run in runs]
         return min((t for t in entered if t is not None), default=None)
+
+    async def runs_without_work_queue(self, now: UnixTime, deadline: Deadline) -> int:
+        """Scheduled runs due before `now` that name a work queue which no longer exists.
+
+        Deleting a queue leaves its runs with its name but no queue id and no pool: no worker
+        will ever take them. The API can only filter runs whose queue exists, so this is the
+        count of runs naming a queue minus those whose queue exists: two requests, whatever
+        the number of runs. The second count is read last and both are cut at `now` (the
+        poll's start), so runs picked up in between can only make the difference smaller;
+        only a run rescheduled into the past in those milliseconds could make it larger.
+        Served deployments' runs (no queue name at all) are not counted.
+        """
+        body = self._naming_a_queue(now)
+        with_queue = await self._count({**body, "work_pool_queues": {}}, deadline)
+        total = await self._count(body, deadline)
+        return max(0, total - with_queue)
+
+    async def runs_without_work_queue_sample(
+        self, now: UnixTime, deadline: Deadline
+    ) -> list[RunPlace]:
+        """Up to 200 of the runs `runs_without_work_queue` counts, longest due first.
+
+        One request: the earliest-due runs naming a queue, of which those without a queue id
+        are kept, so a large healthy backlog due earlier can hide them (the count cannot).
+        """
+        rows = await self._runs(
+            self._naming_a_queue(now), "NEXT_SCHEDULED_START_TIME_ASC", PAGE_SIZE, deadline
+        )
+        return [place for place in map(self._run_place, rows) if place.work_pool is None]
+
+    async def tag_waiting_runs(self, tag: str, deadline: Deadline) -> list[RunPlace]:
+        """Running flow runs with a task run tagged `tag` in Pending: waiting for its slot.
+
+        One request, at most 200 runs (a task waiting for a tag slot stays Pending inside its
+        Running flow run, observed on 3.9.1).
+        """
+        body = {
+            "flow_runs": {"state": {"type": {"any_": [StateType.RUNNING.value]}}},
+            "task_runs": {
+                "tags": {"all_": [tag]},
+                "state": {"type": {"any_": [StateType.PENDING.value]}},
+            },
+        }
+        rows = await self._runs(body, "EXPECTED_START_TIME_ASC", PAGE_SIZE, deadline)
+        return [self._run_place(row) for row in rows]
+
+    @staticmethod
+    def _naming_a_queue(now: UnixTime) -> dict[str, Any]:
+        return {
+            "flow_runs": {
+                "state": {"type": {"any_": [StateType.SCHEDULED.value]}},
+                "work_queue_name": {"is_null_": False},
+                "next_scheduled_start_time": {"before_": iso(now)},
+            }
+        }
+
+    @staticmethod
+    def _run_place(row: Mapping[str, Any]) -> RunPlace:
+        where = "flow_run"
+        names = {}
+        for key in ("work_pool_name", "work_queue_name", "deployment_id", "work_queue_id"):
+            value = row.get(key)
+            if value is not None and not isinstance(value, str):
+                raise MalformedResponse(f"{where}.{key}: unexpected {type(value).__name__}")
+            names[key] = value
+        # The pool name is derived from the queue: a run without a queue id has no pool.
+        pool = names["work_pool_name"] if names["work_queue_id"] is not None else None
+        return RunPlace(
+            id=required(row, "id", str, where),
+            work_pool=pool,
+            work_queue=names["work_queue_name"],
+            deployment_id=names["deployment_id"],
+        )
 
     async def concurrency_limits(self, deadline: Deadline) -> list[ConcurrencyLimitRecord]:
         """Every row of the v2 table: global, tag and deployment limits alike."""

@@ -169,6 +169,7 @@ class PrefectHttp:
         self._clock = clock
         self._monotonic = monotonic
         self._csrf: dict[str, str] = {}
+        self._csrf_lock = asyncio.Lock()
         self.requests_sent = 0
         self._client = httpx.AsyncClient(
             base_url=connection.api_url + "/",
@@ -199,9 +200,14 @@ class PrefectHttp:
         for a body that is too large, cannot be decoded or is not JSON, and ApiTimeout,
         ApiConnectionError or ApiBudgetExhausted when no answer could be had.
         """
+        sent_with = self._csrf
         answer = await self._send(method, endpoint, path, body, deadline)
         if answer.status == 403 and b"CSRF" in answer.content:
-            await self._refresh_csrf(deadline)
+            async with self._csrf_lock:
+                # Requests refused together fetch one token: the first refreshes, the others
+                # find a token newer than the one they were refused with.
+                if self._csrf is sent_with:
+                    await self._refresh_csrf(deadline)
             answer = await self._send(method, endpoint, path, body, deadline)
         self._raise_for_status(endpoint, answer)
         return _decode_json(endpoint, answer.content)
@@ -286,7 +292,6 @@ class PrefectHttp:
         a 401: error statuses take the same path as on any other endpoint.
         """
         client = str(uuid.uuid4())
-        self._csrf = {}
         answer = await self._send(
             "GET", "/csrf-token", f"csrf-token?client={client}", None, deadline
         )

@@ -220,8 +220,25 @@ class RunRecord:
 
 
 @dataclass(frozen=True)
+class RunPlace:
+    """Where one flow run waits: its work pool and queue names, None where there is none.
+
+    A run whose work queue was deleted keeps the queue's name but loses its pool (and its
+    queue id): `work_pool` None with a `work_queue` name is such a run.
+    """
+
+    id: str
+    work_pool: str | None
+    work_queue: str | None
+    deployment_id: str | None = None
+
+
+@dataclass(frozen=True)
 class PollRecords:
-    """Everything one poll read, with the moment the poll started (the snapshot has no clock)."""
+    """Everything one poll read, with the moment the poll started (the snapshot has no clock).
+
+    `runs_without_work_queue` is None when it was not read.
+    """
 
     observed_at: float
     pools: tuple[PoolRecord, ...]
@@ -230,6 +247,7 @@ class PollRecords:
     queue_stats: Mapping[str, QueueRunStats] = field(default_factory=dict)
     limits: tuple[ConcurrencyLimitRecord, ...] = ()
     holders: LimitHolders | None = None
+    runs_without_work_queue: int | None = None
 
 
 @dataclass(frozen=True)

@@ -3,33 +3,43 @@
 A poll of the per-queue path costs 1 to 6 requests for every queue. This reader instead lists
 the runs that matter across every queue at once and groups them locally:
 
-- active runs (Pending, Running, Cancelling, Paused, AwaitingConcurrencySlot), oldest first;
+- active runs (Pending, Running, Cancelling, Paused, AwaitingConcurrencySlot), oldest expected
+  start first;
 - scheduled runs due before the listing window's end, earliest first.
 
-Each listing is paged by exclusion rather than by offset: a full page marks the queues in it as
-incomplete, and the next page asks for the other queues only (the API filters runs by a list of
-queue ids to include, so the list shrinks). A queue seen only in the last,
-partial page has all its runs listed; an incomplete one (more runs than a page) is read by the
-per-queue path instead. So a poll costs one request per listing while fewer than 200 runs match,
-and at most one more page and one per-queue read per queue with that many: never one per run.
+Pages follow a time key (keyset paging: each page asks for runs at or after the last one's time,
+with a millisecond of overlap removed by run id), never an offset, which would skip runs as others
+leave the listing. Queues that hold a full page of runs by themselves are, after a few pages,
+left to the per-queue path (1 to 6 requests each), so a burst of thousands of runs in a few queues
+costs a few pages and a few per-queue reads, not one page per 200 runs; many small queues with a
+few active runs each cost their runs / 200 pages. A page of runs that all share one time (a
+burst created at once) cannot move the key: its queues go to the per-queue path too.
 
 Runs scheduled far ahead (50,000 of them on a large workspace) are counted per queue on a slow
 round: one request per queue at most every `refresh` seconds, counting runs due at or after a
-cut `horizon` seconds ahead of the refresh. The listing covers everything before the cuts, so
-each run is counted once: by the listing before its queue's cut, by the slow count after it.
+cut `horizon` seconds ahead of the refresh. The listing reaches `now + horizon`, past every cut,
+and each run is counted once: by the listing before its queue's cut, by the slow count after it.
 A cut must stay ahead of now for that to hold (a run past it may have started since), so an
-expired cut is refreshed first and, until then, its queue's far-ahead runs are not counted.
+expired cut is refreshed first and, until then, only its runs within the window are counted. The
+slow round runs after the listings, within a share of the poll's time, and keeps whatever it read
+even when it runs out of time or budget: it never makes a poll fail for want of either.
+
+The two listings are read concurrently but not atomically: a run that changes state between the
+two answers may be counted in neither or both for one poll (the per-queue path's single history
+request has no such gap).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from exporter.clock import Deadline, UnixTime
-from exporter.errors import MalformedResponse
+from exporter.errors import ApiBudgetExhausted, ApiTimeout, MalformedResponse
 from exporter.gather import gather_bounded
 from exporter.records import (
     AWAITING_CONCURRENCY_SLOT,
@@ -46,16 +56,28 @@ HORIZON_SECONDS = 3600.0
 # Each queue's far-ahead counts are refreshed at least this often; it must stay below the
 # horizon so that a cut is refreshed before now catches up with it.
 REFRESH_SECONDS = 1800.0
+# After this many pages of one listing, queues holding a full page of runs are read per queue.
+SOFT_PAGES = 3
+# A listing longer than this is a server that does not honour the filters, not a workspace.
+MAX_PAGES = 1000
+# Times travel as ISO text; paging from a millisecond earlier cannot skip a run at the cut.
+KEY_OVERLAP_SECONDS = 0.001
+# The slow round may use at most this share of the time left in the poll.
+SLOW_ROUND_SHARE = 0.5
 
 
 class RunsApi(Protocol):
     """The reads this reader needs (prefect_api.PrefectApi has them)."""
 
     async def active_runs_page(
-        self, queue_ids: Sequence[str], deadline: Deadline
+        self, queue_ids: Sequence[str], after: UnixTime | None, deadline: Deadline
     ) -> list[RunRecord]: ...
     async def scheduled_runs_page(
-        self, until: UnixTime, queue_ids: Sequence[str], deadline: Deadline
+        self,
+        until: UnixTime,
+        queue_ids: Sequence[str],
+        after: UnixTime | None,
+        deadline: Deadline,
     ) -> list[RunRecord]: ...
     async def scheduled_counts_after(
         self, queue_id: str, after: UnixTime, deadline: Deadline
@@ -92,32 +114,49 @@ class RunCentricResult:
     far_counts_missing: int
 
 
-async def list_by_queue(
-    fetch: Callable[[Sequence[str]], Awaitable[list[RunRecord]]], queue_ids: Sequence[str]
-) -> Listing:
-    """Page through a listing by excluding the queues of each full page (see the module doc).
+Fetch = Callable[[Sequence[str], UnixTime | None], Awaitable[list[RunRecord]]]
 
-    `fetch(ids)` returns one page of the runs in the queues `ids`. Every full page excludes at
-    least one more queue, so at most `len(queue_ids) + 1` pages are read. A full page of runs
-    from queues already excluded means the server ignored the filter: MalformedResponse.
+
+async def list_by_queue(
+    fetch: Fetch, queue_ids: Sequence[str], key: Callable[[RunRecord], float | None]
+) -> Listing:
+    """Page through one listing of the queues `queue_ids` (see the module doc).
+
+    `fetch(ids, after)` returns one page of the runs in the queues `ids` whose `key` is at or
+    after `after`, sorted by `key`. Raises MalformedResponse when the pages show the server
+    ignored a filter.
     """
     remaining = list(queue_ids)
-    excluded: set[str] = set()
+    incomplete: set[str] = set()
+    seen: set[str] = set()
     runs: dict[str, list[RunRecord]] = defaultdict(list)
-    while remaining:
-        page = await fetch(remaining)
-        for run in page:
+    after: UnixTime | None = None
+    for pages in range(1, MAX_PAGES + 1):
+        page = await fetch(remaining, after)
+        fresh = [r for r in page if r.id not in seen and r.queue_id not in incomplete]
+        for run in fresh:
+            seen.add(run.id)
             if run.queue_id is not None:
                 runs[run.queue_id].append(run)
         if len(page) < PAGE_SIZE:
             break
-        full = {run.queue_id for run in page if run.queue_id is not None}
-        if not full - excluded:
-            raise MalformedResponse("flow_runs/filter: the queue filter was not applied")
-        excluded |= full
-        remaining = [q for q in remaining if q not in excluded]
-    incomplete = frozenset(excluded)
-    return Listing({q: r for q, r in runs.items() if q not in incomplete}, incomplete)
+        last = key(page[-1])
+        if fresh and last is not None:
+            after = UnixTime(last - KEY_OVERLAP_SECONDS)
+        else:
+            # A full page that moves nothing forward: its runs share one time.
+            stuck = {run.queue_id for run in page if run.queue_id is not None}
+            if not stuck - incomplete:
+                raise MalformedResponse("flow_runs/filter: the queue filter was not applied")
+            incomplete |= stuck
+        if pages >= SOFT_PAGES:
+            incomplete |= {q for q, listed in runs.items() if len(listed) >= PAGE_SIZE}
+        remaining = [q for q in remaining if q not in incomplete]
+        if not remaining:
+            break
+    else:
+        raise MalformedResponse(f"flow_runs/filter: more than {MAX_PAGES} pages")
+    return Listing({q: r for q, r in runs.items() if q not in incomplete}, frozenset(incomplete))
 
 
 def _oldest(times: Iterable[float | None]) -> float | None:
@@ -133,7 +172,8 @@ def queue_stats(
     """One queue's stats from its complete listings, as the per-queue path would compute them.
 
     `scheduled` holds the queue's scheduled runs up to the listing window's end; those before
-    `far.cut` are counted here, the rest are in `far`. Without `far`, only the due ones are.
+    `far.cut` are counted here, the rest are in `far`. Without `far`, all listed ones are
+    (runs beyond the window are then missing, and reported so).
     """
     counts = Counter((run.state_type, run.state_name) for run in active)
     due = [
@@ -142,7 +182,7 @@ def queue_stats(
         if run.next_scheduled_start is not None and run.next_scheduled_start <= now
     ]
     if far is None:
-        counts.update((run.state_type, run.state_name) for run in due)
+        counts.update((run.state_type, run.state_name) for run in scheduled)
     else:
         counts.update(
             (run.state_type, run.state_name)
@@ -205,34 +245,27 @@ class RunCentricReader:
         return -(-queue_count // int(polls_per_round))
 
     async def read(
-        self,
-        queue_ids: Sequence[str],
-        now: UnixTime,
-        deadline: Deadline,
-        refresh_limit: int,
+        self, queue_ids: Sequence[str], now: UnixTime, deadline: Deadline
     ) -> RunCentricResult:
-        """Stats for `queue_ids`; at most `refresh_limit` far-ahead counts are read this time.
+        """Stats for `queue_ids` from the listings and the far-ahead counts read so far.
 
-        Raises PrefectApiError. The reader's own state changes only when every read succeeded.
+        Raises PrefectApiError when a listing fails. `refresh()` reads far-ahead counts.
         """
         present = set(queue_ids)
-        far = {q: c for q, c in self._far.items() if q in present}
-        refreshing = self.refresh_wanted(queue_ids, now)[: max(0, refresh_limit)]
-        cut = UnixTime(now + self._horizon)
-        answers = await gather_bounded(
-            [self._api.scheduled_counts_after(q, cut, deadline) for q in refreshing],
-            self._concurrency,
-        )
-        far.update(
-            {q: FarCounts(cut, counts) for q, counts in zip(refreshing, answers, strict=True)}
-        )
-        valid = {q: c for q, c in far.items() if c.cut > now}
-        until = UnixTime(max([now, *(c.cut for c in valid.values())]))
-        active = await list_by_queue(
-            lambda ids: self._api.active_runs_page(ids, deadline), queue_ids
-        )
-        scheduled = await list_by_queue(
-            lambda ids: self._api.scheduled_runs_page(until, ids, deadline), queue_ids
+        self._far = {q: c for q, c in self._far.items() if q in present}
+        valid = {q: c for q, c in self._far.items() if c.cut > now}
+        until = UnixTime(now + self._horizon)  # past every cut
+        active, scheduled = await asyncio.gather(
+            list_by_queue(
+                lambda ids, after: self._api.active_runs_page(ids, after, deadline),
+                queue_ids,
+                lambda run: run.expected_start,
+            ),
+            list_by_queue(
+                lambda ids, after: self._api.scheduled_runs_page(until, ids, after, deadline),
+                queue_ids,
+                lambda run: run.next_scheduled_start,
+            ),
         )
         incomplete = active.incomplete | scheduled.incomplete
         stats = {
@@ -240,7 +273,33 @@ class RunCentricReader:
             for q in queue_ids
             if q not in incomplete
         }
-        self._far = far
-        return RunCentricResult(
-            stats, incomplete, sum(1 for q in queue_ids if q not in valid and q not in incomplete)
-        )
+        missing = sum(1 for q in stats if q not in valid)
+        return RunCentricResult(stats, incomplete, missing)
+
+    async def refresh(
+        self,
+        queue_ids: Sequence[str],
+        now: UnixTime,
+        deadline: Deadline,
+        limit: int,
+        monotonic: Callable[[], float],
+    ) -> None:
+        """The slow round: at most `limit` of the far-ahead counts `refresh_wanted` names.
+
+        Each count is kept as it arrives, within a share of the time left before `deadline`
+        (`monotonic` tells the time); running out of time or budget only shortens the round.
+        Other API errors (throttling, a malformed answer) are raised as in any read.
+        """
+        queue_ids = self.refresh_wanted(queue_ids, now)[: max(0, limit)]
+        if not queue_ids:
+            return
+        share = Deadline(monotonic() + (deadline - monotonic()) * SLOW_ROUND_SHARE)
+        cut = UnixTime(now + self._horizon)
+
+        async def refresh(queue_id: str) -> None:
+            counts = await self._api.scheduled_counts_after(queue_id, cut, share)
+            self._far[queue_id] = FarCounts(cut, counts)
+
+        with contextlib.suppress(ApiTimeout, ApiBudgetExhausted, TimeoutError):
+            async with asyncio.timeout(max(0.0, share - monotonic())):
+                await gather_bounded([refresh(q) for q in queue_ids], self._concurrency)

@@ -116,6 +116,12 @@ class TestBackoff:
         """With an interval above 10 minutes the cap follows the interval."""
         assert Backoff(900).throttled(5000) == 900
 
+    def test_days_of_throttling_never_overflow(self) -> None:
+        """A 503 every poll for days (thousands in a row) keeps waiting the cap, no crash."""
+        backoff = Backoff(30, jitter=lambda: 1.0)
+        waits = [backoff.throttled(None) for _ in range(5000)]
+        assert waits[-1] == 600
+
     def test_success_resets(self) -> None:
         """After a good poll the next throttling starts from the interval again."""
         backoff = Backoff(10, jitter=lambda: 1.0)

@@ -109,11 +109,13 @@ class FakeApi:
     ) -> dict[str, float | None]:
         return dict.fromkeys(ids, NOW - 100)
 
-    async def active_runs_page(self, queue_ids: Sequence[str], deadline: float) -> list[RunRecord]:
+    async def active_runs_page(
+        self, queue_ids: Sequence[str], after: float | None, deadline: float
+    ) -> list[RunRecord]:
         return []
 
     async def scheduled_runs_page(
-        self, until: float, queue_ids: Sequence[str], deadline: float
+        self, until: float, queue_ids: Sequence[str], after: float | None, deadline: float
     ) -> list[RunRecord]:
         return [RunRecord("r1", "a", "SCHEDULED", "Late", NOW - 70, NOW - 70, NOW - 60)]
 
@@ -582,13 +584,20 @@ class TestPollModes:
         settings = PollSettings(
             interval=30, timeout=5, concurrency=2, heartbeat_multiple=3, mode="run-centric"
         )
-        asyncio.run(poller(api, store, registry, settings).poll_and_publish())
-        (snapshot,) = store.published
+        p = poller(api, store, registry, settings)
+        asyncio.run(p.poll_and_publish())
+        asyncio.run(p.poll_and_publish())  # the first poll's slow round read far-ahead counts
+        first, second = store.published
         assert api.stats_calls == []
-        backlog = {q.name: q.backlog for q in snapshot.queues}
+        backlog = {q.name: q.backlog for q in second.queues}
         assert backlog == {"a": 1, "b": 0, "c": 0}
-        scheduled = {q.name: dict(q.runs_by_state)["Scheduled"] for q in snapshot.queues}
+        scheduled = {q.name: dict(q.runs_by_state)["Scheduled"] for q in second.queues}
         assert scheduled == {"a": 5, "b": 5, "c": 5}
+        assert {q.name: dict(q.runs_by_state)["Scheduled"] for q in first.queues} == {
+            "a": 0,
+            "b": 0,
+            "c": 0,
+        }
         assert registry.get_sample_value("prefect_exporter_poll_mode", {"mode": "run-centric"}) == 1
         assert registry.get_sample_value("prefect_exporter_poll_mode", {"mode": "per-queue"}) == 0
 
@@ -653,3 +662,28 @@ class TestPoolSelection:
             registry.get_sample_value("prefect_exporter_objects_gone_total", {"kind": "work_pool"})
             == 0
         )
+
+
+class TestCancellation:
+    """Cancelling the loop itself is not swallowed as if it were a shutdown."""
+
+    def test_cancelling_run_propagates(self) -> None:
+        """A task running `run()` that is cancelled ends cancelled."""
+        store = FakeStore()
+        api = SlowApi()
+        settings = PollSettings(interval=3600, timeout=3600, concurrency=2, heartbeat_multiple=3)
+        p = poller(api, store, CollectorRegistry(), settings)
+
+        async def scenario() -> bool:
+            task = asyncio.create_task(p.run(asyncio.Event()))
+            while len(api.stats_calls) < 2:
+                await asyncio.sleep(0)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                return True
+            return False
+
+        assert asyncio.run(scenario())
+        assert api.cancelled == 2  # the poll in flight was cancelled too, not left running

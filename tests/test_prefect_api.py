@@ -548,14 +548,18 @@ class TestRunListings:
         fake = FakePrefect()
         fake.on("POST", "flow_runs/filter", [])
         api = make_api(fake)
-        run(call_and_close(api, api.active_runs_page(["q1", "q2"], FAR)))
+        run(call_and_close(api, api.active_runs_page(["q1", "q2"], None, FAR)))
         api = make_api(fake)
-        run(call_and_close(api, api.scheduled_runs_page(UnixTime(NOW + 60), ["q1"], FAR)))
+        later = UnixTime(NOW - 30)
+        run(call_and_close(api, api.scheduled_runs_page(UnixTime(NOW + 60), ["q1"], later, FAR)))
         active, scheduled = fake.bodies("flow_runs/filter")
         assert active["work_pool_queues"] == {"id": {"any_": ["q1", "q2"]}}
         assert active["flow_runs"]["state"]["operator"] == "or_"
         assert active["sort"] == "EXPECTED_START_TIME_ASC"
         assert scheduled["flow_runs"]["next_scheduled_start_time"]["before_"].startswith("2027")
+        # Keyset paging: the next page starts at the last run's time.
+        assert scheduled["flow_runs"]["next_scheduled_start_time"]["after_"].startswith("2027")
+        assert "expected_start_time" not in active["flow_runs"]
         assert scheduled["sort"] == "NEXT_SCHEDULED_START_TIME_ASC"
         assert scheduled["limit"] == 200
 
@@ -572,7 +576,7 @@ class TestRunListings:
         fake.on("POST", "flow_runs/filter", [row])
         api = make_api(fake)
         with pytest.raises(MalformedResponse, match="queue filter"):
-            run(call_and_close(api, api.active_runs_page(["q1"], FAR)))
+            run(call_and_close(api, api.active_runs_page(["q1"], None, FAR)))
 
     def test_far_ahead_counts_use_the_history_key_and_the_cut(self) -> None:
         """`/history` names the queue filter `work_queues`; runs at or after the cut count."""
@@ -590,3 +594,31 @@ class TestRunListings:
         (body,) = fake.bodies("flow_runs/history")
         assert body["work_queues"] == {"id": {"any_": ["q1"]}}
         assert "after_" in body["flow_runs"]["next_scheduled_start_time"]
+
+
+class TestCsrfConcurrency:
+    """Requests refused together for want of a token fetch one token between them."""
+
+    def test_two_refused_requests_fetch_one_token(self) -> None:
+        """Both are repeated with the new token; /csrf-token is asked once."""
+        fake = FakePrefect()
+
+        def guarded(request: httpx.Request) -> httpx.Response:
+            if request.headers.get("Prefect-Csrf-Token") != "tok":
+                return httpx.Response(403, json={"detail": "Missing CSRF token."})
+            return httpx.Response(200, json=[])
+
+        fake.on("POST", "work_pools/filter", guarded)
+        fake.on("POST", "work_queues/filter", guarded)
+        fake.on("GET", "csrf-token", {"token": "tok", "client": "c", "expiration": "x"})
+        api = make_api(fake)
+
+        async def both() -> None:
+            try:
+                await asyncio.gather(api.work_pools(FAR), api.work_queues(FAR))
+            finally:
+                await api.aclose()
+
+        run(both())
+        token_requests = [r for r in fake.requests if r.url.path.endswith("/csrf-token")]
+        assert len(token_requests) == 1

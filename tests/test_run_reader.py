@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -13,8 +13,11 @@ from exporter.records import RunRecord, StateCount
 from exporter.run_reader import (
     HORIZON_SECONDS,
     PAGE_SIZE,
+    SOFT_PAGES,
     FarCounts,
+    Listing,
     RunCentricReader,
+    RunCentricResult,
     list_by_queue,
     queue_stats,
 )
@@ -48,12 +51,21 @@ class FakeRuns:
         self.pages: list[tuple[str, tuple[str, ...]]] = []
         self.refreshed: list[str] = []
 
-    def _page(self, kind: str, rows: list[RunRecord], queue_ids: Sequence[str]) -> list[RunRecord]:
+    def _page(
+        self,
+        kind: str,
+        rows: list[RunRecord],
+        queue_ids: Sequence[str],
+        after: float | None,
+        key: Callable[[RunRecord], float | None],
+    ) -> list[RunRecord]:
         self.pages.append((kind, tuple(queue_ids)))
-        return [r for r in rows if r.queue_id in queue_ids][:PAGE_SIZE]
+        return [
+            r for r in rows if r.queue_id in queue_ids and (after is None or (key(r) or 0) >= after)
+        ][:PAGE_SIZE]
 
     async def active_runs_page(
-        self, queue_ids: Sequence[str], deadline: Deadline
+        self, queue_ids: Sequence[str], after: UnixTime | None, deadline: Deadline
     ) -> list[RunRecord]:
         rows = [
             r
@@ -61,10 +73,14 @@ class FakeRuns:
             if r.state_type != "SCHEDULED" or r.state_name == "AwaitingConcurrencySlot"
         ]
         rows.sort(key=lambda r: r.expected_start or 0)
-        return self._page("active", rows, queue_ids)
+        return self._page("active", rows, queue_ids, after, lambda r: r.expected_start)
 
     async def scheduled_runs_page(
-        self, until: UnixTime, queue_ids: Sequence[str], deadline: Deadline
+        self,
+        until: UnixTime,
+        queue_ids: Sequence[str],
+        after: UnixTime | None,
+        deadline: Deadline,
     ) -> list[RunRecord]:
         rows = [
             r
@@ -74,7 +90,7 @@ class FakeRuns:
             and (r.next_scheduled_start or 0) <= until
         ]
         rows.sort(key=lambda r: r.next_scheduled_start or 0)
-        return self._page("scheduled", rows, queue_ids)
+        return self._page("scheduled", rows, queue_ids, after, lambda r: r.next_scheduled_start)
 
     async def scheduled_counts_after(
         self, queue_id: str, after: UnixTime, deadline: Deadline
@@ -98,41 +114,62 @@ def counts_of(stats_counts: Sequence[StateCount]) -> dict[str, int]:
     return {c.state_name: c.count for c in stats_counts}
 
 
+def listing(fake: FakeRuns, queue_ids: Sequence[str]) -> Listing:
+    return asyncio.run(
+        list_by_queue(
+            lambda ids, after: fake.scheduled_runs_page(NOW, ids, after, FAR),
+            queue_ids,
+            lambda r: r.next_scheduled_start,
+        )
+    )
+
+
 class TestListByQueue:
-    """Paging by exclusion lists small queues in full and names the big ones."""
+    """Keyset paging lists every small queue in full and hands big queues to the per-queue path."""
 
     def test_fewer_runs_than_a_page_take_one_request(self) -> None:
         """Every queue is complete after one partial page."""
         fake = FakeRuns([scheduled(f"r{i}", f"q{i % 3}", NOW - i) for i in range(50)])
-        listing = asyncio.run(
-            list_by_queue(lambda ids: fake.scheduled_runs_page(NOW, ids, FAR), ["q0", "q1", "q2"])
-        )
+        result = listing(fake, ["q0", "q1", "q2"])
         assert len(fake.pages) == 1
-        assert listing.incomplete == frozenset()
-        assert sum(len(r) for r in listing.runs.values()) == 50
+        assert result.incomplete == frozenset()
+        assert sum(len(r) for r in result.runs.values()) == 50
 
-    def test_a_queue_with_more_runs_than_a_page_is_incomplete_the_others_are_listed(self) -> None:
-        """5,000 due runs in one queue cost two pages, not 25, and that queue is named."""
+    def test_many_small_queues_are_all_listed_in_full(self) -> None:
+        """300 queues with one due run each: two pages, every queue exact, none read per queue."""
+        fake = FakeRuns([scheduled(f"r{i}", f"q{i}", NOW - 1000 + i) for i in range(300)])
+        result = listing(fake, [f"q{i}" for i in range(300)])
+        assert len(fake.pages) == 2
+        assert result.incomplete == frozenset()
+        assert all(len(result.runs[f"q{i}"]) == 1 for i in range(300))
+
+    def test_a_queue_holding_pages_of_runs_goes_to_the_per_queue_path(self) -> None:
+        """5,000 due runs in one queue cost a few pages, not 25, and the small queue is exact."""
         big = [scheduled(f"b{i}", "big", NOW - 10_000 + i) for i in range(5000)]
-        small = [scheduled(f"s{i}", "small", NOW - 100 + i) for i in range(7)]
+        small = [scheduled(f"s{i}", "small", NOW - 10_000 + 20 * i + 0.5) for i in range(150)]
         fake = FakeRuns(big + small)
-        listing = asyncio.run(
-            list_by_queue(lambda ids: fake.scheduled_runs_page(NOW, ids, FAR), ["big", "small"])
-        )
-        assert [ids for _, ids in fake.pages] == [("big", "small"), ("small",)]
-        assert listing.incomplete == frozenset({"big"})
-        assert [r.id for r in listing.runs["small"]] == [f"s{i}" for i in range(7)]
-        assert "big" not in listing.runs
+        result = listing(fake, ["big", "small"])
+        assert len(fake.pages) <= SOFT_PAGES + 5
+        assert result.incomplete == frozenset({"big"})
+        assert [r.id for r in result.runs["small"]] == [f"s{i}" for i in range(150)]
 
-    def test_a_server_ignoring_the_exclusion_is_malformed(self) -> None:
+    def test_a_page_of_runs_at_one_instant_hands_its_queues_over(self) -> None:
+        """250 runs created at the same time cannot be paged by time: their queue is read apart."""
+        burst = [scheduled(f"b{i}", "burst", NOW - 100) for i in range(250)]
+        fake = FakeRuns([*burst, scheduled("x", "other", NOW - 50)])
+        result = listing(fake, ["burst", "other"])
+        assert result.incomplete == frozenset({"burst"})
+        assert [r.id for r in result.runs["other"]] == ["x"]
+
+    def test_a_server_ignoring_the_filters_is_malformed(self) -> None:
         """Full pages that never change would page on forever: refused instead."""
         rows = [scheduled(f"r{i}", "q", NOW - i) for i in range(PAGE_SIZE)]
 
-        async def stubborn(queue_ids: Sequence[str]) -> list[RunRecord]:
+        async def stubborn(queue_ids: Sequence[str], after: UnixTime | None) -> list[RunRecord]:
             return rows
 
         with pytest.raises(MalformedResponse):
-            asyncio.run(list_by_queue(stubborn, ["q", "r", "s"]))
+            asyncio.run(list_by_queue(stubborn, ["q", "r", "s"], lambda r: r.next_scheduled_start))
 
 
 class TestQueueStats:
@@ -176,12 +213,26 @@ class TestQueueStats:
         far = FarCounts(NOW + 500, (StateCount("SCHEDULED", "Scheduled", 1),))
         assert counts_of(queue_stats([], upcoming, far, NOW).counts) == {"Scheduled": 2}
 
-    def test_without_a_slow_count_only_due_runs_are_counted(self) -> None:
-        """Unknown far-ahead runs are not guessed."""
+    def test_without_a_slow_count_the_listed_runs_are_counted(self) -> None:
+        """Runs within the window are known; those beyond it are not guessed."""
         upcoming = [scheduled("d", "q", NOW - 1), scheduled("f", "q", NOW + 100)]
         stats = queue_stats([], upcoming, None, NOW)
-        assert counts_of(stats.counts) == {"Scheduled": 1}
+        assert counts_of(stats.counts) == {"Scheduled": 2}
         assert stats.due_scheduled == 1
+
+
+def read(
+    reader: RunCentricReader, queue_ids: list[str], now: UnixTime, limit: int
+) -> RunCentricResult:
+    """One poll's worth: the listings, then the slow round (as the poller does)."""
+
+    async def both() -> RunCentricResult:
+        result = await reader.read(queue_ids, now, FAR)
+        listed = [q for q in queue_ids if q not in result.incomplete]
+        await reader.refresh(listed, now, FAR, limit, lambda: 0.0)
+        return result
+
+    return asyncio.run(both())
 
 
 class TestRunCentricReader:
@@ -194,39 +245,43 @@ class TestRunCentricReader:
         runs += [scheduled("soon", "busy", NOW + 60), scheduled("late", "busy", NOW - 10, "Late")]
         return FakeRuns(runs)
 
-    def test_every_small_queue_is_exact_and_the_big_one_is_left_over(self) -> None:
-        """Stats for busy and idle equal the truth; big goes to the per-queue path."""
+    def test_every_queue_is_exact(self) -> None:
+        """Stats for big (three pages), busy and idle equal the truth."""
         fake = self.workspace()
         reader = RunCentricReader(fake, concurrency=4)
-        result = asyncio.run(reader.read(["big", "busy", "idle"], NOW, FAR, refresh_limit=10))
-        assert result.incomplete == frozenset({"big"})
-        assert set(result.stats) == {"busy", "idle"}
-        assert counts_of(result.stats["idle"].counts) == {"Scheduled": 30}
+        result = read(reader, ["big", "busy", "idle"], NOW, limit=10)
+        assert result.incomplete == frozenset()
+        assert result.stats["big"].due_scheduled == 450
+        assert result.stats["big"].oldest_due_scheduled == NOW - 5000
+        assert counts_of(result.stats["idle"].counts) == {}  # far ahead: next poll
         busy = result.stats["busy"]
         assert counts_of(busy.counts) == {"Pending": 1, "Scheduled": 1, "Late": 1}
         assert busy.due_scheduled == 1
         assert busy.oldest_due_scheduled == NOW - 10
-        assert result.far_counts_missing == 0
+        assert result.far_counts_missing == 3
+        later = read(reader, ["big", "busy", "idle"], NOW, limit=10)
+        assert counts_of(later.stats["idle"].counts) == {"Scheduled": 30}
+        assert later.far_counts_missing == 0
 
     def test_the_slow_round_reads_each_queue_once_until_it_is_due_again(self) -> None:
         """Far-ahead counts are read on the first poll and not again within the refresh time."""
         fake = self.workspace()
         reader = RunCentricReader(fake, concurrency=4)
-        asyncio.run(reader.read(["big", "busy", "idle"], NOW, FAR, refresh_limit=10))
+        read(reader, ["big", "busy", "idle"], NOW, limit=10)
         assert sorted(fake.refreshed) == ["big", "busy", "idle"]
         fake.refreshed.clear()
         later = UnixTime(NOW + 600)
-        asyncio.run(reader.read(["big", "busy", "idle"], later, FAR, refresh_limit=10))
+        read(reader, ["big", "busy", "idle"], later, limit=10)
         assert fake.refreshed == []
         much_later = UnixTime(NOW + 1900)
-        asyncio.run(reader.read(["big", "busy", "idle"], much_later, FAR, refresh_limit=1))
+        read(reader, ["big", "busy", "idle"], much_later, limit=1)
         assert len(fake.refreshed) == 1
 
     def test_with_no_budget_for_the_slow_round_the_gap_is_reported(self) -> None:
         """Queues without far-ahead counts are counted as missing them, not zeroed."""
         fake = self.workspace()
         reader = RunCentricReader(fake, concurrency=4)
-        result = asyncio.run(reader.read(["busy", "idle"], NOW, FAR, refresh_limit=0))
+        result = read(reader, ["busy", "idle"], NOW, limit=0)
         assert fake.refreshed == []
         assert result.far_counts_missing == 2
         assert counts_of(result.stats["idle"].counts) == {}
@@ -235,10 +290,10 @@ class TestRunCentricReader:
         """Scheduled runs are listed up to an hour ahead, so nothing falls between."""
         fake = self.workspace()
         reader = RunCentricReader(fake, concurrency=4)
-        asyncio.run(reader.read(["busy", "idle"], NOW, FAR, refresh_limit=10))
+        read(reader, ["busy", "idle"], NOW, limit=10)
         assert fake.pages[-1][0] == "scheduled"
         later = UnixTime(NOW + 100)
-        result = asyncio.run(reader.read(["busy", "idle"], later, FAR, refresh_limit=0))
+        result = read(reader, ["busy", "idle"], later, limit=0)
         # "soon" is due at NOW + 60: now due, still counted once.
         assert counts_of(result.stats["busy"].counts) == {"Pending": 1, "Scheduled": 1, "Late": 1}
         assert result.stats["busy"].due_scheduled == 2
@@ -248,6 +303,6 @@ class TestRunCentricReader:
         """Slow counts of queues that are gone are dropped (memory stays bounded)."""
         fake = self.workspace()
         reader = RunCentricReader(fake, concurrency=4)
-        asyncio.run(reader.read(["busy", "idle"], NOW, FAR, refresh_limit=10))
-        asyncio.run(reader.read(["busy"], NOW, FAR, refresh_limit=10))
+        read(reader, ["busy", "idle"], NOW, limit=10)
+        read(reader, ["busy"], NOW, limit=10)
         assert reader.refresh_wanted(["idle"], NOW) == ["idle"]
