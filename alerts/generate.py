@@ -260,6 +260,17 @@ def alerts(s: dict[str, Any]) -> list[dict[str, Any]]:
             "description": "The {{ $labels.kind }} limit {{ $labels.limit }} has {{ $value }} "
             "slots held by finished or crashed runs; reset the limit.",
         },
+        {
+            "alert": "PrefectFlowRunsWithoutWorkQueue",
+            "expr": f"max by (job) ({m('prefect_flow_runs_without_work_queue')}) > 0",
+            # Such runs never leave by themselves: 15m only rides out a queue deleted and
+            # re-created with its runs moved within minutes.
+            "for": "15m",
+            "severity": "warning",
+            "summary": "Runs wait in a work queue that was deleted: no worker will ever take them.",
+            "description": "{{ $value }} scheduled runs of job {{ $labels.job }} name a work "
+            "queue that no longer exists; they belong to no pool and will never start.",
+        },
         # -- rate limiting --------------------------------------------------------------------
         {
             "alert": "PrefectWorkerRateLimited",
@@ -318,6 +329,24 @@ POOL_ALERTS = {
 }
 
 
+# The exporter's own health: `diagnose` reads Prefect, it cannot say why the exporter is not
+# scraped or short of budget.
+WITHOUT_DIAGNOSE = {
+    "PrefectExporterDown",
+    "PrefectExporterDataStale",
+    "PrefectExporterRequestBudgetExhausted",
+}
+
+
+def diagnose_command(name: str) -> str | None:
+    """The `diagnose` command for an alert: narrowed to its pool where it has one."""
+    if name in WITHOUT_DIAGNOSE:
+        return None
+    if name in QUEUE_ALERTS or name in POOL_ALERTS:
+        return "prefect-exporter diagnose --work-pool '{{ $labels.work_pool }}'"
+    return "prefect-exporter diagnose"
+
+
 def dashboard_url(name: str, base: str) -> str:
     """The dashboard that shows the cause, narrowed to the alert's job, pool and queue."""
     if name in QUEUE_ALERTS:
@@ -336,17 +365,20 @@ def dashboard_url(name: str, base: str) -> str:
 def rules(settings: dict[str, Any]) -> dict[str, Any]:
     def alert_rule(a: dict[str, Any]) -> dict[str, Any]:
         name = a["alert"]
+        annotations = {
+            "summary": a["summary"],
+            "description": a["description"],
+            "runbook_url": f"{settings['runbook_base']}/{name}.md",
+            "dashboard_url": dashboard_url(name, settings["dashboard_base"]),
+        }
+        if (command := diagnose_command(name)) is not None:
+            annotations["diagnose"] = command
         return {
             "alert": name,
             "expr": a["expr"],
             "for": a["for"],
             "labels": {"severity": a["severity"]},
-            "annotations": {
-                "summary": a["summary"],
-                "description": a["description"],
-                "runbook_url": f"{settings['runbook_base']}/{name}.md",
-                "dashboard_url": dashboard_url(name, settings["dashboard_base"]),
-            },
+            "annotations": annotations,
         }
 
     return {

@@ -88,6 +88,7 @@ def build_poller(
         log,
         budget=budget,
         cursor_file=cursor_file,
+        orphans=api,
     )
     return poller, api
 

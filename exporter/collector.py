@@ -428,6 +428,13 @@ SNAPSHOT_FAMILIES: tuple[SnapshotFamily, ...] = (
         present=_has_deployments,
     ),
     Family(
+        name="prefect_flow_runs_without_work_queue",
+        help="Scheduled runs due before the poll whose work queue was deleted: they name a queue "
+        "that no longer exists, belong to no pool, and no worker will ever take them.",
+        samples=_single(lambda s: s.runs_without_work_queue),
+        present=lambda s: s.runs_without_work_queue is not None,
+    ),
+    Family(
         name="prefect_exporter_feature_available",
         help="1 if the Prefect API offers what a feature needs (events, concurrency_limits), 0 "
         "if the exporter degraded because the server lacks it.",

@@ -70,6 +70,12 @@ class Api(LimitsApi, EventsApi, RunsApi, Protocol):
     ) -> QueueRunStats: ...
 
 
+class OrphanRunsApi(Protocol):
+    """The read of runs no worker can take (prefect_api.PrefectApi has it)."""
+
+    async def runs_without_work_queue(self, now: UnixTime, deadline: Deadline) -> int: ...
+
+
 class Publisher(Protocol):
     """Where snapshots go (the store); also told how long the loop will wait on purpose."""
 
@@ -187,8 +193,11 @@ class Poller:
         budget: RequestBudget | None = None,
         backoff: Backoff | None = None,
         cursor_file: StateFile | None = None,
+        orphans: OrphanRunsApi | None = None,
     ) -> None:
         self._api = api
+        # Runs whose queue was deleted: counted when given (cli gives the adapter), else None.
+        self._orphans = orphans
         self._budget = budget
         self._backoff = backoff or Backoff(settings.interval, cap=settings.max_backoff)
         # Requests one poll took, measured: all of it, and without the optional parts.
@@ -349,6 +358,11 @@ class Poller:
                 pools = [p for p in pools if p.name not in gone]
                 queues = [q for q in queues if q.pool not in gone]
             stats, slow_requests = await self._queue_stats(queues, now, deadline)
+            orphaned = (
+                await self._orphans.runs_without_work_queue(now, deadline)
+                if self._orphans is not None
+                else None
+            )
             # The slow round is paid from spare budget: not part of what a poll must afford.
             core_cost = self._api.requests_sent - requests_before - slow_requests
             limits, holders = self._last_limits, self._last_holders
@@ -378,6 +392,7 @@ class Poller:
             queue_stats=stats,
             limits=limits,
             holders=holders,
+            runs_without_work_queue=orphaned,
         )
         features = self._features.states(self._polls)
         return build_snapshot(records, self._settings.heartbeat_multiple, latency, features)

@@ -72,7 +72,11 @@ class WorkerState:
 
 @dataclass(frozen=True)
 class LimitState:
-    """One concurrency limit; `leaked` is None where holders cannot be checked (global)."""
+    """One concurrency limit; `leaked` is None where holders cannot be checked (global).
+
+    `prefect_name` is the limit's name in Prefect (`deployment:<id>` for a deployment limit),
+    the one its CLI commands take; `name` is the one people know.
+    """
 
     name: str
     kind: LimitKind
@@ -81,6 +85,7 @@ class LimitState:
     active_slots: int
     enabled: bool
     leaked: int | None
+    prefect_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,11 @@ class DeploymentState:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The state of one Prefect API as of one successful poll."""
+    """The state of one Prefect API as of one successful poll.
+
+    `runs_without_work_queue` counts due Scheduled runs whose work queue was deleted (None when
+    not read): they belong to no pool and no worker will take them.
+    """
 
     observed_at: float
     pools: tuple[PoolState, ...]
@@ -104,6 +113,7 @@ class Snapshot:
     deployments: tuple[DeploymentState, ...] = ()
     latency: LatencyStats | None = None
     features: tuple[tuple[str, bool], ...] = ()
+    runs_without_work_queue: int | None = None
 
 
 EMPTY_STATS = QueueRunStats(
@@ -176,6 +186,7 @@ def _limit_state(limit: ConcurrencyLimitRecord, holders: LimitHolders | None) ->
         active_slots=limit.active_slots,
         enabled=limit.active,
         leaked=leaked_slots(limit, holders),
+        prefect_name=limit.name,
     )
 
 
@@ -267,4 +278,5 @@ def build_snapshot(
         deployments=deployments,
         latency=latency,
         features=features,
+        runs_without_work_queue=records.runs_without_work_queue,
     )

@@ -84,6 +84,7 @@ def full_snapshot() -> Snapshot:
             lag_seconds=30.0,
         ),
         features=(("events", True),),
+        runs_without_work_queue=3,
     )
 
 

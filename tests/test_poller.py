@@ -687,3 +687,36 @@ class TestCancellation:
 
         assert asyncio.run(scenario())
         assert api.cancelled == 2  # the poll in flight was cancelled too, not left running
+
+
+class TestRunsWithoutWorkQueue:
+    """The count of runs whose queue was deleted is read when its reader is wired."""
+
+    def test_counted_at_the_poll_start_when_wired(self) -> None:
+        """The orphans reader is asked with the poll's start time; the snapshot holds its count."""
+        asked: list[float] = []
+
+        class Orphans:
+            async def runs_without_work_queue(self, now: float, deadline: float) -> int:
+                asked.append(now)
+                return 4
+
+        store, registry = FakeStore(), CollectorRegistry()
+        p = Poller(
+            FakeApi(),
+            store,
+            SETTINGS,
+            PollMetrics(registry),
+            structlog.get_logger(),
+            clock=lambda: NOW,
+            orphans=Orphans(),
+        )
+        asyncio.run(p.poll_and_publish())
+        assert store.published[0].runs_without_work_queue == 4
+        assert asked == [NOW]
+
+    def test_unknown_without_a_reader(self) -> None:
+        """Not read is None (no series), never a made-up 0."""
+        store = FakeStore()
+        asyncio.run(poller(FakeApi(), store, CollectorRegistry()).poll_and_publish())
+        assert store.published[0].runs_without_work_queue is None

@@ -622,3 +622,94 @@ class TestCsrfConcurrency:
         run(both())
         token_requests = [r for r in fake.requests if r.url.path.endswith("/csrf-token")]
         assert len(token_requests) == 1
+
+
+class TestRunsWithoutWorkQueue:
+    """Runs whose queue was deleted: counted in two requests, listed in one."""
+
+    def test_count_is_runs_naming_a_queue_less_those_whose_queue_exists(self) -> None:
+        """The queue-existence count is read first; both are cut at the poll's start."""
+        fake = FakePrefect()
+
+        def count(request: httpx.Request) -> int:
+            return 5 if "work_pool_queues" in json.loads(request.content) else 12
+
+        fake.on("POST", "flow_runs/count", count)
+        api = make_api(fake)
+        assert run(call_and_close(api, api.runs_without_work_queue(NOW, FAR))) == 7
+        first, second = fake.bodies("flow_runs/count")
+        assert first["work_pool_queues"] == {}
+        assert "work_pool_queues" not in second
+        for body in (first, second):
+            assert body["flow_runs"] == {
+                "state": {"type": {"any_": ["SCHEDULED"]}},
+                "work_queue_name": {"is_null_": False},
+                "next_scheduled_start_time": {"before_": "2027-01-15T08:00:00Z"},
+            }
+
+    def test_a_race_that_would_make_the_count_negative_gives_zero(self) -> None:
+        """Runs created between the two counts can only lower the difference, never below 0."""
+        fake = FakePrefect()
+        fake.on(
+            "POST",
+            "flow_runs/count",
+            lambda r: 9 if "work_pool_queues" in json.loads(r.content) else 8,
+        )
+        api = make_api(fake)
+        assert run(call_and_close(api, api.runs_without_work_queue(NOW, FAR))) == 0
+
+    def test_sample_keeps_only_runs_without_a_queue_id(self) -> None:
+        """A run with a queue id is healthy; one without has no pool, whatever the API says."""
+        fake = FakePrefect()
+        fake.on(
+            "POST",
+            "flow_runs/filter",
+            [
+                {"id": "ok", "work_queue_id": "q1", "work_queue_name": "a", "work_pool_name": "p"},
+                {
+                    "id": "lost",
+                    "work_queue_id": None,
+                    "work_queue_name": "doomed",
+                    "work_pool_name": None,
+                    "deployment_id": "d1",
+                },
+            ],
+        )
+        api = make_api(fake)
+        sample = run(call_and_close(api, api.runs_without_work_queue_sample(NOW, FAR)))
+        assert [(s.id, s.work_pool, s.work_queue, s.deployment_id) for s in sample] == [
+            ("lost", None, "doomed", "d1")
+        ]
+        (body,) = fake.bodies("flow_runs/filter")
+        assert body["sort"] == "NEXT_SCHEDULED_START_TIME_ASC"
+        assert body["limit"] == 200
+
+    def test_a_queue_name_that_is_not_a_string_is_malformed(self) -> None:
+        """A number where a name belongs fails the read instead of passing for data."""
+        fake = FakePrefect()
+        fake.on("POST", "flow_runs/filter", [{"id": "x", "work_queue_name": 3}])
+        api = make_api(fake)
+        with pytest.raises(MalformedResponse, match="work_queue_name"):
+            run(call_and_close(api, api.runs_without_work_queue_sample(NOW, FAR)))
+
+
+class TestTagWaitingRuns:
+    """Flow runs whose tagged task waits for a slot, with where they run."""
+
+    def test_running_flow_runs_with_a_pending_tagged_task(self) -> None:
+        """One request filtering flow runs by their task runs' tag and state."""
+        fake = FakePrefect()
+        fake.on(
+            "POST",
+            "flow_runs/filter",
+            [{"id": "f1", "work_queue_id": "q", "work_queue_name": "a", "work_pool_name": "p"}],
+        )
+        api = make_api(fake)
+        places = run(call_and_close(api, api.tag_waiting_runs("db", FAR)))
+        assert [(p.id, p.work_pool, p.work_queue) for p in places] == [("f1", "p", "a")]
+        (body,) = fake.bodies("flow_runs/filter")
+        assert body["task_runs"] == {
+            "tags": {"all_": ["db"]},
+            "state": {"type": {"any_": ["PENDING"]}},
+        }
+        assert body["flow_runs"] == {"state": {"type": {"any_": ["RUNNING"]}}}
