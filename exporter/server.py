@@ -1,17 +1,14 @@
-"""HTTP endpoints: /metrics, /healthz and a landing page, served by a bounded pool of threads."""
+"""HTTP endpoints: /metrics, /healthz and a landing page, served by asyncio in its own thread."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import errno
 import html
 import io
 import json
-import queue
-import selectors
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
@@ -92,8 +89,8 @@ class App:
         ).encode()
 
 
-# Finished handshakes the kernel queues until the reactor accepts them. socketserver's default of
-# 5 overflowed under 50 concurrent scrapers: the kernel dropped their SYNs and they waited for
+# Finished handshakes the kernel queues until the event loop accepts them. socketserver's default
+# of 5 overflowed under 50 concurrent scrapers: the kernel dropped their SYNs and they waited for
 # retransmits (1 s, 3 s, 7 s). Linux silently caps it at net.core.somaxconn (4096 since 5.4).
 LISTEN_BACKLOG = 1024
 
@@ -104,24 +101,21 @@ LISTEN_BACKLOG = 1024
 # descriptor and a small buffer, never a thread.
 IDLE_TIMEOUT = 20.0
 
-# Seconds a response may block on a client that does not read it before the connection is
-# dropped; the worker thread is tied up meanwhile.
+# Seconds a response may wait for a client that does not read it before the connection is
+# dropped. Meanwhile the connection holds its unsent bytes (at most one response beyond the
+# transport's 64 KiB high-water mark), never a thread, so other clients are served as usual.
 WRITE_TIMEOUT = 10.0
 
-# Handler threads. Rendering is serialized by the GIL, so more threads add no throughput (and
-# lengthen the wait for the GIL); enough that a few clients slow to read their response, each
-# holding a thread up to WRITE_TIMEOUT, leave the others served.
-WORKERS = 8
-
 # Open connections, waiting or in service. At the cap the longest-waiting idle connection is
-# closed to admit a new one, so a flood of idle connections cannot lock scrapers out.
+# closed to admit a new one, so a flood of idle connections cannot lock scrapers out; when every
+# connection is in the middle of a response, the new one is closed unanswered instead.
 MAX_CONNECTIONS = 256
 
 # Bytes of request head (request line and headers) accepted. Prometheus and browsers send well
 # under 2 KiB; the cap bounds what a waiting connection can make the server hold.
 MAX_HEAD_BYTES = 16384
 
-# How long `stop()` waits for the reactor and for the workers: SIGTERM must exit within 5 s.
+# How long `stop()` waits for the server's thread: SIGTERM must exit within 5 s.
 _STOP_WAIT = 1.5
 
 
@@ -154,10 +148,10 @@ def head_end(buffer: bytes | bytearray) -> int | None:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Answers one complete request head; the server, not the handler, owns the socket.
+    """Answers one complete request head; the server, not the handler, owns the connection.
 
-    The head comes in as bytes and the response goes out as bytes, so the handler never blocks
-    on a client and a worker thread sends the whole response in one write.
+    The head comes in as bytes and the response goes out as bytes, so the handler never waits
+    on a client and the connection's task writes the whole response at once.
     """
 
     server_version = f"prefect-exporter/{__version__}"
@@ -167,7 +161,7 @@ class _Handler(BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"
 
     def __init__(self, app: App, head: bytes, client_address: Any) -> None:
-        # Deliberately not BaseRequestHandler.__init__, which would read and answer the socket.
+        # Deliberately not BaseRequestHandler.__init__, which would read and answer a socket.
         self.app = app
         self.client_address = client_address
         self.rfile = io.BytesIO(head)
@@ -222,33 +216,22 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-class _Connection:
-    """A client socket and the bytes received from it that no response has consumed yet."""
-
-    __slots__ = ("address", "buffer", "deadline", "sock")
-
-    def __init__(self, sock: socket.socket, address: Any) -> None:
-        self.sock = sock
-        self.address = address
-        self.buffer = bytearray()
-        self.deadline = 0.0  # monotonic seconds; meaningful while the connection waits
-
-
 class MetricsServer:
-    """Serves `App` over HTTP/1.1 from a reactor thread and a fixed pool of worker threads.
+    """Serves `App` over HTTP/1.1 with asyncio streams, on an event loop in a thread of its own.
 
-    The reactor accepts connections and reads request heads without blocking; only a complete
-    head goes to a worker, which answers it and hands a kept-alive connection back. So idle and
-    slow clients cost a descriptor, never a thread, and threads are bounded by `workers`.
+    The loop is not the poller's, so a poll's parsing never delays a scrape. Each connection is a
+    task that reads request heads and writes responses; routing and rendering (cached bytes plus
+    a small tail) are quick and run on the loop. So idle, slowly sending and slowly reading
+    clients cost a task and their buffers, never a thread, and none of them delays another.
 
     Limits (all keyword arguments, defaults are the module constants): `backlog` finished
     handshakes queued by the kernel; `idle_timeout` seconds for a connection to complete a request
     head, from accept or from its previous response, before it is closed; `write_timeout` seconds
-    a response may block on a client that does not read; `max_connections` open at once, beyond
-    which the longest-idle one is closed, or accepting pauses if none is idle; `max_head_bytes` of
-    request head, beyond which the answer is 431. The listening socket is bound in the
-    constructor, which raises `OSError` when the address is unavailable and `ValueError` for a
-    limit that is not positive.
+    a response may wait for a client that does not read it before the connection is dropped;
+    `max_connections` open at once, beyond which the longest-idle one is closed, or the new one
+    when none is idle; `max_head_bytes` of request head, beyond which the answer is 431. The
+    listening socket is bound in the constructor, which raises `OSError` when the address is
+    unavailable and `ValueError` for a limit that is not positive.
     """
 
     def __init__(
@@ -260,7 +243,6 @@ class MetricsServer:
         backlog: int = LISTEN_BACKLOG,
         idle_timeout: float = IDLE_TIMEOUT,
         write_timeout: float = WRITE_TIMEOUT,
-        workers: int = WORKERS,
         max_connections: int = MAX_CONNECTIONS,
         max_head_bytes: int = MAX_HEAD_BYTES,
         log: FilteringBoundLogger | None = None,
@@ -269,7 +251,6 @@ class MetricsServer:
             "backlog": backlog,
             "idle_timeout": idle_timeout,
             "write_timeout": write_timeout,
-            "workers": workers,
             "max_connections": max_connections,
             "max_head_bytes": max_head_bytes,
         }
@@ -285,32 +266,20 @@ class MetricsServer:
         self._max_connections = max_connections
         self._max_head_bytes = max_head_bytes
         self._log: FilteringBoundLogger = log if log is not None else structlog.get_logger()
-        self._listener = self._listen(host, port, backlog)
-        self._port = int(self._listener.getsockname()[1])
-        self._wake_r, self._wake_w = socket.socketpair()
-        for sock in (self._listener, self._wake_r, self._wake_w):
-            sock.setblocking(False)
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(self._listener, selectors.EVENT_READ)
-        self._selector.register(self._wake_r, selectors.EVENT_READ)
-        # Reactor-only state. `_waiting` is in order of deadline: every deadline is "now +
-        # idle_timeout" when the connection is added, and the monotonic clock never goes back.
-        self._waiting: dict[_Connection, None] = {}
-        self._open = 0
-        self._accepting = True
-        self._accept_retry_at = 0.0
-        # Shared between threads.
-        self._jobs: queue.SimpleQueue[_Connection | None] = queue.SimpleQueue()
-        self._returned: queue.SimpleQueue[tuple[_Connection, bool]] = queue.SimpleQueue()
+        self._sock = self._listen(host, port, backlog)
+        self._port = int(self._sock.getsockname()[1])
+        # Shared between the caller's thread and the server's.
         self._lock = threading.Lock()
-        self._busy: set[_Connection] = set()
-        self._closed = False
-        self._stopping = threading.Event()
-        self._reactor = threading.Thread(target=self._run, name="metrics-server", daemon=True)
-        self._workers = [
-            threading.Thread(target=self._work, name=f"metrics-worker-{n}", daemon=True)
-            for n in range(workers)
-        ]
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self._stop_requested = asyncio.Event()
+        # The loop's own state. Every open connection's task, with its writer to close it by.
+        self._tasks: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        # Tasks waiting for a request head, longest-waiting first (a dict keeps insertion order).
+        self._idle: dict[asyncio.Task[None], None] = {}
+        self._closing = False
+        self._refusing = False
 
     @staticmethod
     def _listen(host: str, port: int, backlog: int) -> socket.socket:
@@ -320,6 +289,7 @@ class MetricsServer:
             # A restarted exporter must not wait for the old socket's TIME_WAIT to pass.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
+            # Listening now, not at start(): connections made before start() wait in the backlog.
             sock.listen(backlog)
         except OSError:
             sock.close()
@@ -337,252 +307,159 @@ class MetricsServer:
         return self._backlog
 
     def start(self) -> None:
-        """Start the reactor and worker threads; returns at once."""
-        for worker in self._workers:
-            worker.start()
-        self._reactor.start()
+        """Start serving on the server's own thread; returns at once.
+
+        Raises `RuntimeError` when called a second time or after `stop()`.
+        """
+        with self._lock:
+            if self._loop is not None or self._stopped:
+                raise RuntimeError("a MetricsServer starts once, and not after stop()")
+            self._loop = loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(
+                target=self._run, args=(loop,), name="metrics-server", daemon=True
+            )
+            self._thread.start()
 
     def stop(self) -> None:
-        """Stop serving and close every connection, idle or in service; returns within 3 s.
+        """Stop serving and close every connection, idle or in service; returns within 1.5 s.
 
-        Connections still waiting for a worker are closed unanswered. Safe to call twice, and
-        without `start()`.
+        Responses not yet sent are dropped. Safe to call twice, and without `start()`.
         """
-        started = self._reactor.ident is not None
-        self._stopping.set()
-        self._wake()
-        if started:
-            self._reactor.join(timeout=_STOP_WAIT)
-        else:
-            self._close_reactor_side()
-        for _ in self._workers:
-            self._jobs.put(None)
         with self._lock:
-            self._closed = True
-            # A worker blocked writing to a client that does not read wakes up with an error.
-            for conn in self._busy:
-                with contextlib.suppress(OSError):
-                    conn.sock.shutdown(socket.SHUT_RDWR)
-        deadline = time.monotonic() + _STOP_WAIT
-        for worker in self._workers:
-            if worker.ident is not None:
-                worker.join(timeout=max(0.0, deadline - time.monotonic()))
-        self._drain_after_stop()
-
-    # --- reactor thread -------------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            while not self._stopping.is_set():
-                try:
-                    self._turn()
-                except Exception:  # a bug must not stop the server: log it and keep serving
-                    self._log.exception("http_server_error")
-        finally:
-            self._close_reactor_side()
-
-    def _turn(self) -> None:
-        now = time.monotonic()
-        timeout = None
-        if self._waiting:
-            timeout = max(0.0, next(iter(self._waiting)).deadline - now)
-        if not self._accepting and self._accept_retry_at > now:
-            retry = self._accept_retry_at - now
-            timeout = retry if timeout is None else min(timeout, retry)
-        for key, _ in self._selector.select(timeout):
-            if key.fileobj is self._listener:
-                self._accept()
-            elif key.fileobj is self._wake_r:
-                with contextlib.suppress(OSError):
-                    self._wake_r.recv(4096)
-            elif key.data in self._waiting:  # not closed earlier in this batch (evicted)
-                self._receive(key.data)
-        self._take_back()
-        self._expire()
-        if (
-            not self._accepting
-            and self._open < self._max_connections
-            and time.monotonic() >= self._accept_retry_at
-        ):
-            self._selector.register(self._listener, selectors.EVENT_READ)
-            self._accepting = True
-
-    def _accept(self) -> None:
-        # A bounded batch, so connections already accepted are served between batches.
-        for _ in range(64):
-            at_cap = self._open >= self._max_connections
-            if at_cap and not self._waiting:
-                self._pause_accepting(0.0)  # every connection is in service: none to evict
+            if self._stopped:
                 return
-            try:
-                sock, address = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno == errno.ECONNABORTED:
-                    continue  # the client gave up before it was accepted: nothing to do
-                # Out of descriptors (EMFILE) or memory: retrying at once would spin.
-                self._log.warning("http_accept_failed", error=exc.strerror or str(exc))
-                self._pause_accepting(time.monotonic() + 1.0)
-                return
-            if at_cap:
-                self._close(next(iter(self._waiting)))
-            sock.setblocking(False)
-            with contextlib.suppress(OSError):
-                # Each response is one write; there is nothing to coalesce.
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Connection(sock, address)
-            self._open += 1
-            self._wait(conn, time.monotonic())
-            # The request usually arrives with the handshake: read it without another select.
-            self._receive(conn)
-
-    def _pause_accepting(self, retry_at: float) -> None:
-        # Further connections wait in the kernel's backlog.
-        if self._accepting:
-            self._selector.unregister(self._listener)
-            self._accepting = False
-        self._accept_retry_at = retry_at
-
-    def _wait(self, conn: _Connection, now: float) -> None:
-        conn.deadline = now + self._idle_timeout
-        self._selector.register(conn.sock, selectors.EVENT_READ, conn)
-        self._waiting[conn] = None
-
-    def _unwait(self, conn: _Connection) -> None:
-        del self._waiting[conn]
-        self._selector.unregister(conn.sock)
-
-    def _close(self, conn: _Connection) -> None:
-        if conn in self._waiting:
-            self._unwait(conn)
-        conn.sock.close()
-        self._open -= 1
-
-    def _receive(self, conn: _Connection) -> None:
-        try:
-            data = conn.sock.recv(self._max_head_bytes + 1 - len(conn.buffer))
-        except (BlockingIOError, InterruptedError):
+            self._stopped = True
+            loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            self._sock.close()
             return
-        except OSError:  # reset by the client
-            self._close(conn)
-            return
-        if not data:  # the client closed its side
-            self._close(conn)
-            return
-        conn.buffer += data
-        # The deadline is left alone: trickling bytes does not buy a slow client more time.
-        if head_end(conn.buffer) is not None or len(conn.buffer) > self._max_head_bytes:
-            self._unwait(conn)
-            self._jobs.put(conn)
+        with contextlib.suppress(RuntimeError):  # the loop has ended already: nothing to stop
+            loop.call_soon_threadsafe(self._stop_requested.set)
+        thread.join(timeout=_STOP_WAIT)
+        if thread.is_alive():
+            self._log.warning("http_server_stop_timed_out", waited_seconds=_STOP_WAIT)
 
-    def _take_back(self) -> None:
-        now = time.monotonic()
-        while True:
-            try:
-                conn, keep = self._returned.get_nowait()
-            except queue.Empty:
-                return
-            if keep:
-                self._wait(conn, now)
-            else:
-                self._open -= 1  # the worker has closed it
+    # --- the server's thread --------------------------------------------------------------
 
-    def _expire(self) -> None:
-        now = time.monotonic()
-        while self._waiting:
-            oldest = next(iter(self._waiting))
-            if oldest.deadline > now:
-                return
-            self._close(oldest)
-
-    def _close_reactor_side(self) -> None:
-        for conn in list(self._waiting):
-            self._close(conn)
-        self._selector.close()
-        self._listener.close()
-
-    # --- worker threads -------------------------------------------------------------------
-
-    def _work(self) -> None:
-        while True:
-            conn = self._jobs.get()
-            if conn is None:
-                return
-            self._serve(conn)
-
-    def _serve(self, conn: _Connection) -> None:
-        with self._lock:
-            self._busy.add(conn)
-        keep = False
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
-            conn.sock.settimeout(self._write_timeout)
-            more = self._answer(conn)
-            if more:
-                conn.sock.setblocking(False)  # back to the reactor, which never blocks
-            keep = more
-        except OSError:
-            pass  # the client went away or stopped reading: expected, drop the connection
-        except Exception:  # a bug must not cost the pool a thread: log it, drop the connection
+            # The runner cancels whatever is left at the end and closes the loop.
+            with asyncio.Runner(loop_factory=lambda: loop) as runner:
+                runner.run(self._serve())
+        except Exception:  # the thread would end in silence: say why, once
             self._log.exception("http_server_error")
         finally:
-            with self._lock:
-                self._busy.discard(conn)
-            if not keep:
-                conn.sock.close()
-            self._give_back(conn, keep)
+            self._sock.close()
 
-    def _answer(self, conn: _Connection) -> bool:
-        """Answer every complete head in the buffer; True to keep the connection for more."""
-        while not self._stopping.is_set():
-            end = head_end(conn.buffer)
-            if end is None and len(conn.buffer) <= self._max_head_bytes:
-                return True  # nothing, or part of the next request: wait for it in the reactor
-            if end is None or end > self._max_head_bytes:
-                conn.sock.sendall(_HEAD_TOO_LARGE)
-                return False
-            head = bytes(conn.buffer[:end])
-            del conn.buffer[:end]
-            handler = _Handler(self._app, head, conn.address)
-            try:
-                response = handler.respond()
-            except Exception:  # a bug in a route: answer 500, log it, keep serving others
-                self._log.exception("http_request_failed", path=getattr(handler, "path", None))
-                conn.sock.sendall(_INTERNAL_ERROR)
-                return False
-            conn.sock.sendall(response)
-            if handler.close_connection:
-                return False
-        return False
+    async def _serve(self) -> None:
+        asyncio.get_running_loop().set_exception_handler(self._loop_error)
+        server = await asyncio.start_server(
+            self._accept, sock=self._sock, backlog=self._backlog, limit=self._max_head_bytes
+        )
+        try:
+            await self._stop_requested.wait()
+        finally:
+            self._closing = True
+            server.close()
+            # Python 3.11's server leaves its connections open: cancelling a task closes its own.
+            while self._tasks:
+                pending = list(self._tasks)
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending)
 
-    def _give_back(self, conn: _Connection, keep: bool) -> None:
-        with self._lock:
-            if self._closed:
-                if keep:
-                    conn.sock.close()
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closing:
+            writer.transport.abort()
+            return
+        if len(self._tasks) >= self._max_connections:
+            if not self._idle:
+                if not self._refusing:  # once per spell at the cap, not once per connection
+                    self._log.warning("http_connections_refused", limit=self._max_connections)
+                self._refusing = True
+                writer.transport.abort()
                 return
-            self._returned.put((conn, keep))
-        self._wake()
+            oldest = next(iter(self._idle))
+            del self._idle[oldest]
+            oldest.cancel()
+        self._refusing = False
+        task = asyncio.get_running_loop().create_task(self._converse(reader, writer))
+        self._tasks[task] = writer
+        self._idle[task] = None  # idle from accept: the idle timeout counts from here too
+        task.add_done_callback(self._forget)
 
-    def _wake(self) -> None:
-        # A full socket buffer already means a wake-up is pending.
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        writer = self._tasks.pop(task)
+        self._idle.pop(task, None)
+        # However the task ended (answered, failed, cancelled before it ran), the socket closes.
+        writer.transport.abort()
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # A bug must not stop the server: log it, lose only this connection.
+            self._log.error("http_server_error", exc_info=error)
 
-    def _drain_after_stop(self) -> None:
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer one connection's requests in order until it closes, fails or times out."""
+        task = asyncio.current_task()
+        assert task is not None
+        peer = writer.get_extra_info("peername")
+        try:
+            keep = True
+            while keep:
+                self._idle[task] = None
+                try:
+                    # One deadline for the whole head: trickling bytes buys a client no time.
+                    async with asyncio.timeout(self._idle_timeout):
+                        head = await self._read_head(reader)
+                finally:
+                    self._idle.pop(task, None)
+                if head == b"":
+                    return  # the client closed its side
+                response, keep = (
+                    (_HEAD_TOO_LARGE, False) if head is None else self._respond(head, peer)
+                )
+                if not response:
+                    return  # nothing to say to an empty request line: http.server just closes
+                writer.write(response)
+                async with asyncio.timeout(self._write_timeout):
+                    await writer.drain()
+                # One request per turn of the loop: a client that pipelines hundreds of them
+                # takes turns with the other connections.
+                await asyncio.sleep(0)
+            writer.close()
+            async with asyncio.timeout(self._write_timeout):
+                await writer.wait_closed()
+        except (TimeoutError, OSError):
+            pass  # silent too long, not reading, or gone: expected; `_forget` drops the socket
+
+    async def _read_head(self, reader: asyncio.StreamReader) -> bytes | None:
+        """The next request head; b"" when the client closes first, None when over the cap."""
+        head = bytearray()
         while True:
             try:
-                conn = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            if conn is not None:
-                conn.sock.close()
-        while True:
-            try:
-                conn, keep = self._returned.get_nowait()
-            except queue.Empty:
-                break
-            if keep:
-                conn.sock.close()
-        self._wake_r.close()
-        self._wake_w.close()
+                line = await reader.readuntil(b"\n")
+            except asyncio.IncompleteReadError:
+                return b""  # closed between requests or mid-head: nobody to answer
+            except asyncio.LimitOverrunError:
+                return None  # one line longer than the cap, which is also the reader's limit
+            head += line
+            if len(head) > self._max_head_bytes:
+                return None
+            # Only the line just read can complete the head: look at it and the break before it.
+            if head_end(head[-len(line) - 1 :]) is not None:
+                return bytes(head)
+
+    def _respond(self, head: bytes, peer: Any) -> tuple[bytes, bool]:
+        """The response to one request head, and whether the connection stays open after it."""
+        handler = _Handler(self._app, head, peer)
+        try:
+            response = handler.respond()
+        except Exception:  # a bug in a route: answer 500, log it, keep serving others
+            self._log.exception("http_request_failed", path=getattr(handler, "path", None))
+            return _INTERNAL_ERROR, False
+        return response, not handler.close_connection
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # asyncio's own reports (accept out of descriptors, a failing callback) go to our log.
+        self._log.error(
+            "http_server_error", message=context.get("message"), exc_info=context.get("exception")
+        )

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from exporter.collector import ExporterCollector, SnapshotCollector
 from exporter.exposition import Exposition, render
 from exporter.records import KNOWN_STATE_NAMES
-from exporter.server import App, MetricsServer, head_end
+from exporter.server import MAX_HEAD_BYTES, App, MetricsServer, head_end
 from exporter.snapshot import PoolState, QueueState, Snapshot
 from exporter.store import Store
 
@@ -211,16 +211,88 @@ class TestConcurrentScrapers:
         assert [r for r in results if not isinstance(r, tuple)] == []
         assert results == [(200, expected)] * 50
 
-    def test_idle_and_half_sent_connections_leave_the_worker_free(self) -> None:
-        """With one worker, 20 silent connections and a half-sent request do not delay a scrape."""
+    def test_idle_and_half_sent_connections_leave_the_server_free(self) -> None:
+        """20 silent connections and a half-sent request do not delay a scrape."""
         with ExitStack() as stack:
-            server = stack.enter_context(serving(plain_app(), workers=1))
+            server = stack.enter_context(serving(plain_app()))
             for _ in range(20):
                 connect(server, stack)
             connect(server, stack).sendall(b"GET /metrics HTTP/1.1\r\nHost: slow\r\n")
             answer = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=DEADLINE)
             assert answer.status_code == 200
             assert "prefect_up" in answer.text
+
+
+# The review's slow reader: one send of pipelined scrapes (16 KiB), then nothing read at all.
+PIPELINED = 600
+PIPELINED_SCRAPES = b"GET /metrics HTTP/1.1\r\n\r\n" * PIPELINED
+
+
+def big_app() -> App:
+    """An app whose /metrics body is over 50 KB, so a client that does not read falls behind."""
+    clock = Clock()
+    store = make_store(clock)
+    store.publish(snapshot_of(50, clock.now), 0.1)
+    return make_app(store, clock)
+
+
+def slow_reader(server: MetricsServer, stack: ExitStack) -> socket.socket:
+    """A connection that pipelines PIPELINED scrapes in one send and never reads the answers."""
+    sock = connect(server, stack)
+    sock.sendall(PIPELINED_SCRAPES)
+    return sock
+
+
+class TestSlowReaders:
+    """Clients that do not read their answers cost buffers, never the others' service."""
+
+    def test_clients_that_pipeline_and_never_read_do_not_delay_a_scrape(self) -> None:
+        """With 10 connections each owed 600 answers and reading none, scrapes still complete."""
+        with ExitStack() as stack:
+            # A write timeout beyond the test's deadline: only the design can keep others served.
+            server = stack.enter_context(serving(big_app(), write_timeout=3 * DEADLINE))
+            for _ in range(10):
+                slow_reader(server, stack)
+            url = f"http://127.0.0.1:{server.port}"
+            for _ in range(3):
+                scrape = httpx.get(f"{url}/metrics", timeout=DEADLINE)
+                health = httpx.get(f"{url}/healthz", timeout=DEADLINE)
+                assert (scrape.status_code, health.status_code) == (200, 200)
+                assert "prefect_work_queue_status" in scrape.text
+
+    def test_a_client_that_never_reads_is_dropped_after_the_write_timeout(self) -> None:
+        """At a cap of one connection, a reader that stalls holds the slot only for the timeout."""
+        with ExitStack() as stack:
+            server = stack.enter_context(serving(big_app(), write_timeout=0.5, max_connections=1))
+            stalled = slow_reader(server, stack)
+            url = f"http://127.0.0.1:{server.port}/healthz"
+            answered = None
+            deadline = time.monotonic() + DEADLINE
+            while answered is None and time.monotonic() < deadline:
+                try:
+                    answered = httpx.get(url, timeout=DEADLINE).status_code
+                except httpx.TransportError:
+                    # Refused while the stalled client holds the only slot: try again shortly.
+                    select.select([], [], [], 0.05)
+            assert answered == 200
+            received = read_until_closed(stalled)
+            assert 0 < received.count(b"HTTP/1.1 200 OK\r\n") < PIPELINED
+
+    def test_stop_drops_responses_a_client_is_not_reading(self) -> None:
+        """stop() returns promptly with a stalled response and closes that connection too."""
+        server = MetricsServer("127.0.0.1", 0, big_app(), write_timeout=3 * DEADLINE)
+        server.start()
+        with ExitStack() as stack:
+            stack.callback(server.stop)
+            stalled = slow_reader(server, stack)
+            # Once the first answer is here, the server has begun writing the stalled ones.
+            readable, _, _ = select.select([stalled], [], [], DEADLINE)
+            assert readable
+            stopping = threading.Thread(target=server.stop)
+            stopping.start()
+            stopping.join(timeout=DEADLINE)
+            assert not stopping.is_alive()
+            assert read_until_closed(stalled).startswith(b"HTTP/1.1 200 OK\r\n")
 
 
 class TestIdleTimeout:
@@ -296,6 +368,20 @@ class TestKeepAlive:
             assert read_until_closed(sock).startswith(b"HTTP/1.1 404")
 
 
+def head_of(size: int) -> bytes:
+    """A /healthz request head of exactly `size` bytes, padded with header lines of 200 bytes."""
+    start, end = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n", b"\r\n"
+    lines: list[bytes] = []
+    remaining = size - len(start) - len(end)
+    while remaining:
+        length = remaining if remaining <= 300 else 200
+        lines.append(b"X-Pad-%03d: " % len(lines) + b"a" * (length - 13) + b"\r\n")
+        remaining -= length
+    head = start + b"".join(lines) + end
+    assert len(head) == size
+    return head
+
+
 class TestBadInput:
     """Bad requests get a clear status code; none of them stops the server."""
 
@@ -307,6 +393,17 @@ class TestBadInput:
             sock.sendall(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 4000 + b"\r\n\r\n")
             assert read_until_closed(sock).startswith(b"HTTP/1.1 431 ")
             assert httpx.get(f"http://127.0.0.1:{server.port}/").status_code == 200
+
+    @pytest.mark.parametrize(
+        ("size", "status"),
+        [(MAX_HEAD_BYTES, b"HTTP/1.1 200 "), (MAX_HEAD_BYTES + 1, b"HTTP/1.1 431 ")],
+    )
+    def test_the_head_cap_counts_every_line(self, size: int, status: bytes) -> None:
+        """A head of many short lines is served up to 16 KiB in all and refused one byte over."""
+        with ExitStack() as stack:
+            sock = connect(stack.enter_context(serving(plain_app())), stack)
+            sock.sendall(head_of(size))
+            assert read_until_closed(sock).startswith(status)
 
     def test_a_malformed_request_line_gets_400(self) -> None:
         """A request line that is not `METHOD PATH VERSION` is a 400."""
@@ -380,9 +477,9 @@ class TestConnectionLimits:
     def test_limits_must_be_positive(self) -> None:
         """Every limit that is not positive is named in one error."""
         with pytest.raises(ValueError, match="idle_timeout") as error:
-            MetricsServer("127.0.0.1", 0, plain_app(), workers=0, idle_timeout=-1)
+            MetricsServer("127.0.0.1", 0, plain_app(), max_connections=0, idle_timeout=-1)
         assert str(error.value) == (
-            "idle_timeout must be positive, got -1; workers must be positive, got 0"
+            "idle_timeout must be positive, got -1; max_connections must be positive, got 0"
         )
 
 
@@ -434,3 +531,12 @@ class TestHeadEnd:
     def test_the_first_blank_line_ends_the_head(self, received: bytes, end: int | None) -> None:
         """CRLF or bare LF lines; a pipelined second request is left for later."""
         assert head_end(received) == end
+
+    def test_the_server_answers_heads_with_bare_lf_lines(self) -> None:
+        """Requests typed by hand (bare LF line ends) are answered like CRLF ones."""
+        with ExitStack() as stack:
+            sock = connect(stack.enter_context(serving(plain_app())), stack)
+            sock.sendall(
+                b"GET /nope HTTP/1.1\nHost: t\n\nGET /nope HTTP/1.1\nConnection: close\n\n"
+            )
+            assert read_until_closed(sock).count(b"HTTP/1.1 404 Not Found\r\n") == 2
