@@ -149,10 +149,23 @@ class TestVanishedPool:
 
         rule = Once("nobody", "", Fault(500, {}))
         proxy = start_proxy(prefect_server, proxies, rule, delete_after_list)
-        exporter = ExporterProcess(proxy.url + "/api", *FAST, log_path=tmp_path / "e.log")
+        # A whole interval for the first poll: it must not time out on a busy machine.
+        exporter = ExporterProcess(
+            proxy.url + "/api",
+            "--poll.interval=10s",
+            "--prefect.requests-per-minute=6000",
+            log_path=tmp_path / "e.log",
+        )
         exporter.start()
+
+        def polls() -> float:
+            return sum(
+                exporter.value("prefect_exporter_polls_total", result=result) or 0
+                for result in ("success", "failure")
+            )
+
         try:
-            wait_for(lambda: exporter.value("prefect_up") is not None, 30, "the first poll")
+            wait_for(lambda: polls() >= 1, 30, "the first poll")
             assert exporter.value("prefect_up") == 1
             assert errors(exporter, "http_status") == 0
             assert exporter.value("prefect_work_pool_info", work_pool="stays", pool_type="process")
