@@ -21,7 +21,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, disable_created_metrics
 from structlog.typing import FilteringBoundLogger
 
-from exporter import __version__, logs
+from exporter import __version__, diagnose, logs
 from exporter.budget import BudgetCollector, RequestBudget
 from exporter.collector import ExporterCollector, SnapshotCollector
 from exporter.config import ConfigError, Settings, read_settings
@@ -205,13 +205,67 @@ async def serve(settings: Settings, log: FilteringBoundLogger) -> int:
     return 0
 
 
+def run_diagnose(argv: Sequence[str]) -> int:
+    """`prefect-exporter diagnose ...`: one read, the findings; exit 0 healthy, 1 findings, 2 on
+    a configuration problem or an unreachable API. `argv` follows the word `diagnose`.
+    """
+    options, rest, problems = diagnose.split_arguments(argv)
+    if options.help:
+        sys.stdout.write(diagnose.USAGE)
+        return 0
+    try:
+        settings, warnings = read_settings(rest, os.environ)
+    except ConfigError as exc:
+        logs.report_problems("config_invalid", [*problems, *exc.problems], "console")
+        return 2
+    if not settings.prefect_enabled:
+        problems.append("--no-prefect.enabled: diagnose reads the Prefect API")
+    if problems:
+        logs.report_problems("config_invalid", problems, "console")
+        return 2
+    events = settings.events_enabled
+    settings = diagnose.settings_for(settings, options)
+    # Only what goes wrong reaches stderr: the report is the output.
+    level = settings.log_level if settings.log_level != "info" else "warning"
+    log = logs.configure(level, settings.log_format)
+    for warning in warnings:
+        log.warning("config_warning", problem=warning)
+    registry = CollectorRegistry()
+    poller, api = build_poller(
+        settings, Store(render_snapshot, settings.max_staleness), registry, log, None
+    )
+    reader = diagnose.Reader(
+        poller,
+        api,
+        registry,
+        settings,
+        PoolSelector(settings.work_pools_include, settings.work_pools_exclude),
+        events=events,
+    )
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+    async def read_and_close() -> int:
+        try:
+            return await diagnose.run(
+                reader, options, settings.api_url, sys.stdout, sys.stderr, color
+            )
+        finally:
+            await api.aclose()
+
+    return asyncio.run(read_and_close())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the exporter until SIGTERM or SIGINT; the exit code (2: invalid configuration).
 
-    `argv` excludes the program name (default: sys.argv[1:]).
+    `argv` excludes the program name (default: sys.argv[1:]). A first word `diagnose` runs
+    the diagnosis instead (see run_diagnose).
     """
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "diagnose":
+        return run_diagnose(argv[1:])
     try:
-        settings, warnings = read_settings(sys.argv[1:] if argv is None else argv, os.environ)
+        settings, warnings = read_settings(argv, os.environ)
     except ConfigError as exc:
         # In the format asked for when that part was valid: JSON lines for a log shipper.
         logs.report_problems("config_invalid", exc.problems, exc.log_format or "console")

@@ -357,6 +357,15 @@ class PrefectApi:
         rows = await self._runs(body, "EXPECTED_START_TIME_ASC", PAGE_SIZE, deadline)
         return [self._run_place(row) for row in rows]
 
+    async def awaiting_slot_runs(self, deadline: Deadline) -> list[RunPlace]:
+        """Up to 200 AwaitingConcurrencySlot runs, longest waiting first, with their deployment.
+
+        One request: which deployment's limit holds the runs of which queue.
+        """
+        body = {"flow_runs": {"state": {"name": {"any_": [AWAITING_CONCURRENCY_SLOT]}}}}
+        rows = await self._runs(body, "EXPECTED_START_TIME_ASC", PAGE_SIZE, deadline)
+        return [self._run_place(row) for row in rows]
+
     @staticmethod
     def _naming_a_queue(now: UnixTime) -> dict[str, Any]:
         return {

@@ -72,8 +72,11 @@ LAYERS = {
     "poller": 5,
     "worklog": 5,
     "store": 6,
+    # The diagnosis: a pure engine over a snapshot, and the command that reads and renders.
+    "diagnosis": 6,
     "collector": 7,
     "server": 8,
+    "diagnose": 8,
     # The composition root, the only module that wires the others together.
     "cli": 9,
     "__main__": 10,

@@ -713,3 +713,32 @@ class TestTagWaitingRuns:
             "state": {"type": {"any_": ["PENDING"]}},
         }
         assert body["flow_runs"] == {"state": {"type": {"any_": ["RUNNING"]}}}
+
+
+class TestAwaitingSlotRuns:
+    """Runs held by a deployment limit, with their deployment and queue."""
+
+    def test_one_page_of_awaiting_runs_longest_waiting_first(self) -> None:
+        """One request by state name; each run keeps its deployment id."""
+        fake = FakePrefect()
+        fake.on(
+            "POST",
+            "flow_runs/filter",
+            [
+                {
+                    "id": "r1",
+                    "work_queue_id": "q",
+                    "work_queue_name": "default",
+                    "work_pool_name": "p",
+                    "deployment_id": "d1",
+                }
+            ],
+        )
+        api = make_api(fake)
+        places = run(call_and_close(api, api.awaiting_slot_runs(FAR)))
+        assert [(x.work_pool, x.work_queue, x.deployment_id) for x in places] == [
+            ("p", "default", "d1")
+        ]
+        (body,) = fake.bodies("flow_runs/filter")
+        assert body["flow_runs"] == {"state": {"name": {"any_": ["AwaitingConcurrencySlot"]}}}
+        assert body["sort"] == "EXPECTED_START_TIME_ASC"
