@@ -25,10 +25,11 @@ from exporter import __version__, diagnose, logs
 from exporter.budget import BudgetCollector, RequestBudget
 from exporter.collector import ExporterCollector, SnapshotCollector
 from exporter.config import ConfigError, Settings, read_settings
+from exporter.event_stream import EventStream, StreamMetrics
 from exporter.exposition import Exposition, render
 from exporter.poller import Poller, PollMetrics, PollSettings
 from exporter.prefect_api import PrefectApi
-from exporter.prefect_http import ApiMetrics, Connection, PrefectHttp
+from exporter.prefect_http import USER_AGENT, ApiMetrics, Connection, PrefectHttp
 from exporter.records import PoolSelector
 from exporter.server import App, MetricsServer
 from exporter.snapshot import Snapshot
@@ -53,6 +54,7 @@ def build_poller(
     registry: CollectorRegistry,
     log: FilteringBoundLogger,
     cursor_file: StateFile | None,
+    event_stream: EventStream | None = None,
 ) -> tuple[Poller, PrefectApi]:
     budget = RequestBudget(settings.requests_per_minute)
     registry.register(BudgetCollector(budget))
@@ -89,8 +91,25 @@ def build_poller(
         budget=budget,
         cursor_file=cursor_file,
         orphans=api,
+        event_stream=event_stream,
     )
     return poller, api
+
+
+def build_event_stream(
+    settings: Settings, registry: CollectorRegistry, log: FilteringBoundLogger
+) -> EventStream | None:
+    """Prefect's event stream, when events are read and the stream is not switched off."""
+    if not (settings.prefect_enabled and settings.events_enabled and settings.events_stream):
+        return None
+    return EventStream(
+        settings.api_url,
+        settings.api_key,
+        settings.auth_string,
+        StreamMetrics(registry),
+        log,
+        USER_AGENT,
+    )
 
 
 def build_tailer(
@@ -150,10 +169,11 @@ async def serve(settings: Settings, log: FilteringBoundLogger) -> int:
     store: Store[Exposition] = Store(render_snapshot, settings.max_staleness)
     cursor_file, positions_file = state_files(settings, log)
     registry.register(StateFileCollector([f for f in (cursor_file, positions_file) if f]))
-    poller, api = None, None
+    poller, api, stream = None, None, None
     if settings.prefect_enabled:
         registry.register(ExporterCollector(store.status))
-        poller, api = build_poller(settings, store, registry, log, cursor_file)
+        stream = build_event_stream(settings, registry, log)
+        poller, api = build_poller(settings, store, registry, log, cursor_file, stream)
     tailer = build_tailer(settings, registry, log, positions_file) if settings.worker_logs else None
     app = App(
         store,
@@ -194,6 +214,8 @@ async def serve(settings: Settings, log: FilteringBoundLogger) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     tasks = [poller.run(stop)] if poller else []
+    if poller is not None and stream is not None:
+        tasks.append(stream.run(stop, lambda: poller.events_since))
     tasks += [tailer.run(stop)] if tailer else []
     try:
         await asyncio.gather(*tasks)

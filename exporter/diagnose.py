@@ -35,6 +35,7 @@ from exporter.diagnosis import (
     Thresholds,
     diagnose,
     duration_text,
+    runs_text,
 )
 from exporter.errors import ApiStatusError, PrefectApiError
 from exporter.events_reader import EventsApi, EventsReader
@@ -282,11 +283,13 @@ class Progress:
         requests: Callable[[], int],
         monotonic: Callable[[], float] = time.monotonic,
         interval: float = 0.25,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._stream = stream
         self._requests = requests
         self._monotonic = monotonic
         self._interval = interval
+        self._sleep = sleep
         self.shown = False
 
     def line(self, elapsed: float) -> str:
@@ -311,12 +314,12 @@ class Progress:
                 self._stream.flush()
 
     async def _show(self, started: float) -> None:
-        await asyncio.sleep(PROGRESS_AFTER)
+        await self._sleep(PROGRESS_AFTER)
         while True:
             self._stream.write("\r\x1b[K" + self.line(self._monotonic() - started))
             self._stream.flush()
             self.shown = True
-            await asyncio.sleep(self._interval)
+            await self._sleep(self._interval)
 
 
 # --- Rendering ------------------------------------------------------------------------------
@@ -481,7 +484,7 @@ def render_table(diagnosis: Diagnosis, api_url: str, color: bool) -> str:
     ]
     for number, f in enumerate(findings, start=1):
         colour = _GREEN if f.cause is Cause.NONE else _RED if f.runs else _YELLOW
-        held = f" · {f.runs} runs held" if f.runs else ""
+        held = f" · {runs_text(f.runs)} held" if f.runs else ""
         lines.append(f"{number:>2}. {style(str(f.cause), colour)} · {_where(f)}{held}")
         lines.append(f"    {f.summary}")
         if f.fix:
@@ -592,7 +595,7 @@ async def run(
     color: bool,
 ) -> int:
     """Read, diagnose, print to `out`; problems to `err`. Returns the exit code."""
-    progress = Progress(err, lambda: reader.api.requests_sent, reader.monotonic)
+    progress = Progress(err, lambda: reader.api.requests_sent, reader.monotonic, sleep=reader.sleep)
     try:
         async with progress.running():
             snapshot, extras = await reader.read()

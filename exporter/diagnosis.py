@@ -263,8 +263,17 @@ def _age(now: float, timestamp: float | None) -> float | None:
     return None if timestamp is None else round(max(0.0, now - timestamp), 1)
 
 
-def _runs(n: int) -> str:
+def runs_text(n: int) -> str:
+    """`1 run`, `2 runs`."""
     return f"{n} run" if n == 1 else f"{n} runs"
+
+
+def _are_due(n: int) -> str:
+    return f"{runs_text(n)} {'is' if n == 1 else 'are'} due"
+
+
+def _wait_for_slot(n: int, pool: str | None) -> str:
+    return f"; {runs_text(n)} in {pool} {'waits' if n == 1 else 'wait'} for a slot" if n else ""
 
 
 def _wait(age: float | None) -> str:
@@ -385,7 +394,7 @@ class _Rules:
                 name,
                 None,
                 pool.due,
-                f"Work pool {name} is paused while {_runs(pool.due)} are due"
+                f"Work pool {name} is paused while {_are_due(pool.due)}"
                 f"{_wait(pool.oldest_due_age)}.",
                 {
                     "due_runs": pool.due,
@@ -406,7 +415,7 @@ class _Rules:
                 pool.name,
                 queue.work_queue,
                 queue.due,
-                f"Work queue {where} is paused while {_runs(queue.due)} are due"
+                f"Work queue {where} is paused while {_are_due(queue.due)}"
                 f"{_wait(queue.oldest_due_age)}.",
                 {"due_runs": queue.due, "oldest_due_age_seconds": queue.oldest_due_age},
                 f"prefect work-queue resume {_q(queue.work_queue)} --pool {_q(pool.name)}",
@@ -432,8 +441,8 @@ class _Rules:
                 pool.name,
                 None,
                 pool.due,
-                f"Work pool {pool.name} has no online worker{known} while {_runs(pool.due)} "
-                f"are due{_wait(pool.oldest_due_age)}.",
+                f"Work pool {pool.name} has no online worker{known} while "
+                f"{_are_due(pool.due)}{_wait(pool.oldest_due_age)}.",
                 {
                     "due_runs": pool.due,
                     "oldest_due_age_seconds": pool.oldest_due_age,
@@ -466,7 +475,7 @@ class _Rules:
                 pool.name,
                 queue.work_queue,
                 queue.due,
-                f"{_runs(queue.due).capitalize()} due in {where}, {last}; the pool's "
+                f"{runs_text(queue.due).capitalize()} due in {where}, {last}; the pool's "
                 f"{len(online)} online worker{'s' if len(online) > 1 else ''} "
                 f"({', '.join(online)}) {served}.",
                 {
@@ -490,8 +499,8 @@ class _Rules:
                 pool.name,
                 None,
                 pool.due,
-                f"Work pool {pool.name} runs {pool.state.in_flight} runs, its limit of {limit}, "
-                f"while {_runs(pool.due)} are due{_wait(pool.oldest_due_age)}.",
+                f"Work pool {pool.name} has {runs_text(pool.state.in_flight)} in flight, its limit "
+                f"of {limit}, while {_are_due(pool.due)}{_wait(pool.oldest_due_age)}.",
                 {
                     "concurrency_limit": limit,
                     "in_flight_runs": pool.state.in_flight,
@@ -513,8 +522,8 @@ class _Rules:
                 pool.name,
                 queue.work_queue,
                 queue.due,
-                f"Work queue {where} runs {queue.in_flight} runs, its limit of {limit}, while "
-                f"{_runs(queue.due)} are due{_wait(queue.oldest_due_age)}.",
+                f"Work queue {where} has {runs_text(queue.in_flight)} in flight, its limit of "
+                f"{limit}, while {_are_due(queue.due)}{_wait(queue.oldest_due_age)}.",
                 {
                     "concurrency_limit": limit,
                     "in_flight_runs": queue.in_flight,
@@ -547,7 +556,7 @@ class _Rules:
                 pool.name,
                 queue.work_queue,
                 queue.pending,
-                f"{_runs(queue.pending).capitalize()} in {where} were claimed by a worker but "
+                f"{runs_text(queue.pending).capitalize()} in {where} were claimed by a worker but "
                 f"have not started for {duration_text(age)}: the infrastructure is slow to "
                 f"start them.{delays}",
                 {
@@ -626,7 +635,7 @@ class _Rules:
                     pool.name,
                     queue.work_queue,
                     queue.awaiting_slot,
-                    f"{_runs(queue.awaiting_slot).capitalize()} in {pool.name}/"
+                    f"{runs_text(queue.awaiting_slot).capitalize()} in {pool.name}/"
                     f"{queue.work_queue} wait in AwaitingConcurrencySlot"
                     f"{_wait(queue.oldest_awaiting_age)}{behind_text}.",
                     {
@@ -663,7 +672,7 @@ class _Rules:
         groups = self._by_pool(waiters) or {None: []}
         found = []
         for pool, runs in sorted(groups.items(), key=lambda item: (item[0] is None, item[0])):
-            waiting = f"; {_runs(len(runs))} in {pool} wait for a slot" if runs else ""
+            waiting = _wait_for_slot(len(runs), pool)
             queues = tuple(sorted({r.work_queue for r in runs if r.work_queue}))
             if leaked:
                 found.append(
@@ -713,7 +722,7 @@ class _Rules:
         found = []
         for pool, runs in sorted(groups.items(), key=lambda item: (item[0] is None, item[0])):
             queues = tuple(sorted({r.work_queue for r in runs if r.work_queue}))
-            waits = f"; {_runs(len(runs))} in {pool} wait for a slot" if runs else ""
+            waits = _wait_for_slot(len(runs), pool)
             found.append(
                 Finding(
                     Cause.LEAKED_CONCURRENCY_SLOTS,
