@@ -1,7 +1,7 @@
 """Load test for /metrics: many concurrent scrapers against the exporter's HTTP server, on loopback.
 
     .venv/bin/python -m bench.scrape_load [--clients 50] [--seconds 10] [--pattern burst]
-        [--interval 1] [--keep-alive] [--queues 20] [--workers 8] [--url URL]
+        [--interval 1] [--keep-alive] [--slow-readers 0] [--queues 20] [--url URL]
 
 Without `--url`, a child process serves a synthetic snapshot (`--queues` queues in one pool)
 through `exporter.server.MetricsServer`, so that clients and server do not share a GIL. The
@@ -14,6 +14,9 @@ Patterns:
   closed  every client scrapes again as soon as its answer arrives: measures throughput; the
           latency is then about clients / throughput, whatever the server does.
 
+`--slow-readers N` first opens N connections that each send 600 pipelined `GET` requests in one
+write and never read an answer (the review's slow reader); they stay open for the whole run.
+
 Prints one JSON line: requests answered, errors by exception type, latency percentiles in
 milliseconds (connect to last body byte), requests per second and, on Linux, the kernel's
 listen-queue overflow count during the run (dropped SYNs: the symptom of a too-small backlog).
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -33,11 +37,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 MAX_CLIENTS = 500
+MAX_SLOW_READERS = 64
+PIPELINED = 600
 MAX_SECONDS = 120.0
 REQUEST_TIMEOUT = 10.0
 
 
-def serve(queues: int, workers: int) -> None:
+def serve(queues: int) -> None:
     """Child process: serve a snapshot of `queues` queues, print the port, stop at stdin EOF."""
     from prometheus_client import CollectorRegistry
 
@@ -74,7 +80,7 @@ def serve(queues: int, workers: int) -> None:
     own = CollectorRegistry()
     own.register(ExporterCollector(store.status))
     app = App(store, own, "/metrics", None, "http://bench", time.monotonic, time.monotonic())
-    server = MetricsServer("127.0.0.1", 0, app, workers=workers)
+    server = MetricsServer("127.0.0.1", 0, app)
     server.start()
     print(server.port, flush=True)
     sys.stdin.read()  # the parent closes the pipe, or dies, when the run is over
@@ -161,6 +167,17 @@ def client(
         conn.close()
 
 
+def stall(host: str, port: int, path: str, count: int) -> list[socket.socket]:
+    """`count` connections that each pipeline PIPELINED GETs of `path` and never read."""
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection((host, port), timeout=REQUEST_TIMEOUT)
+        socks.append(sock)
+        sock.sendall(request * PIPELINED)
+    return socks
+
+
 def percentile(ordered: list[float], fraction: float) -> float:
     """Nearest-rank percentile of an ascending list; 0.0 for an empty one."""
     if not ordered:
@@ -169,10 +186,20 @@ def percentile(ordered: list[float], fraction: float) -> float:
 
 
 def run(
-    url: str, clients: int, seconds: float, pattern: str, interval: float, keep_alive: bool
+    url: str,
+    clients: int,
+    seconds: float,
+    pattern: str,
+    interval: float,
+    keep_alive: bool,
+    slow_readers: int = 0,
 ) -> dict[str, object]:
     """Drive `clients` scrapers at `url` for `seconds`; returns the figures printed as JSON."""
     results = Results()
+    parts = urlsplit(url)
+    stalled = stall(
+        parts.hostname or "127.0.0.1", parts.port or 80, parts.path or "/metrics", slow_readers
+    )
     before = listen_overflows()
     start = time.monotonic() + 0.2  # let every thread reach the first tick
     end = start + seconds
@@ -188,6 +215,8 @@ def run(
         thread.start()
     for thread in threads:
         thread.join(timeout=seconds + REQUEST_TIMEOUT + 5)
+    for sock in stalled:
+        sock.close()
     after = listen_overflows()
     ordered = sorted(results.latencies_ms)
     return {
@@ -195,6 +224,7 @@ def run(
         "pattern": pattern,
         "interval_s": interval if pattern == "burst" else None,
         "keep_alive": keep_alive,
+        "slow_readers": slow_readers,
         "seconds": seconds,
         "ok": len(ordered),
         "errors": results.errors,
@@ -217,19 +247,29 @@ def main() -> None:
     parser.add_argument("--keep-alive", action="store_true", help="reuse one connection per client")
     parser.add_argument("--url", help="scrape this instead of starting a server")
     parser.add_argument("--queues", type=int, default=20, help="size of the served snapshot")
-    parser.add_argument("--workers", type=int, default=8, help="the served server's worker threads")
+    parser.add_argument(
+        "--slow-readers", type=int, default=0, help="connections that pipeline and never read"
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.queues, args.workers)
+        serve(args.queues)
         return
     if not 1 <= args.clients <= MAX_CLIENTS or not 0 < args.seconds <= MAX_SECONDS:
         parser.error(f"--clients must be 1..{MAX_CLIENTS} and --seconds in (0, {MAX_SECONDS}]")
     if args.interval <= 0:
         parser.error("--interval must be positive")
+    if not 0 <= args.slow_readers <= MAX_SLOW_READERS:
+        parser.error(f"--slow-readers must be 0..{MAX_SLOW_READERS}")
     if args.url:
         figures = run(
-            args.url, args.clients, args.seconds, args.pattern, args.interval, args.keep_alive
+            args.url,
+            args.clients,
+            args.seconds,
+            args.pattern,
+            args.interval,
+            args.keep_alive,
+            args.slow_readers,
         )
         print(json.dumps(figures))
         return
@@ -241,8 +281,6 @@ def main() -> None:
             "--serve",
             "--queues",
             str(args.queues),
-            "--workers",
-            str(args.workers),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -252,8 +290,15 @@ def main() -> None:
         assert child.stdout is not None
         port = int(child.stdout.readline())
         url = f"http://127.0.0.1:{port}/metrics"
-        figures = run(url, args.clients, args.seconds, args.pattern, args.interval, args.keep_alive)
-        figures["server_workers"] = args.workers
+        figures = run(
+            url,
+            args.clients,
+            args.seconds,
+            args.pattern,
+            args.interval,
+            args.keep_alive,
+            args.slow_readers,
+        )
         print(json.dumps(figures))
     finally:
         assert child.stdin is not None

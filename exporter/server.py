@@ -420,14 +420,19 @@ class MetricsServer:
                 if not response:
                     return  # nothing to say to an empty request line: http.server just closes
                 writer.write(response)
-                async with asyncio.timeout(self._write_timeout):
-                    await writer.drain()
-                # One request per turn of the loop: a client that pipelines hundreds of them
-                # takes turns with the other connections.
-                await asyncio.sleep(0)
+                if writer.transport.get_write_buffer_size():
+                    # The kernel took only part of it: wait for the client to read, not forever.
+                    async with asyncio.timeout(self._write_timeout):
+                        await writer.drain()
+                if keep:
+                    # One request per turn of the loop: a client that pipelines hundreds of them
+                    # takes turns with the other connections.
+                    await asyncio.sleep(0)
             writer.close()
-            async with asyncio.timeout(self._write_timeout):
-                await writer.wait_closed()
+            if writer.transport.get_write_buffer_size():
+                # close() sends the rest first; `_forget` would drop it, so wait, with a limit.
+                async with asyncio.timeout(self._write_timeout):
+                    await writer.wait_closed()
         except (TimeoutError, OSError):
             pass  # silent too long, not reading, or gone: expected; `_forget` drops the socket
 
