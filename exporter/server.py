@@ -112,7 +112,9 @@ WRITE_TIMEOUT = 10.0
 MAX_CONNECTIONS = 256
 
 # Bytes of request head (request line and headers) accepted. Prometheus and browsers send well
-# under 2 KiB; the cap bounds what a waiting connection can make the server hold.
+# under 2 KiB; the cap, also the limit of each connection's asyncio reader, bounds what a client
+# can make the server hold: the reader stops reading past twice the cap (plus one read of at
+# most 256 KiB).
 MAX_HEAD_BYTES = 16384
 
 # How long `stop()` waits for the server's thread: SIGTERM must exit within 5 s.
