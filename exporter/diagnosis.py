@@ -467,7 +467,8 @@ class _Rules:
             if queue.last_polled_age is None
             else f"last polled {duration_text(queue.last_polled_age)} ago"
         )
-        served = f"poll only {', '.join(polled)}" if polled else "poll none of its queues"
+        verb = "polls" if len(online) == 1 else "poll"
+        served = f"{verb} only {', '.join(polled)}" if polled else f"{verb} none of its queues"
         where = f"{pool.name}/{queue.work_queue}"
         return [
             Finding(

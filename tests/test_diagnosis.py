@@ -201,7 +201,7 @@ class TestWorkers:
         assert found.evidence["polled_queues"] == ("default",)
         assert found.evidence["last_polled_age_seconds"] is None
         assert "never polled" in found.summary
-        assert "poll only default" in found.summary
+        assert "polls only default" in found.summary
 
     def test_a_queue_polled_recently_is_served(self) -> None:
         """Polled within the threshold: its due runs are not a polling problem."""
