@@ -39,7 +39,14 @@ from exporter.diagnosis import (
 )
 from exporter.errors import ApiStatusError, PrefectApiError
 from exporter.events_reader import EventsApi, EventsReader
-from exporter.records import LimitKind, PoolSelector, RunPlace
+from exporter.records import (
+    AWAITING_CONCURRENCY_SLOT,
+    DEPLOYMENT_LIMIT_PREFIX,
+    TAG_LIMIT_PREFIX,
+    LimitKind,
+    PoolSelector,
+    RunPlace,
+)
 from exporter.snapshot import Snapshot
 
 SCHEMA = "prefect-exporter/diagnose/v1"
@@ -229,17 +236,21 @@ class Reader:
         deadline = Deadline(self.monotonic() + self.settings.poll_timeout)
         api = self.api
         awaiting: list[RunPlace] = []
-        if any(dict(q.runs_by_state).get("AwaitingConcurrencySlot") for q in snapshot.queues):
+        if any(dict(q.runs_by_state).get(AWAITING_CONCURRENCY_SLOT) for q in snapshot.queues):
             awaiting = await api.awaiting_slot_runs(deadline)
         tag_waiters = {}
         for limit in snapshot.limits:
             if limit.kind is LimitKind.TAG and limit.enabled and limit.active_slots >= limit.slots:
-                tag = limit.prefect_name.removeprefix("tag:")
+                tag = limit.prefect_name.removeprefix(TAG_LIMIT_PREFIX)
                 tag_waiters[tag] = tuple(await api.tag_waiting_runs(tag, deadline))
         orphans: list[RunPlace] = []
         if snapshot.runs_without_work_queue:
             orphans = await api.runs_without_work_queue_sample(now, deadline)
-        known = {x.prefect_name.removeprefix("deployment:") for x in snapshot.limits}
+        known = {
+            x.prefect_name.removeprefix(DEPLOYMENT_LIMIT_PREFIX)
+            for x in snapshot.limits
+            if x.kind is LimitKind.DEPLOYMENT
+        }
         unnamed = sorted(
             {r.deployment_id for r in (*orphans, *awaiting) if r.deployment_id} - known
         )

@@ -16,6 +16,8 @@ from enum import StrEnum
 
 from exporter.records import (
     AWAITING_CONCURRENCY_SLOT,
+    DEPLOYMENT_LIMIT_PREFIX,
+    TAG_LIMIT_PREFIX,
     HistogramState,
     LatencyStats,
     LimitKind,
@@ -344,6 +346,11 @@ class _Pool:
         return self.state.status == WorkPoolStatus.PAUSED
 
 
+def _tag(limit: LimitState) -> str:
+    """The tag a tag limit limits (its Prefect name, else its display name, less `tag:`)."""
+    return (limit.prefect_name or limit.name).removeprefix(TAG_LIMIT_PREFIX)
+
+
 def _paused(queue: QueueReport) -> bool:
     return queue.status == WorkQueueStatus.PAUSED
 
@@ -583,7 +590,7 @@ class _Rules:
         return found
 
     def _deployment_limit(self, deployment_id: str) -> LimitState | None:
-        name = f"deployment:{deployment_id}"
+        name = f"{DEPLOYMENT_LIMIT_PREFIX}{deployment_id}"
         return next((x for x in self.snapshot.limits if x.prefect_name == name), None)
 
     def _deployment_name(self, deployment_id: str) -> str:
@@ -667,7 +674,7 @@ class _Rules:
         return found
 
     def _tag_limit(self, limit: LimitState) -> list[Finding]:
-        tag = limit.prefect_name.removeprefix("tag:") or limit.name.removeprefix("tag:")
+        tag = _tag(limit)
         waiters = self.extras.tag_waiters.get(tag, ())
         leaked = limit.leaked or 0
         groups = self._by_pool(waiters) or {None: []}
@@ -716,7 +723,7 @@ class _Rules:
         return found
 
     def _leaked_deployment_limit(self, limit: LimitState) -> list[Finding]:
-        deployment_id = limit.prefect_name.removeprefix("deployment:")
+        deployment_id = limit.prefect_name.removeprefix(DEPLOYMENT_LIMIT_PREFIX)
         waiting = [r for r in self.extras.awaiting_slot if r.deployment_id == deployment_id]
         groups = self._by_pool(waiting) or {None: []}
         leaked = limit.leaked or 0
@@ -755,13 +762,7 @@ class _Rules:
         sample = self.extras.orphans
         queues = tuple(sorted({r.work_queue for r in sample if r.work_queue}))
         deployments = tuple(
-            sorted(
-                {
-                    self.extras.deployment_names.get(r.deployment_id, r.deployment_id)
-                    for r in sample
-                    if r.deployment_id
-                }
-            )
+            sorted({self._deployment_name(r.deployment_id) for r in sample if r.deployment_id})
         )
         ids = tuple(r.id for r in sample[:MAX_LISTED_RUNS])
         named = f" {', '.join(queues)}" if queues else ""
@@ -855,11 +856,11 @@ def rank(findings: Sequence[Finding], selector: PoolSelector) -> tuple[Finding, 
 def _limit_report(limit: LimitState, extras: Extras) -> LimitReport:
     waiting: int | None = None
     if limit.kind is LimitKind.TAG:
-        tag = limit.prefect_name.removeprefix("tag:") or limit.name.removeprefix("tag:")
+        tag = _tag(limit)
         if tag in extras.tag_waiters:
             waiting = len(extras.tag_waiters[tag])
     elif limit.kind is LimitKind.DEPLOYMENT:
-        deployment_id = limit.prefect_name.removeprefix("deployment:")
+        deployment_id = limit.prefect_name.removeprefix(DEPLOYMENT_LIMIT_PREFIX)
         waiting = sum(r.deployment_id == deployment_id for r in extras.awaiting_slot)
     return LimitReport(
         name=limit.name,
