@@ -215,7 +215,7 @@ async def serve(settings: Settings, log: FilteringBoundLogger) -> int:
         loop.add_signal_handler(signum, stop.set)
     tasks = [poller.run(stop)] if poller else []
     if poller is not None and stream is not None:
-        tasks.append(stream.run(stop, lambda: poller.events_since))
+        tasks.append(stream.run(stop))
     tasks += [tailer.run(stop)] if tailer else []
     try:
         await asyncio.gather(*tasks)

@@ -472,6 +472,16 @@ OPTIONS: tuple[Option, ...] = (
         boolean=True,
     ),
     Option(
+        "events_stream",
+        "follow Prefect's event stream (`events/out` WebSocket): transitions within seconds and"
+        " no request per 50 events; pages `/events/filter` while the stream is refused or down",
+        _boolean,
+        True,
+        flag="--events.stream",
+        yaml_key="events.stream",
+        boolean=True,
+    ),
+    Option(
         "events_max_pages",
         "pages of 50 events read per poll at most (`prefect_exporter_events_behind` says when"
         " that was not enough)",
@@ -622,6 +632,7 @@ class Settings:
     log_format: str = _DEFAULTS["log_format"]
     config_file: str | None = None
     events_enabled: bool = _DEFAULTS["events_enabled"]
+    events_stream: bool = _DEFAULTS["events_stream"]
     events_max_pages: int = _DEFAULTS["events_max_pages"]
     events_settle: float = _DEFAULTS["events_settle"]
     events_state_file: str | None = None

@@ -22,6 +22,20 @@ class EventsApi(Protocol):
     ) -> dict[str, float | None]: ...
 
 
+class Stream(Protocol):
+    """A live source of events (event_stream.EventStream), used while it covers the cursor."""
+
+    covered_from: float | None
+
+    def covers(self, since: float) -> bool: ...
+    def peek(self, until: float) -> list[FlowRunEvent]: ...
+    def discard(self, until: float) -> None: ...
+
+
+# Stream events are taken once this old, so that one delivered a moment late still sorts in.
+STREAM_SETTLE_SECONDS = 5.0
+
+
 class EventsReader:
     """Events since the cursor, read only once `settle` seconds old (Prefect stores in batches).
 
@@ -38,14 +52,24 @@ class EventsReader:
         start: UnixTime,
         cursor_file: StateFile | None = None,
         pools: PoolSelector | None = None,
+        stream: Stream | None = None,
     ) -> None:
         self._api = api
         self._max_pages = max_pages
         self._settle = settle
         self._cursor_file = cursor_file
         self._pools = pools or PoolSelector()
+        self._stream = stream
         saved = Cursor.load(cursor_file) if cursor_file else None
         self._tracker = TransitionTracker(saved or Cursor(start - settle))
+        # Without a saved cursor the exporter starts from now: it may start where the stream
+        # does, rather than page up to it.
+        self._may_skip_to_stream = saved is None
+
+    @property
+    def since(self) -> float:
+        """Unix time up to which events have been counted (the cursor)."""
+        return self._tracker.cursor.occurred
 
     @property
     def events_read(self) -> int:
@@ -61,10 +85,25 @@ class EventsReader:
         until = UnixTime(now - self._settle)
         since = UnixTime(self._tracker.cursor.occurred)
         behind = False
-        if until > since:
+        events: list[FlowRunEvent] = []
+        if self._may_skip_to_stream and self._stream is not None:
+            # Only on the first read: later, the events between cursor and stream are owed.
+            self._may_skip_to_stream = False
+            covered_from = self._stream.covered_from
+            if covered_from is not None and self._tracker.events_read == 0:
+                self._tracker = TransitionTracker(Cursor(max(since, covered_from)))
+                since = UnixTime(self._tracker.cursor.occurred)
+        streamed = self._stream is not None and self._stream.covers(since)
+        if self._stream is not None and streamed:
+            # No request: the stream holds every event since the cursor. They leave its buffer
+            # only once counted, so a poll that fails reads them again.
+            until = UnixTime(now - STREAM_SETTLE_SECONDS)
+            events = self._stream.peek(until)
+        elif until > since:
             events, behind = await self._api.flow_run_events(
                 since, until, self._max_pages, deadline
             )
+        if events:
             selects = self._pools.selects
             pendings = [e for e in self._tracker.first_pendings(events) if selects(e.work_pool)]
             pending_ids = sorted({e.flow_run_id for e in pendings})
@@ -72,6 +111,13 @@ class EventsReader:
                 await self._api.expected_start_times(pending_ids, deadline) if pending_ids else {}
             )
             self._tracker.consume(events, expected, selects)
-            if self._cursor_file is not None:
-                self._tracker.cursor.save(self._cursor_file)
+        if not streamed and not behind and until > self._tracker.cursor.occurred:
+            # Every event up to `until` was read: the cursor may stand there even if the last
+            # one is older, so that a stream that connected meanwhile can take over.
+            at_until = frozenset(e.id for e in events if e.occurred == until)
+            self._tracker.cursor = Cursor(until, at_until)
+        if (events or not streamed) and self._cursor_file is not None:
+            self._tracker.cursor.save(self._cursor_file)
+        if self._stream is not None and streamed:
+            self._stream.discard(until)
         return self._tracker.stats(now, behind)

@@ -17,7 +17,7 @@ from structlog.typing import FilteringBoundLogger
 from exporter.budget import Backoff, PollPlan, RequestBudget, plan_poll
 from exporter.clock import Deadline, UnixTime
 from exporter.errors import ERROR_REASONS, ApiStatusError, ObjectGone, PrefectApiError
-from exporter.events_reader import EventsApi, EventsReader
+from exporter.events_reader import EventsApi, EventsReader, Stream
 from exporter.features import Feature, FeatureGate
 from exporter.gather import gather_bounded
 from exporter.limits_reader import LimitsApi, LimitsReader
@@ -194,6 +194,7 @@ class Poller:
         backoff: Backoff | None = None,
         cursor_file: StateFile | None = None,
         orphans: OrphanRunsApi | None = None,
+        event_stream: Stream | None = None,
     ) -> None:
         self._api = api
         # Runs whose queue was deleted: counted when given (cli gives the adapter), else None.
@@ -229,6 +230,7 @@ class Poller:
             UnixTime(clock()),
             cursor_file,
             settings.pools,
+            event_stream,
         )
 
     async def _optional(self, feature: Feature, read: Callable[[], Awaitable[T]]) -> T | None:

@@ -63,6 +63,7 @@ LAYERS = {
     "logs": 1,
     # The adapter: transport, then reads.
     "prefect_http": 2,
+    "event_stream": 2,
     "prefect_api": 3,
     # Readers that plan reads on top of the adapter.
     "limits_reader": 4,

@@ -214,6 +214,7 @@ SAMPLES: dict[str, tuple[str, dict[str, object]]] = {
     "max_backoff": ("2m", {"max_backoff": 120.0}),
     "heartbeat_multiple": ("2.5", {"heartbeat_multiple": 2.5}),
     "events_enabled": ("false", {"events_enabled": False}),
+    "events_stream": ("false", {"events_stream": False}),
     "events_max_pages": ("20", {"events_max_pages": 20}),
     "events_settle": ("45s", {"events_settle": 45.0}),
     "events_state_file": ("/var/lib/e.json", {"events_state_file": "/var/lib/e.json"}),
