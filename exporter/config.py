@@ -705,7 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         usage=f"{PROG} [flags]",
-        description="Prometheus exporter for Prefect work pools, queues, workers and runs.",
+        description="Prometheus exporter for Prefect work pools, queues, workers and runs.\n\n"
+        "Subcommand: prefect-exporter diagnose [--work-pool GLOB] [--json] reads the workspace\n"
+        "once and names why runs are not starting (see prefect-exporter diagnose --help).",
         epilog=_environment_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
