@@ -15,14 +15,15 @@ import asyncio
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
 from structlog.typing import FilteringBoundLogger
 
 from exporter import __version__, diagnose, logs
-from exporter.budget import BudgetCollector, RequestBudget
+from exporter.budget import BudgetCollector, BudgetExhausted, RequestBudget
+from exporter.clock import Deadline
 from exporter.collector import ExporterCollector, SnapshotCollector
 from exporter.config import ConfigError, Settings, read_settings
 from exporter.event_stream import EventStream, StreamMetrics
@@ -110,6 +111,22 @@ def build_event_stream(
         log,
         USER_AGENT,
     )
+
+
+def stream_gate(poller: Poller, budget: RequestBudget | None) -> Callable[[], Awaitable[None]]:
+    """What the event stream awaits before connecting: no throttling, and a budgeted request."""
+
+    async def ready() -> None:
+        while (left := poller.throttled_until - time.monotonic()) > 0:
+            await asyncio.sleep(left)
+        while budget is not None:
+            try:
+                await budget.acquire(Deadline(time.monotonic() + 60))
+                return
+            except BudgetExhausted:
+                continue
+
+    return ready
 
 
 def build_tailer(
@@ -215,7 +232,7 @@ async def serve(settings: Settings, log: FilteringBoundLogger) -> int:
         loop.add_signal_handler(signum, stop.set)
     tasks = [poller.run(stop)] if poller else []
     if poller is not None and stream is not None:
-        tasks.append(stream.run(stop))
+        tasks.append(stream.run(stop, stream_gate(poller, poller.budget)))
     tasks += [tailer.run(stop)] if tailer else []
     try:
         await asyncio.gather(*tasks)

@@ -24,7 +24,7 @@ import contextlib
 import json
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -91,6 +91,18 @@ def socket_url(api_url: str) -> str:
     return "ws://" + api_url.removeprefix("http://") + "/events/out"
 
 
+async def _until_stopped(waiting: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Await `waiting` unless `stop` is set first; True when it completed."""
+    waited = asyncio.ensure_future(waiting)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({waited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waited, stopping):
+            task.cancel()
+    return waited.done() and not waited.cancelled() and waited.exception() is None
+
+
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
 
@@ -142,10 +154,18 @@ class EventStream:
         """Forget the buffered events that occurred up to `until`: they have been counted."""
         self._buffer = deque(e for e in self._buffer if e.occurred > until)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Follow the stream until `stop` is set, reconnecting with growing pauses."""
+    async def run(
+        self, stop: asyncio.Event, ready: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Follow the stream until `stop` is set, reconnecting with growing pauses.
+
+        `ready()` is awaited before every attempt to connect: it waits out a throttling back-off
+        and takes one request from the budget, since opening the stream is a request too.
+        """
         failures = 0
         while not stop.is_set():
+            if ready is not None and not await _until_stopped(ready(), stop):
+                break
             try:
                 async with websocket_connect(
                     self._url,

@@ -213,6 +213,9 @@ class Poller:
         self._clock = clock
         self._monotonic = monotonic
         self._polls = 0
+        # Monotonic seconds until which the API asked us to stay away (0: not throttled); the
+        # event stream waits for it too before it connects.
+        self.throttled_until = 0.0
         self._features = FeatureGate(log)
         self._limits = LimitsReader(api, settings.concurrency, settings.deployments_breakdown)
         self._runs = RunCentricReader(api, settings.concurrency)
@@ -242,6 +245,11 @@ class Poller:
                 raise
             self._features.degrade(feature, exc, self._polls)
             return None
+
+    @property
+    def budget(self) -> RequestBudget | None:
+        """The request budget this poller draws from (shared with the event stream)."""
+        return self._budget
 
     def _available(self, feature: Feature) -> bool:
         return self._features.available(feature, self._polls)
@@ -430,6 +438,7 @@ class Poller:
                 # Pause the whole poller, not just one call: every request we send counts
                 # against a bucket the workers share.
                 wait = self._backoff.throttled(exc.retry_after)
+                self.throttled_until = self._monotonic() + wait
                 self._check_retry_after(exc, wait)
                 self._metrics.backoff_until.set(self._clock() + wait)
                 self._metrics.maintenance.set(float(exc.maintenance))
@@ -450,6 +459,7 @@ class Poller:
         else:
             duration = self._monotonic() - started
             self._backoff.reset()
+            self.throttled_until = 0.0
             self._metrics.backoff_until.set(0)
             self._metrics.maintenance.set(0)
             self._store.publish(snapshot, duration)

@@ -147,6 +147,34 @@ class TestEventStream:
 
         asyncio.run(with_server(handler, scenario))
 
+    def test_no_connection_before_the_gate_opens(self) -> None:
+        """While the poller backs off (or the budget is spent) the stream does not connect."""
+        connections: list[int] = []
+
+        async def handler(socket: ServerConnection) -> None:
+            connections.append(1)
+            await socket.recv()
+            await socket.send(json.dumps({"type": "auth_success"}))
+            await socket.wait_closed()
+
+        async def scenario(url: str) -> None:
+            stream = stream_for(url, CollectorRegistry())
+            gate = asyncio.Event()
+            stop = asyncio.Event()
+
+            async def ready() -> None:
+                await gate.wait()
+
+            task = asyncio.create_task(stream.run(stop, ready))
+            await asyncio.sleep(0.3)
+            assert connections == []
+            gate.set()
+            await until(lambda: connections == [1])
+            stop.set()
+            await task
+
+        asyncio.run(with_server(handler, scenario))
+
     def test_a_full_buffer_drops_its_oldest_and_no_longer_covers_them(self) -> None:
         """Memory stays bounded; the reader then pages the part the stream lost."""
 
