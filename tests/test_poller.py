@@ -720,3 +720,33 @@ class TestRunsWithoutWorkQueue:
         store = FakeStore()
         asyncio.run(poller(FakeApi(), store, CollectorRegistry()).poll_and_publish())
         assert store.published[0].runs_without_work_queue is None
+
+
+class TestSlowRoundBudget:
+    """The slow round spends only what this poll's share of the minute's budget leaves over."""
+
+    def test_refreshes_are_capped_by_the_per_poll_share(self) -> None:
+        """125/min at 30 s is 62 a poll; a poll costing 40 leaves 18 (less a reserve of 4)."""
+
+        class Budget:
+            per_minute = 125
+            available = 125.0
+
+        store, registry = FakeStore(), CollectorRegistry()
+        settings = PollSettings(
+            interval=30, timeout=5, concurrency=2, heartbeat_multiple=3, mode="run-centric"
+        )
+        p = Poller(
+            FakeApi(),
+            store,
+            settings,
+            PollMetrics(registry),
+            structlog.get_logger(),
+            clock=lambda: NOW,
+            budget=Budget(),  # type: ignore[arg-type]
+        )
+        p._full_cost, p._core_cost = 40, 38
+        ids = [f"q{i}" for i in range(1000)]
+        assert p._refresh_limit(ids) == 62 - 40 - 4
+        Budget.available = 10.0
+        assert p._refresh_limit(ids) == 10 - 2 - 4
