@@ -100,6 +100,11 @@ class EventsReader:
             until = UnixTime(now - STREAM_SETTLE_SECONDS)
             events = self._stream.peek(until)
         elif until > since:
+            # Page only the gap the stream does not cover: from where the stream starts it has
+            # every event, even those the database stores late (paging would miss those).
+            covered_from = self._stream.covered_from if self._stream is not None else None
+            if covered_from is not None and covered_from > since:
+                until = UnixTime(min(until, covered_from))
             events, behind = await self._api.flow_run_events(
                 since, until, self._max_pages, deadline
             )

@@ -259,15 +259,16 @@ class TestReaderWithStream:
         """A stream that (re)connected after the cursor: page up to now - settle first."""
         live, later = pending("live", NOW - 50), pending("later", NOW - 10)
         stream = FakeStream(NOW - 100, [live, later])
-        api = PagingApi([pending("gap", NOW - 200), live])  # the server has them all
+        api = PagingApi([pending("gap", NOW - 200), live])  # the database has them all
         reader = EventsReader(api, 10, 30.0, UnixTime(NOW - 300), stream=stream)
         reader._may_skip_to_stream = False  # a cursor saved before this start
         first = asyncio.run(reader.read(UnixTime(NOW), Deadline(1e12)))
-        assert api.pages == [(NOW - 330, NOW - 30)]
-        assert first.transitions == {("p", "Pending"): 2}
+        # Only the gap is paged: from NOW - 100 on, the stream has every event.
+        assert api.pages == [(NOW - 330, NOW - 100)]
+        assert first.transitions == {("p", "Pending"): 1}
         second = asyncio.run(reader.read(UnixTime(NOW + 1), Deadline(1e12)))
-        assert len(api.pages) == 1  # the cursor passed the stream's start: no more paging
-        assert second.transitions == {("p", "Pending"): 3}  # `live` is not counted twice
+        assert len(api.pages) == 1  # the cursor reached the stream's start: no more paging
+        assert second.transitions == {("p", "Pending"): 3}  # live and later, from the stream
 
     def test_a_failed_poll_leaves_the_events_in_the_stream(self) -> None:
         """Events leave the buffer only once counted."""

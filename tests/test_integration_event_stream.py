@@ -123,7 +123,7 @@ class TestFallback:
             f"http://127.0.0.1:{relay.port}/api",
             "--poll.interval=2s",
             "--prefect.requests-per-minute=6000",
-            "--events.settle=2s",
+            "--events.settle=10s",
             log_path=tmp_path / "e.log",
         )
         exporter.start()
