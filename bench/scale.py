@@ -19,9 +19,13 @@ measures:
   sample pools' online workers, against the API's own answers as of the poll's start;
 - the floor: the same figures from the fewest direct API calls (an httpx loop, no exporter).
 
-Results go to bench/scale-results/<point>-<mode>.json, and the section of `--out` between the
-SECTION markers is rewritten from every results file present. Every loop is bounded in count
-and time; all traffic stays on loopback; everything started is stopped at the end.
+Results go to bench/scale-results/<point>-<mode>.json (written after each phase, so a run cut
+short keeps its numbers) with a copy of the exporter's log, and the section of `--out` between
+the SECTION markers is rewritten from every results file present, followed by
+bench/scale-results/notes.md (observations written by hand after a run). Every loop is bounded
+in count and time; all traffic stays on loopback; everything started is stopped at the end.
+
+The full point takes about 35 minutes (the burst falls due 28 minutes after the build starts).
 """
 
 from __future__ import annotations
@@ -1227,8 +1231,11 @@ def render(results: Sequence[dict[str, Any]], machine: str) -> str:
         "--log.format=json --poll.mode=<mode>`, everything else default (events and concurrency "
         "limits on). The Prefect server (3.9.1, `.venv-prefect-server`) runs on PostgreSQL 15 "
         "from Debian (a throw-away cluster: fsync and synchronous_commit off), the exporter "
-        "reaches it through a counting proxy on loopback. Each point adds a marker pool (two "
-        "queues) for the freshness markers.",
+        "reaches it through a counting proxy on loopback. Each point adds a marker pool (its "
+        "default queue and two more) for the freshness markers. Requests per poll and poll "
+        "durations are of successful polls; requests a minute and the 60 s maximum are counted "
+        "at the proxy; CPU per poll in a window with no scraping; the floor and the ratio are "
+        "explained in the notes below.",
         "",
         "| point | mode | queues / runs | requests per poll (median, max) | core | req/min avg | "
         "max in 60 s | KiB/min | poll s (median, max) | CPU s/poll | RSS peak MiB | series | "
@@ -1278,7 +1285,11 @@ def render(results: Sequence[dict[str, Any]], machine: str) -> str:
     lines += ["", "Freshness (seconds from the change to `/metrics` showing it):", ""]
     for r in results:
         for kind, values in r.get("freshness", {}).items():
-            lines.append(f"- {r['point']['name']}, {r['mode']}: {kind}: {dist(values)}")
+            if kind.endswith(" (not seen)"):
+                what = f"{kind.removesuffix(' (not seen)')}: {len(values)} not seen in the wait"
+                lines.append(f"- {r['point']['name']}, {r['mode']}: {what}")
+            else:
+                lines.append(f"- {r['point']['name']}, {r['mode']}: {kind}: {dist(values)}")
         if r.get("burst_seen_after_s") is not None:
             lines.append(
                 f"- {r['point']['name']}, {r['mode']}: burst of {r['point']['burst']:,} due runs "
@@ -1311,7 +1322,12 @@ def render(results: Sequence[dict[str, Any]], machine: str) -> str:
             f"{r['budget_short_count']} `request_budget_short`; whole run "
             f"{r['whole_run']['requests']} requests in {r['whole_run']['minutes']:.1f} min, "
             f"at most {r['whole_run']['max_requests_in_60s']} in 60 s (start-up included); "
-            f"far-ahead counts complete after {fmt(r.get('far_counts_complete_after_s'), 0)} s"
+            + (
+                f"far-ahead counts complete after {fmt(r.get('far_counts_complete_after_s'), 0)} s"
+                if not r.get("far_counts_missing")
+                else f"{r['far_counts_missing']:.0f} queues still without far-ahead counts after "
+                f"waiting {fmt(r.get('far_counts_complete_after_s'), 0)} s"
+            )
         )
     notes = RESULTS_DIR / "notes.md"
     if notes.exists():  # observations written by hand after a run, kept with the numbers
