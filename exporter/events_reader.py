@@ -116,9 +116,12 @@ class EventsReader:
                 await self._api.expected_start_times(pending_ids, deadline) if pending_ids else {}
             )
             self._tracker.consume(events, expected, selects)
-        if not streamed and not behind and until > self._tracker.cursor.occurred:
+        handover = self._stream is not None and self._stream.covered_from is not None
+        if handover and not streamed and not behind and until > self._tracker.cursor.occurred:
             # Every event up to `until` was read: the cursor may stand there even if the last
-            # one is older, so that a stream that connected meanwhile can take over.
+            # one is older, so that the stream that connected meanwhile can take over. Only
+            # then: without a stream, a cursor left at the last event read lets an event that
+            # the database stored later than the settle time still be counted.
             at_until = frozenset(e.id for e in events if e.occurred == until)
             self._tracker.cursor = Cursor(until, at_until)
         if (events or not streamed) and self._cursor_file is not None:

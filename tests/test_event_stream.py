@@ -280,3 +280,14 @@ class TestReaderWithStream:
             asyncio.run(reader.read(UnixTime(NOW), Deadline(1e12)))
         assert [e.id for e in stream.events] == ["a"]
         assert stream.discarded == []
+
+    def test_without_a_stream_an_event_stored_late_is_still_counted(self) -> None:
+        """The cursor stays at the last event read, so one the database stored late is not lost."""
+        api = PagingApi([pending("first", NOW - 100)])
+        reader = EventsReader(api, 10, 30.0, UnixTime(NOW - 200))
+        asyncio.run(reader.read(UnixTime(NOW), Deadline(1e12)))
+        # Occurred before the last read's end (NOW - 30), stored only after that read.
+        api.events.append(pending("late", NOW - 40))
+        stats = asyncio.run(reader.read(UnixTime(NOW + 5), Deadline(1e12)))
+        assert stats.transitions == {("p", "Pending"): 2}
+        assert api.pages[1][0] == NOW - 100  # read again from the last event counted

@@ -95,13 +95,14 @@ class TestFallback:
             proxy.url + "/api",
             "--poll.interval=2s",
             "--prefect.requests-per-minute=6000",
-            "--events.settle=2s",
+            # Longer than Prefect's event persister flush (5 s), which is later still under load.
+            "--events.settle=10s",
             log_path=tmp_path / "e.log",
         )
         exporter.start()
         try:
             start_runs(admin, 2)
-            wait_for(lambda: transitions(exporter, "Running") == 2, 60, "two Running by paging")
+            wait_for(lambda: transitions(exporter, "Running") == 2, 90, "two Running by paging")
             assert exporter.value("prefect_exporter_event_stream_connected") == 0
             failures = exporter.value(
                 "prefect_exporter_event_stream_connects_total", result="failure"
