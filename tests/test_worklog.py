@@ -761,7 +761,7 @@ class TestShippedLoggingConfig:
         docs = {
             d["kind"]: d
             for d in yaml.safe_load_all(
-                (ROOT / "deploy/kubernetes/worker-with-sidecar.yaml").read_text()
+                (ROOT / "deploy/kubernetes/overlays/sidecar/worker-with-sidecar.yaml").read_text()
             )
             if d
         }
