@@ -3,6 +3,7 @@
     python alerts/generate.py                         # rewrite alerts/prefect-exporter.rules.yml
     python alerts/generate.py --selector 'job="prefect",env="prod"' \\
         --set backlog_age_seconds=1800 --out my-rules.yml   # a variant with your own knobs
+    python alerts/generate.py --for 2s --out test-rules.yml  # every `for:` 2s: tests and demos only
 
 The committed rules file is this script's output with the defaults below; a test regenerates it
 and fails on any difference, and promtool unit tests run against it. Every alert aggregates with
