@@ -184,7 +184,8 @@ def installed() -> Iterator[Installed]:
         assert "--prefix=/install" in words, "the final stage copies /install"
         prefix = base / "install"
         args = [f"--prefix={prefix}" if w == "--prefix=/install" else w for w in words[2:]]
-        # --ignore-installed: what this virtualenv already has must not count as in the image.
+        # --ignore-installed: what this virtualenv already has must not count as in the image;
+        # without it pip would also uninstall this virtualenv's own prefect-exporter first.
         result = subprocess.run(
             [sys.executable, "-m", "pip", "install", "-q", "--ignore-installed", *args],
             cwd=workdir,

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
 ALERT = "PrefectNoOnlineWorkers"
 POOL = "etl"
-HEARTBEAT = 3  # seconds: the killed worker is offline after three of them plus a poll
+HEARTBEAT = 5  # seconds: the killed worker is offline after three of them plus a poll
 FOR = "2s"  # every alert's `for:`, so the test waits seconds, not the shipped minutes
 
 
