@@ -90,6 +90,18 @@ class TestRequestBudget:
         fake.now = 80
         assert budget.available == 3
 
+    def test_seconds_until_a_number_of_requests_is_affordable(self) -> None:
+        """The wait for N requests ends when enough of the oldest turn a minute old."""
+        fake = FakeTime()
+        budget = RequestBudget(3, clock=fake.clock, sleep=fake.sleep)
+        for _ in range(3):
+            asyncio.run(budget.acquire(Deadline(0)))
+            fake.now += 10
+        assert budget.seconds_until(1) == pytest.approx(30.0)  # the first, sent at 0
+        assert budget.seconds_until(2) == pytest.approx(40.0)
+        assert budget.seconds_until(99) == pytest.approx(50.0)  # at most the whole budget
+        assert budget.seconds_until(0) == 0.0
+
 
 class TestBackoff:
     """Throttled polls wait for Retry-After, or back off exponentially with jitter."""
