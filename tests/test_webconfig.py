@@ -648,3 +648,17 @@ class TestServer:
             response = httpx.get(f"http://127.0.0.1:{server.port}/metrics")
         assert response.status_code == 200
         assert "X-Frame-Options" not in response.headers
+
+
+class TestExample:
+    """The example shipped in deploy/ is a valid web config."""
+
+    def test_the_example_parses(self) -> None:
+        """deploy/web-config.example.yml has TLS, a user and headers, and no problem."""
+        path = Path(__file__).resolve().parent.parent / "deploy" / "web-config.example.yml"
+        config = read_web_config(path)
+        assert config.tls is not None
+        assert config.tls.cert_file == path.parent / "tls" / "tls.crt"
+        assert set(config.users) == {"prometheus"}
+        assert bcrypt.checkpw(b"change-me", config.users["prometheus"])
+        assert ("X-Content-Type-Options", "nosniff") in config.headers
