@@ -361,8 +361,11 @@ def _read_bounded(path: Path) -> bytes:
     return data
 
 
-def read_web_config(path: Path) -> WebConfig:
-    """Read and parse the web config file; raises WebConfigError listing every problem."""
+def read_web_config(path: Path, *, allow_empty: bool = True) -> WebConfig:
+    """Read and parse the web config file; raises WebConfigError listing every problem.
+
+    With `allow_empty` False an empty file is a problem too (see `WebConfigLoader`).
+    """
     try:
         data = _read_bounded(path)
     except OSError as exc:
@@ -379,6 +382,13 @@ def read_web_config(path: Path) -> WebConfig:
         raise WebConfigError([f"not valid YAML{line}"]) from None
     except (ValueError, RecursionError) as exc:
         raise WebConfigError([f"not valid YAML ({type(exc).__name__})"]) from None
+    if document is None and not allow_empty:
+        raise WebConfigError(
+            [
+                "empty; refused on a reload, as it would switch authentication off (a file caught"
+                " half written?). Restart the exporter to run without a web config"
+            ]
+        )
     return parse_web_config(document, path.resolve().parent)
 
 
@@ -526,9 +536,12 @@ class ActiveWebConfig:
 PLAIN = ActiveWebConfig(WebConfig())
 
 
-def load_web_config(path: Path) -> ActiveWebConfig:
-    """Read the file and every file it names; raises WebConfigError listing every problem."""
-    config = read_web_config(path)
+def load_web_config(path: Path, *, allow_empty: bool = True) -> ActiveWebConfig:
+    """Read the file and every file it names; raises WebConfigError listing every problem.
+
+    `allow_empty` as for `read_web_config`.
+    """
+    config = read_web_config(path, allow_empty=allow_empty)
     context = tls_context(config.tls) if config.tls is not None else None
     auth = BasicAuth(config.users) if config.users else None
     return ActiveWebConfig(config, context, auth)
@@ -557,7 +570,9 @@ class WebConfigLoader:
     fails keeps the last good configuration, is logged once (`web_config_reload_failed`, with
     every problem) and counted; it is tried again when a file changes again. Turning TLS on or
     off is refused on reload: a typo must not turn an HTTPS endpoint into plain HTTP, and
-    scrapers would have to change scheme anyway. Thread-safe.
+    scrapers would have to change scheme anyway. So is an empty file, which an editor or a copy
+    caught between truncating and writing leaves for a moment, and which would otherwise switch
+    authentication off. Thread-safe.
     """
 
     def __init__(
@@ -595,7 +610,7 @@ class WebConfigLoader:
         if seen == self._seen:
             return
         try:
-            active = load_web_config(self.path)
+            active = load_web_config(self.path, allow_empty=False)
             if (active.ssl_context is None) != (self._active.ssl_context is None):
                 raise WebConfigError(
                     ["tls_server_config: turning TLS on or off takes a restart of the exporter"]

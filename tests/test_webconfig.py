@@ -516,6 +516,18 @@ class TestLoader:
         assert set(loader.current().config.users) == {"c"}
         assert loader.last_reload_successful
 
+    def test_an_empty_file_on_reload_is_refused(self, tmp_path: Path) -> None:
+        """A file caught half written must not switch authentication off."""
+        path, clock = tmp_path / "web.yml", FakeClock()
+        self.write(path, {"basic_auth_users": {"a": bcrypt_hash("a")}})
+        loader = self.loader(path, clock)
+        path.write_text("")
+        clock.now += 1
+        with structlog.testing.capture_logs() as logs:
+            assert loader.current().auth is not None
+        assert logs[0]["problems"][0].startswith("empty; refused on a reload")
+        assert loader.reloads == {"success": 0, "failure": 1}
+
     def test_a_rotated_certificate_is_loaded(self, ca: trustme.CA, tmp_path: Path) -> None:
         """A new certificate and key written over the old files give a new TLS context."""
         path, clock = tmp_path / "web.yml", FakeClock()
