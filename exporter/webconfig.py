@@ -34,6 +34,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import bcrypt
@@ -350,7 +351,8 @@ def parse_web_config(document: object, base_dir: Path) -> WebConfig:
     users = _parse_users(top.get("basic_auth_users"), problems)
     if problems:
         raise WebConfigError(problems)
-    return WebConfig(tls=tls, users=users, headers=headers)
+    # Read-only, so the frozen dataclass is frozen all the way down.
+    return WebConfig(tls=tls, users=MappingProxyType(users), headers=headers)
 
 
 def _read_bounded(path: Path) -> bytes:
