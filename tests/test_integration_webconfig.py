@@ -123,6 +123,14 @@ class TestTlsAndBasicAuth:
         assert scrape.status_code == 200
         assert "prefect_exporter_web_config_last_reload_successful 1.0" in scrape.text
 
+    def test_one_kept_alive_connection_serves_scrape_after_scrape(
+        self, secured: ExporterProcess
+    ) -> None:
+        """As Prometheus does: one TLS handshake, then every scrape on the same connection."""
+        with httpx.Client(verify=secured.verify, auth=secured.auth, timeout=5) as client:
+            for _ in range(3):
+                assert client.get(f"{secured.url}/metrics").status_code == 200
+
     def test_plain_http_to_the_tls_port_fails(self, secured: ExporterProcess) -> None:
         """An http:// scrape gets no answer, let alone metrics."""
         with pytest.raises(httpx.TransportError):

@@ -380,6 +380,27 @@ class TestTlsContext:
         (problem,) = raised.value.problems
         assert problem.startswith("tls_server_config.cert_file, key_file: not a PEM certificate")
 
+    def test_an_encrypted_key_is_refused_without_a_prompt(
+        self, ca: trustme.CA, tmp_path: Path
+    ) -> None:
+        """OpenSSL would ask for the passphrase on a terminal; the key is refused instead."""
+        from cryptography.hazmat.primitives import serialization
+
+        cert, key = write_pair(ca, tmp_path)
+        loaded = serialization.load_pem_private_key(key.read_bytes(), password=None)
+        key.write_bytes(
+            loaded.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"passphrase"),
+            )
+        )
+        with pytest.raises(WebConfigError) as raised:
+            tls_context(TlsSettings(cert, key))
+        assert raised.value.problems == [
+            "tls_server_config.key_file: the key is encrypted; give an unencrypted key"
+        ]
+
     def test_a_ca_file_without_certificates(self, ca: trustme.CA, tmp_path: Path) -> None:
         """A CA file holding no certificate is named."""
         cert, key = write_pair(ca, tmp_path)
