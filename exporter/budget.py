@@ -100,6 +100,10 @@ def plan_poll(
     `full_cost` and `core_cost` are the requests the last full poll took in all and without its
     optional parts; None before the first poll (then: full).
     """
+    if available < 1:
+        # Not even one request: skip and wait, rather than fail for budget (before any cost
+        # is known, e.g. right after a first poll that spent the budget and failed).
+        return PollPlan.SKIP
     if full_cost is None or core_cost is None or available >= full_cost:
         return PollPlan.FULL
     if core_cost > per_minute:
