@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -362,7 +363,14 @@ def past(seconds: float) -> datetime:
 
 
 class ExporterProcess:
-    """The real `prefect-exporter` command, scraped over HTTP."""
+    """The real `prefect-exporter` command, scraped over HTTP or, secured, over HTTPS.
+
+    For an exporter started with `--web.config.file` (see README, "Securing /metrics"):
+    `scheme="https"`; `verify`, the client's `ssl.SSLContext` trusting the exporter's CA (with
+    `load_cert_chain` of a client certificate when the web config requires one), or False to
+    skip verification; `auth`, the (user, password) sent with every scrape. /healthz is
+    reached without `auth`, as probes do.
+    """
 
     def __init__(
         self,
@@ -371,17 +379,27 @@ class ExporterProcess:
         log_path: Path,
         venv: Path = ROOT / ".venv",
         port: int | None = None,
+        scheme: str = "http",
+        verify: ssl.SSLContext | bool = True,
+        auth: tuple[str, str] | None = None,
     ) -> None:
         self.port = port or free_port()
         self.api_url = api_url
         self.args = list(args)
         self.log_path = log_path
         self.venv = venv
+        self.scheme = scheme
+        self.verify = verify
+        self.auth = auth
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def get(self, path: str, timeout: float = 5) -> httpx.Response:
+        """GET `path` (such as "/metrics") with the exporter's scheme, `verify` and `auth`."""
+        return httpx.get(f"{self.url}{path}", timeout=timeout, verify=self.verify, auth=self.auth)
 
     def start(self, timeout: float = 30) -> None:
         env = _clean_env({"PREFECT_API_URL": self.api_url})
@@ -401,12 +419,14 @@ class ExporterProcess:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(f"exporter exited; see {self.log_path}")
-            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+            return (
+                httpx.get(f"{self.url}/healthz", timeout=2, verify=self.verify).status_code == 200
+            )
 
         wait_for(serving, timeout, "the exporter to serve /healthz")
 
     def scrape_text(self) -> str:
-        return httpx.get(f"{self.url}/metrics", timeout=5).text
+        return self.get("/metrics").text
 
     def samples(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         """Every sample of one scrape, keyed by name and label set."""

@@ -48,6 +48,19 @@ class RequestBudget:
         self._forget(self._clock())
         return float(self.per_minute - len(self._sent))
 
+    def seconds_until(self, requests: int) -> float:
+        """Seconds until `requests` may be sent without waiting (0.0: now).
+
+        More than the whole budget is never affordable: then a full window (60.0), after which
+        every slot is free again.
+        """
+        now = self._clock()
+        self._forget(now)
+        excess = len(self._sent) - (self.per_minute - min(requests, self.per_minute))
+        if excess <= 0:
+            return 0.0
+        return max(0.0, self._sent[excess - 1] + self.WINDOW_SECONDS - now)
+
     def _forget(self, now: float) -> None:
         while self._sent and self._sent[0] + self.WINDOW_SECONDS <= now:
             self._sent.popleft()
@@ -87,6 +100,10 @@ def plan_poll(
     `full_cost` and `core_cost` are the requests the last full poll took in all and without its
     optional parts; None before the first poll (then: full).
     """
+    if available < 1:
+        # Not even one request: skip and wait, rather than fail for budget (before any cost
+        # is known, e.g. right after a first poll that spent the budget and failed).
+        return PollPlan.SKIP
     if full_cost is None or core_cost is None or available >= full_cost:
         return PollPlan.FULL
     if core_cost > per_minute:

@@ -36,6 +36,13 @@ from exporter.server import App, MetricsServer
 from exporter.snapshot import Snapshot
 from exporter.statefile import StateFile, StateFileCollector, check_state_file
 from exporter.store import Store
+from exporter.webconfig import (
+    ActiveWebConfig,
+    WebConfigCollector,
+    WebConfigError,
+    WebConfigLoader,
+    load_web_config,
+)
 from exporter.worklog import (
     PositionStore,
     WorkerLog,
@@ -178,8 +185,29 @@ def startup_problems(settings: Settings) -> list[str]:
     return problems
 
 
-async def serve(settings: Settings, log: FilteringBoundLogger) -> int:
-    """Run the poller, the worker-log tailer and the HTTP server until SIGTERM or SIGINT."""
+def open_web_config(settings: Settings) -> tuple[ActiveWebConfig | None, list[str]]:
+    """The web config (`--web.config.file`) loaded with its certificates, or its problems.
+
+    (None, []) without the option; (None, problems) when it cannot be used, each problem naming
+    the flag, the file and the key.
+    """
+    if not settings.web_config_file:
+        return None, []
+    where = f"--web.config.file {settings.web_config_file}"
+    try:
+        return load_web_config(Path(settings.web_config_file)), []
+    except WebConfigError as exc:
+        return None, [f"{where}: {problem}" for problem in exc.problems]
+
+
+async def serve(
+    settings: Settings, log: FilteringBoundLogger, web_config: ActiveWebConfig | None = None
+) -> int:
+    """Run the poller, the worker-log tailer and the HTTP server until SIGTERM or SIGINT.
+
+    `web_config` is the web config loaded at start-up (see `open_web_config`); it is re-read
+    from `settings.web_config_file` when its files change.
+    """
     # `_created` series double the counters' size and no alert or dashboard reads them.
     disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry(auto_describe=True)
@@ -204,8 +232,12 @@ async def serve(settings: Settings, log: FilteringBoundLogger) -> int:
         monotonic=time.monotonic,
         started_at=time.monotonic(),
     )
+    web = None
+    if web_config is not None and settings.web_config_file:
+        web = WebConfigLoader(Path(settings.web_config_file), web_config, log=log)
+        registry.register(WebConfigCollector(web))
     try:
-        server = MetricsServer(settings.listen_host, settings.listen_port, app)
+        server = MetricsServer(settings.listen_host, settings.listen_port, app, log=log, web=web)
     except OSError as exc:
         log.error(
             "listen_failed",
@@ -221,6 +253,8 @@ async def serve(settings: Settings, log: FilteringBoundLogger) -> int:
         version=__version__,
         listen=f"{settings.listen_host or '0.0.0.0'}:{server.port}",
         telemetry_path=settings.telemetry_path,
+        tls=web_config is not None and web_config.ssl_context is not None,
+        basic_auth=web_config is not None and web_config.auth is not None,
         api_url=settings.api_url if settings.prefect_enabled else None,
         poll_interval_seconds=settings.poll_interval,
         requests_per_minute=settings.requests_per_minute,
@@ -309,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # In the format asked for when that part was valid: JSON lines for a log shipper.
         logs.report_problems("config_invalid", exc.problems, exc.log_format or "console")
         return 2
-    if problems := startup_problems(settings):
+    web_config, web_problems = open_web_config(settings)
+    if problems := [*startup_problems(settings), *web_problems]:
         logs.report_problems("config_invalid", problems, settings.log_format)
         return 2
     log = logs.configure(settings.log_level, settings.log_format)
@@ -321,4 +356,4 @@ def main(argv: Sequence[str] | None = None) -> int:
             api_url=settings.api_url,
             hint="set PREFECT_API_URL or --prefect.api-url; using Prefect's default local address",
         )
-    return asyncio.run(serve(settings, log))
+    return asyncio.run(serve(settings, log, web_config))

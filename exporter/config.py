@@ -557,6 +557,16 @@ OPTIONS: tuple[Option, ...] = (
         metavar="PATH",
     ),
     Option(
+        "web_config_file",
+        "TLS, basic auth and response headers of the HTTP server, in exporter-toolkit's web"
+        " config format (see [Securing /metrics](#securing-metrics)); re-read when it or a"
+        " certificate changes",
+        _optional_path,
+        flag="--web.config.file",
+        yaml_key="web.config_file",
+        metavar="PATH",
+    ),
+    Option(
         "log_level",
         "log level: `debug`, `info`, `warning` or `error`",
         _choice(*LOG_LEVELS),
@@ -617,6 +627,7 @@ class Settings:
     listen_host: str = _DEFAULTS["listen_address"][0]
     listen_port: int = _DEFAULTS["listen_address"][1]
     telemetry_path: str = _DEFAULTS["telemetry_path"]
+    web_config_file: str | None = None
     poll_interval: float = _DEFAULTS["poll_interval"]
     poll_timeout: float = _DEFAULTS["poll_timeout"]
     max_staleness: float = _DEFAULTS["max_staleness"]

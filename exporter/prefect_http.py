@@ -50,7 +50,7 @@ class ApiMetrics:
         self.requests = Counter(
             "prefect_exporter_api_requests",
             "Requests the exporter made to the Prefect API, by route template, method and "
-            "HTTP status code (timeout or connection_error when no response arrived).",
+            "HTTP status code (timeout, connection_error or cancelled when no response arrived).",
             ["endpoint", "method", "code"],
             registry=registry,
         )
@@ -279,6 +279,11 @@ class PrefectHttp:
         except httpx.TransportError as exc:
             self._observe(endpoint, method, "connection_error", started, size)
             raise ApiConnectionError(f"{endpoint}: {type(exc).__name__}") from None
+        except asyncio.CancelledError:
+            # The poll's own timeout (or shutdown) cut the request off: it was sent and counts
+            # against the budget, so it counts here too.
+            self._observe(endpoint, method, "cancelled", started, size)
+            raise
         self._observe(endpoint, method, status, started, size)
         return answer
 

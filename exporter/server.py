@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import html
 import io
@@ -21,6 +22,7 @@ from structlog.typing import FilteringBoundLogger
 from exporter import __version__
 from exporter.exposition import EMPTY, Exposition, compose
 from exporter.store import PollStatus, Store
+from exporter.webconfig import PLAIN, ActiveWebConfig, WebConfigLoader
 
 
 @dataclass(frozen=True)
@@ -149,11 +151,27 @@ def head_end(buffer: bytes | bytearray) -> int | None:
     return min(ends) if ends else None
 
 
+def authorization_header(head: bytes) -> str | None:
+    """The value of the first `Authorization` header line of a request head, None without one."""
+    for line in head.split(b"\n")[1:]:
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() == b"authorization":
+            return value.strip().decode("latin-1")
+    return None
+
+
+# Probes need no credentials: /healthz says only whether the poll loop turns. See README,
+# "Securing /metrics".
+UNAUTHENTICATED_PATHS = frozenset({"/healthz"})
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Answers one complete request head; the server, not the handler, owns the connection.
 
     The head comes in as bytes and the response goes out as bytes, so the handler never waits
-    on a client and the connection's task writes the whole response at once.
+    on a client and the connection's task writes the whole response at once. `authorized` is
+    the verdict on the request's credentials (None: no authentication configured); `headers`
+    of the web config go on every response.
     """
 
     server_version = f"prefect-exporter/{__version__}"
@@ -162,9 +180,18 @@ class _Handler(BaseHTTPRequestHandler):
     # A malformed request line then gets a status line and headers, not a bare HTTP/0.9 page.
     default_request_version = "HTTP/1.0"
 
-    def __init__(self, app: App, head: bytes, client_address: Any) -> None:
+    def __init__(
+        self,
+        app: App,
+        head: bytes,
+        client_address: Any,
+        authorized: bool | None = None,
+        extra_headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         # Deliberately not BaseRequestHandler.__init__, which would read and answer a socket.
         self.app = app
+        self.authorized = authorized
+        self.extra_headers = extra_headers
         self.client_address = client_address
         self.rfile = io.BytesIO(head)
         self._out = io.BytesIO()
@@ -179,7 +206,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         app = self.app
         path = self.path.split("?", 1)[0]
-        if path == app.telemetry_path:
+        if self.authorized is False and path not in UNAUTHENTICATED_PATHS:
+            self._send(
+                401,
+                "text/plain; charset=utf-8",
+                b"unauthorized\n",
+                {"WWW-Authenticate": 'Basic realm="prefect-exporter", charset="UTF-8"'},
+            )
+        elif path == app.telemetry_path:
             published = app.store.current()
             cached = published.rendered if published is not None else EMPTY
             response = compose(
@@ -213,6 +247,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def end_headers(self) -> None:
+        # Every response, errors that http.server writes itself included, gets the headers.
+        for key, value in self.extra_headers:
+            self.send_header(key, value)
+        super().end_headers()
+
     def log_message(self, format: str, *args: Any) -> None:
         # Scrapes are frequent and uninteresting; the poll log line is the one to read.
         pass
@@ -234,6 +274,13 @@ class MetricsServer:
     when none is idle; `max_head_bytes` of request head, beyond which the answer is 431. The
     listening socket is bound in the constructor, which raises `OSError` when the address is
     unavailable and `ValueError` for a limit that is not positive.
+
+    `web` (the `--web.config.file` loader, None for plain HTTP without authentication) is asked
+    for its current configuration at every connection (TLS handshake, within the idle timeout)
+    and every request (credentials, headers), so a rotated certificate or a changed password is
+    used without a restart. Whether TLS is on is decided once, here. bcrypt checks that the
+    loader's cache cannot answer run on one thread of their own, one at a time: a client
+    guessing passwords delays other guesses, never a scrape with remembered credentials.
     """
 
     def __init__(
@@ -248,6 +295,7 @@ class MetricsServer:
         max_connections: int = MAX_CONNECTIONS,
         max_head_bytes: int = MAX_HEAD_BYTES,
         log: FilteringBoundLogger | None = None,
+        web: WebConfigLoader | None = None,
     ) -> None:
         limits = {
             "backlog": backlog,
@@ -268,6 +316,9 @@ class MetricsServer:
         self._max_connections = max_connections
         self._max_head_bytes = max_head_bytes
         self._log: FilteringBoundLogger = log if log is not None else structlog.get_logger()
+        self._web = web
+        self._tls = web is not None and web.current().ssl_context is not None
+        self._bcrypt = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bcrypt")
         self._sock = self._listen(host, port, backlog)
         self._port = int(self._sock.getsockname()[1])
         # Shared between the caller's thread and the server's.
@@ -334,6 +385,7 @@ class MetricsServer:
             loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             self._sock.close()
+            self._bcrypt.shutdown(wait=False, cancel_futures=True)
             return
         with contextlib.suppress(RuntimeError):  # the loop has ended already: nothing to stop
             loop.call_soon_threadsafe(self._stop_requested.set)
@@ -352,6 +404,7 @@ class MetricsServer:
             self._log.exception("http_server_error")
         finally:
             self._sock.close()
+            self._bcrypt.shutdown(wait=False, cancel_futures=True)
 
     async def _serve(self) -> None:
         asyncio.get_running_loop().set_exception_handler(self._loop_error)
@@ -385,6 +438,12 @@ class MetricsServer:
             del self._idle[oldest]
             oldest.cancel()
         self._refusing = False
+        if self._tls:
+            # The ClientHello must stay in the socket until the handshake starts: bytes read
+            # into the plain stream meanwhile would be lost to it.
+            transport = writer.transport
+            if isinstance(transport, asyncio.ReadTransport):
+                transport.pause_reading()
         task = asyncio.get_running_loop().create_task(self._converse(reader, writer))
         self._tasks[task] = writer
         self._idle[task] = None  # idle from accept: the idle timeout counts from here too
@@ -405,6 +464,13 @@ class MetricsServer:
         assert task is not None
         peer = writer.get_extra_info("peername")
         try:
+            if self._tls:
+                assert self._web is not None
+                context = self._web.current().ssl_context
+                assert context is not None  # the loader refuses to turn TLS off
+                # The handshake counts as the first request head: same deadline, same eviction.
+                async with asyncio.timeout(self._idle_timeout):
+                    await writer.start_tls(context, ssl_handshake_timeout=self._idle_timeout)
             keep = True
             while keep:
                 self._idle[task] = None
@@ -417,7 +483,7 @@ class MetricsServer:
                 if head == b"":
                     return  # the client closed its side
                 response, keep = (
-                    (_HEAD_TOO_LARGE, False) if head is None else self._respond(head, peer)
+                    (_HEAD_TOO_LARGE, False) if head is None else await self._respond(head, peer)
                 )
                 if not response:
                     return  # nothing to say to an empty request line: http.server just closes
@@ -455,15 +521,29 @@ class MetricsServer:
             if head_end(head[-len(line) - 1 :]) is not None:
                 return bytes(head)
 
-    def _respond(self, head: bytes, peer: Any) -> tuple[bytes, bool]:
+    async def _respond(self, head: bytes, peer: Any) -> tuple[bytes, bool]:
         """The response to one request head, and whether the connection stays open after it."""
-        handler = _Handler(self._app, head, peer)
+        handler = None
         try:
+            active = self._web.current() if self._web is not None else PLAIN
+            authorized = await self._authorized(active, head)
+            handler = _Handler(self._app, head, peer, authorized, active.config.headers)
             response = handler.respond()
         except Exception:  # a bug in a route: answer 500, log it, keep serving others
             self._log.exception("http_request_failed", path=getattr(handler, "path", None))
             return _INTERNAL_ERROR, False
         return response, not handler.close_connection
+
+    async def _authorized(self, active: ActiveWebConfig, head: bytes) -> bool | None:
+        """The verdict on the request's credentials; None when no authentication is configured."""
+        if active.auth is None:
+            return None
+        header = authorization_header(head)
+        verdict = active.auth.cached(header)
+        if verdict is None:
+            loop = asyncio.get_running_loop()
+            verdict = await loop.run_in_executor(self._bcrypt, active.auth.verify, header)
+        return verdict
 
     def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         # asyncio's own reports (accept out of descriptors, a failing callback) go to our log.

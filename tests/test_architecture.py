@@ -60,6 +60,7 @@ LAYERS = {
     "snapshot": 1,
     "transitions": 1,
     "config": 1,
+    "webconfig": 1,
     "logs": 1,
     # The adapter: transport, then reads.
     "prefect_http": 2,

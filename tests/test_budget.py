@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from exporter.budget import Backoff, BudgetExhausted, RequestBudget
+from exporter.budget import Backoff, BudgetExhausted, PollPlan, RequestBudget, plan_poll
 from exporter.clock import Deadline
 
 
@@ -89,6 +89,37 @@ class TestRequestBudget:
         assert budget.available == 1
         fake.now = 80
         assert budget.available == 3
+
+    def test_seconds_until_a_number_of_requests_is_affordable(self) -> None:
+        """The wait for N requests ends when enough of the oldest turn a minute old."""
+        fake = FakeTime()
+        budget = RequestBudget(3, clock=fake.clock, sleep=fake.sleep)
+        for _ in range(3):
+            asyncio.run(budget.acquire(Deadline(0)))
+            fake.now += 10
+        assert budget.seconds_until(1) == pytest.approx(30.0)  # the first, sent at 0
+        assert budget.seconds_until(2) == pytest.approx(40.0)
+        assert budget.seconds_until(99) == pytest.approx(50.0)  # at most the whole budget
+        assert budget.seconds_until(0) == 0.0
+
+
+class TestPlan:
+    """What the budget affords decides between a full, a shortened and a skipped poll."""
+
+    @pytest.mark.parametrize(
+        ("available", "full", "core", "plan"),
+        [
+            (100.0, None, None, PollPlan.FULL),  # nothing measured yet: try in full
+            (0.0, None, None, PollPlan.SKIP),  # but not with nothing to spend
+            (10.0, 10, 4, PollPlan.FULL),
+            (5.0, 10, 4, PollPlan.SHORTENED),
+            (3.0, 10, 4, PollPlan.SKIP),
+            (3.0, 300, 200, PollPlan.FULL),  # never affordable: try, fail for budget, say so
+        ],
+    )
+    def test_plans(self, available: float, full: int | None, core: int | None, plan: str) -> None:
+        """Each combination of what is left and what the last polls cost."""
+        assert plan_poll(available, 100, full, core) is plan
 
 
 class TestBackoff:

@@ -223,6 +223,7 @@ SAMPLES: dict[str, tuple[str, dict[str, object]]] = {
     "worker_log_state_file": ("/var/lib/p.json", {"worker_log_state_file": "/var/lib/p.json"}),
     "listen_address": ("127.0.0.1:9000", {"listen_host": "127.0.0.1", "listen_port": 9000}),
     "telemetry_path": ("/prefect", {"telemetry_path": "/prefect"}),
+    "web_config_file": ("/etc/exporter/web.yml", {"web_config_file": "/etc/exporter/web.yml"}),
     "log_level": ("DEBUG", {"log_level": "debug"}),
     "log_format": ("json", {"log_format": "json"}),
     "config_file": ("", {"config_file": None}),

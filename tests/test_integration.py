@@ -93,9 +93,14 @@ def scenario(prefect_server: PrefectServer) -> Iterator[Scenario]:
     ]
     for worker in workers:
         worker.start()
+    # A web config of headers only (still plain HTTP, no password), so the web config's
+    # families are in the scrape too; tests/test_integration_webconfig.py secures one.
+    web_config = prefect_server.home / "web.yml"
+    web_config.write_text("http_server_config:\n  headers:\n    X-Content-Type-Options: nosniff\n")
     exporter = ExporterProcess(
         prefect_server.api_url,
         *EXPORTER_ARGS,
+        f"--web.config.file={web_config}",
         # Also a sidecar for one worker, so the worker-log families are in the scrape too,
         # and both state files, so theirs are.
         f"--worker-log=w-high={workers[0].log_path}",

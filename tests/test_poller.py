@@ -403,6 +403,9 @@ class TestBudgetPlan:
             def available(self) -> float:
                 return tokens["now"]
 
+            def seconds_until(self, requests: int) -> float:
+                return 7.0 if requests > tokens["now"] else 0.0
+
         store, registry = FakeStore(), CollectorRegistry()
         api = CountingApi()
         p = Poller(
@@ -421,7 +424,8 @@ class TestBudgetPlan:
         assert store.published[1].limits == store.published[0].limits
         assert api.requests_sent == 6 + 1
         tokens["now"] = 0
-        asyncio.run(p.poll_and_publish())
+        # The next try comes as soon as the budget affords a poll's core, not an interval later.
+        assert asyncio.run(p.poll_and_publish()) == 7.0
         assert len(store.published) == 2
         get = registry.get_sample_value
         assert get("prefect_exporter_request_budget_polls_total", {"outcome": "shortened"}) == 1

@@ -115,6 +115,26 @@ class TestCounting:
             run(call_and_close(api, api.work_queues(FAR)))
         assert requests_count(registry, "/work_queues/filter", "connection_error") == 1
 
+    def test_a_request_cut_off_by_the_polls_timeout_is_counted_as_cancelled(self) -> None:
+        """The request was sent and spent budget: it shows as code="cancelled", not nowhere."""
+
+        async def never_ends() -> Any:
+            yield b"["
+            await asyncio.Event().wait()
+
+        fake = FakePrefect()
+        fake.on("POST", "work_pools/filter", lambda _: httpx.Response(200, content=never_ends()))
+        registry = CollectorRegistry()
+        api = make_api(fake, registry)
+
+        async def cut_off() -> None:
+            async with asyncio.timeout(0.05):
+                await api.work_pools(FAR)
+
+        with pytest.raises(TimeoutError):
+            run(call_and_close(api, cut_off()))
+        assert requests_count(registry, "/work_pools/filter", "cancelled") == 1
+
     def test_a_passed_deadline_sends_nothing(self) -> None:
         """Once the poll deadline has passed no request is made."""
         fake = FakePrefect()

@@ -1,0 +1,697 @@
+"""Tests for the web config: parsing and validation, TLS contexts, basic auth, reloads, and the
+server's use of them (authentication and headers over a real socket)."""
+
+from __future__ import annotations
+
+import base64
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import httpx
+import pytest
+import structlog.testing
+import trustme
+import yaml
+from prometheus_client import CollectorRegistry
+
+from exporter import webconfig
+from exporter.webconfig import (
+    BasicAuth,
+    TlsSettings,
+    WebConfig,
+    WebConfigCollector,
+    WebConfigError,
+    WebConfigLoader,
+    basic_credentials,
+    load_web_config,
+    parse_web_config,
+    read_web_config,
+    tls_context,
+)
+from tests.test_server import Clock, make_app, make_store, serving
+
+BASE = Path("/etc/exporter")
+# The lowest cost bcrypt allows: a check takes about a millisecond instead of 70.
+FAST = 4
+
+
+def bcrypt_hash(password: str) -> str:
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(FAST)).decode()
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def problems_of(document: object) -> list[str]:
+    """The problems parse_web_config reports (fails the test if it accepts the document)."""
+    with pytest.raises(WebConfigError) as raised:
+        parse_web_config(document, BASE)
+    return raised.value.problems
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def write_pair(ca: trustme.CA, directory: Path, name: str = "server") -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by `ca`, and its key, written as PEM files."""
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    return cert_path, key_path
+
+
+class TestParse:
+    """A YAML document becomes a WebConfig; exporter-toolkit's keys and defaults."""
+
+    def test_an_empty_file_is_plain_http_without_auth(self) -> None:
+        """No document (an empty file) and an empty mapping both mean plain HTTP, no users."""
+        assert parse_web_config(None, BASE) == WebConfig()
+        assert parse_web_config({}, BASE) == WebConfig()
+
+    def test_a_full_config(self) -> None:
+        """Every supported key reaches the WebConfig; relative paths start at the file's dir."""
+        hashed = bcrypt_hash("secret")
+        config = parse_web_config(
+            {
+                "tls_server_config": {
+                    "cert_file": "tls/server.crt",
+                    "key_file": "/abs/server.key",
+                    "client_ca_file": "ca.crt",
+                    "client_auth_type": "RequireAndVerifyClientCert",
+                    "min_version": "TLS13",
+                    "max_version": "TLS13",
+                    "prefer_server_cipher_suites": False,
+                },
+                "http_server_config": {
+                    "http2": True,
+                    "headers": {"x-frame-options": "deny", "Strict-Transport-Security": "max"},
+                },
+                "basic_auth_users": {"prometheus": hashed},
+            },
+            BASE,
+        )
+        assert config.tls == TlsSettings(
+            cert_file=BASE / "tls/server.crt",
+            key_file=Path("/abs/server.key"),
+            client_ca_file=BASE / "ca.crt",
+            client_auth_type="RequireAndVerifyClientCert",
+            min_version=ssl.TLSVersion.TLSv1_3,
+            max_version=ssl.TLSVersion.TLSv1_3,
+            prefer_server_cipher_suites=False,
+        )
+        assert config.headers == (
+            ("X-Frame-Options", "deny"),
+            ("Strict-Transport-Security", "max"),
+        )
+        assert config.users == {"prometheus": hashed.encode()}
+        assert hashed not in repr(config)
+
+    def test_tls_defaults_are_exporter_toolkits(self) -> None:
+        """Without the optional keys: no client certificates, TLS 1.2 to 1.3."""
+        config = parse_web_config({"tls_server_config": {"cert_file": "a", "key_file": "b"}}, BASE)
+        assert config.tls is not None
+        assert config.tls.client_auth_type == "NoClientCert"
+        assert (config.tls.min_version, config.tls.max_version) == (
+            ssl.TLSVersion.TLSv1_2,
+            ssl.TLSVersion.TLSv1_3,
+        )
+        assert config.files == (BASE / "a", BASE / "b")
+
+    def test_every_problem_is_listed_at_once(self) -> None:
+        """One round fixes the file: each mistake is reported, each naming its key."""
+        problems = problems_of(
+            {
+                "tls_server_config": {
+                    "cert_file": 3,
+                    "client_auth_type": "RequireAndVerifyClientCrt",
+                    "min_version": "TLS11",
+                    "max_version": "TLS14",
+                    "ciphers": ["x"],
+                },
+                "http_server_config": {"headers": {"Server": "x"}, "http2": "yes"},
+                "basic_auth_users": {"bob": "plain-text", "a:b": bcrypt_hash("x")},
+                "basic_auth_user": {},
+            }
+        )
+        assert problems == [
+            "basic_auth_user: unknown key (did you mean basic_auth_users?)",
+            "tls_server_config.ciphers: unknown key",
+            "tls_server_config.cert_file: expected a file name, got 3",
+            "tls_server_config.cert_file: missing; TLS needs a certificate and its key",
+            "tls_server_config.key_file: missing; TLS needs a certificate and its key",
+            "tls_server_config.client_auth_type: must be one of NoClientCert,"
+            " VerifyClientCertIfGiven, RequireAndVerifyClientCert, got"
+            " 'RequireAndVerifyClientCrt' (did you mean RequireAndVerifyClientCert?)",
+            "tls_server_config.min_version: TLS11 is not supported (TLS 1.0 and 1.1 are"
+            " deprecated by RFC 8996); use TLS12 or TLS13",
+            "tls_server_config.max_version: must be TLS12 or TLS13, got 'TLS14'",
+            "http_server_config.http2: expected true or false",
+            "http_server_config.headers.Server: this header cannot be set; allowed are"
+            " Strict-Transport-Security, X-Content-Type-Options, X-Frame-Options,"
+            " X-XSS-Protection, Content-Security-Policy (exporter-toolkit's list)",
+            "basic_auth_users.bob: not a bcrypt hash ($2b$, $2y$ or $2a$ followed by the cost and"
+            " 53 characters); make one with htpasswd -nBC 10 or bcrypt.hashpw",
+            "basic_auth_users.a:b: a user name cannot contain ':' (basic auth splits at the"
+            " first one)",
+        ]
+
+    def test_sections_must_be_mappings(self) -> None:
+        """A list where a mapping belongs is named, not a crash."""
+        assert problems_of(["x"]) == ["the web config: must be a mapping"]
+        assert problems_of({"tls_server_config": "x", "basic_auth_users": ["a"]}) == [
+            "tls_server_config: must be a mapping",
+            "basic_auth_users: must be a mapping",
+        ]
+
+    @pytest.mark.parametrize(
+        ("key", "value", "reason"),
+        [
+            ("cipher_suites", ["TLS_AES_128_GCM_SHA256"], "Python's ssl takes OpenSSL cipher"),
+            ("curve_preferences", ["X25519"], "not supported by Python's ssl"),
+            ("client_allowed_sans", ["scraper"], "it would not be enforced"),
+            ("cert", "-----BEGIN CERTIFICATE-----", "use cert_file"),
+            ("key", "-----BEGIN PRIVATE KEY-----", "use key_file"),
+            ("client_ca", "-----BEGIN CERTIFICATE-----", "use client_ca_file"),
+        ],
+    )
+    def test_toolkit_keys_this_server_cannot_honour_are_refused(
+        self, key: str, value: object, reason: str
+    ) -> None:
+        """A security setting that would be ignored is refused, with the reason and a way out."""
+        document = {"tls_server_config": {"cert_file": "a", "key_file": "b", key: value}}
+        (problem,) = problems_of(document)
+        assert problem.startswith(f"tls_server_config.{key}: ")
+        assert reason in problem
+
+    def test_an_empty_unsupported_key_is_harmless(self) -> None:
+        """`cipher_suites: []` asks for nothing, so it is accepted."""
+        document = {"tls_server_config": {"cert_file": "a", "key_file": "b", "cipher_suites": []}}
+        assert parse_web_config(document, BASE).tls is not None
+
+    def test_rate_limit_is_refused(self) -> None:
+        """exporter-toolkit's rate limiter is not offered: say so rather than not limit."""
+        (problem,) = problems_of({"rate_limit": {"interval": "1s", "burst": 5}})
+        assert problem.startswith("rate_limit: is not supported")
+
+    @pytest.mark.parametrize("mode", ["RequestClientCert", "RequireAnyClientCert"])
+    def test_modes_that_accept_unverified_certificates_are_refused(self, mode: str) -> None:
+        """Python's ssl verifies every client certificate it asks for; the two Go modes that do
+        not are refused with the supported alternatives."""
+        document = {"tls_server_config": {"cert_file": "a", "key_file": "b"}}
+        document["tls_server_config"]["client_auth_type"] = mode
+        (problem,) = problems_of(document)
+        assert f"{mode} is not supported" in problem
+        assert "RequireAndVerifyClientCert" in problem
+
+    def test_verifying_client_certificates_needs_their_ca(self) -> None:
+        """RequireAndVerifyClientCert without client_ca_file would refuse every client."""
+        document = {
+            "tls_server_config": {
+                "cert_file": "a",
+                "key_file": "b",
+                "client_auth_type": "VerifyClientCertIfGiven",
+            }
+        }
+        assert problems_of(document) == [
+            "tls_server_config.client_auth_type: VerifyClientCertIfGiven needs client_ca_file,"
+            " the CA that signs the clients' certificates"
+        ]
+
+    def test_a_client_ca_without_a_policy_is_refused(self) -> None:
+        """A CA with NoClientCert would check nothing: exporter-toolkit refuses it too."""
+        document = {"tls_server_config": {"cert_file": "a", "key_file": "b", "client_ca_file": "c"}}
+        (problem,) = problems_of(document)
+        assert problem.startswith("tls_server_config.client_ca_file: set without")
+
+    def test_min_version_above_max_version(self) -> None:
+        """TLS13 to TLS12 is an empty range."""
+        document = {
+            "tls_server_config": {
+                "cert_file": "a",
+                "key_file": "b",
+                "min_version": "TLS13",
+                "max_version": "TLS12",
+            }
+        }
+        assert problems_of(document) == [
+            "tls_server_config.min_version: must not be above max_version"
+        ]
+
+    def test_bcrypt_costs_outside_the_range_are_refused_without_quoting_the_hash(self) -> None:
+        """A cost of 32 cannot be checked; problems never repeat a hash."""
+        hashed = "$2b$32$" + "a" * 53
+        (problem,) = problems_of({"basic_auth_users": {"bob": hashed}})
+        assert problem == "basic_auth_users.bob: bcrypt cost must be between 4 and 31"
+        (problem,) = problems_of({"basic_auth_users": {"bob": "$2b$10$short"}})
+        assert "$2b$10$short" not in problem
+
+    def test_htpasswd_hashes_are_accepted(self) -> None:
+        """`htpasswd -nBC 10` writes $2y$ hashes."""
+        hashed = "$2y$" + bcrypt_hash("pw")[4:]
+        assert parse_web_config({"basic_auth_users": {"bob": hashed}}, BASE).users
+
+
+class TestHeaders:
+    """http_server_config.headers follows exporter-toolkit's list and value rules."""
+
+    def headers(self, headers: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+        document = {"http_server_config": {"headers": headers}}
+        return parse_web_config(document, BASE).headers
+
+    def test_names_are_matched_without_case_and_written_canonically(self) -> None:
+        """`content-security-policy` sets Content-Security-Policy."""
+        assert self.headers({"content-security-policy": "default-src 'self'"}) == (
+            ("Content-Security-Policy", "default-src 'self'"),
+        )
+
+    @pytest.mark.parametrize(
+        "name", ["Content-Type", "Content-Length", "Connection", "WWW-Authenticate", "Server"]
+    )
+    def test_other_headers_cannot_be_set(self, name: str) -> None:
+        """Headers the server writes itself (and any other) are refused with the allowed list."""
+        (problem,) = problems_of({"http_server_config": {"headers": {name: "x"}}})
+        assert problem.startswith(f"http_server_config.headers.{name}: this header cannot be set")
+
+    @pytest.mark.parametrize(
+        ("name", "value"),
+        [("X-Frame-Options", "allow-from x"), ("X-Content-Type-Options", "sniff")],
+    )
+    def test_enumerated_headers_take_only_their_values(self, name: str, value: str) -> None:
+        """X-Frame-Options is deny or sameorigin; X-Content-Type-Options is nosniff."""
+        (problem,) = problems_of({"http_server_config": {"headers": {name: value}}})
+        assert problem.startswith(f"http_server_config.headers.{name}: must be one of")
+
+    def test_a_blank_value_unsets_the_header(self) -> None:
+        """As in exporter-toolkit, an empty value means the header is not sent."""
+        assert self.headers({"X-XSS-Protection": "", "X-Frame-Options": None}) == ()
+
+    def test_a_value_with_a_line_break_is_refused(self) -> None:
+        """A newline would inject a header of its own."""
+        (problem,) = problems_of(
+            {"http_server_config": {"headers": {"X-XSS-Protection": "1\r\nSet-Cookie: a"}}}
+        )
+        assert problem == "http_server_config.headers.X-XSS-Protection: expected a one-line string"
+
+
+class TestReadFile:
+    """The file itself: unreadable, not YAML, too large."""
+
+    def test_a_missing_file(self, tmp_path: Path) -> None:
+        """The reason from the system is given."""
+        with pytest.raises(WebConfigError, match=r"cannot be read \(No such file"):
+            read_web_config(tmp_path / "missing.yml")
+
+    def test_not_yaml(self, tmp_path: Path) -> None:
+        """A YAML syntax error names its line."""
+        path = tmp_path / "web.yml"
+        path.write_text("basic_auth_users:\n  bob: [\n")
+        with pytest.raises(WebConfigError, match="not valid YAML at line 3"):
+            read_web_config(path)
+
+    def test_too_large(self, tmp_path: Path) -> None:
+        """A wrong path to a large file is not read whole."""
+        path = tmp_path / "big.yml"
+        path.write_bytes(b"#" * (webconfig.MAX_FILE_BYTES + 1))
+        with pytest.raises(WebConfigError, match="larger than 1024 KiB"):
+            read_web_config(path)
+
+    def test_relative_paths_start_at_the_files_directory(self, tmp_path: Path) -> None:
+        """cert_file: server.crt next to the web config is found wherever the exporter runs."""
+        path = tmp_path / "web.yml"
+        path.write_text("tls_server_config: {cert_file: server.crt, key_file: server.key}\n")
+        assert read_web_config(path).files == (tmp_path / "server.crt", tmp_path / "server.key")
+
+
+class TestTlsContext:
+    """The SSLContext is built from real certificates; each unusable file is a problem."""
+
+    def test_a_context_verifying_clients(self, ca: trustme.CA, tmp_path: Path) -> None:
+        """RequireAndVerifyClientCert with a CA file gives CERT_REQUIRED and the versions."""
+        cert, key = write_pair(ca, tmp_path)
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.crt"))
+        context = tls_context(
+            TlsSettings(
+                cert,
+                key,
+                tmp_path / "ca.crt",
+                "RequireAndVerifyClientCert",
+                min_version=ssl.TLSVersion.TLSv1_3,
+            )
+        )
+        assert context.verify_mode == ssl.CERT_REQUIRED
+        assert context.minimum_version == ssl.TLSVersion.TLSv1_3
+        assert len(context.get_ca_certs()) == 1
+
+    def test_every_unreadable_file_is_listed(self, tmp_path: Path) -> None:
+        """Missing certificate, key and CA: three problems, each with its path."""
+        settings = TlsSettings(
+            tmp_path / "a.crt", tmp_path / "a.key", tmp_path / "ca.crt", "VerifyClientCertIfGiven"
+        )
+        with pytest.raises(WebConfigError) as raised:
+            tls_context(settings)
+        assert [p.split(":")[0] for p in raised.value.problems] == [
+            "tls_server_config.cert_file",
+            "tls_server_config.key_file",
+            "tls_server_config.client_ca_file",
+        ]
+        assert str(tmp_path / "a.key") in raised.value.problems[1]
+
+    def test_a_key_of_another_certificate(self, ca: trustme.CA, tmp_path: Path) -> None:
+        """A certificate and a key that do not match are refused together."""
+        cert, _ = write_pair(ca, tmp_path, "one")
+        _, other_key = write_pair(ca, tmp_path, "two")
+        with pytest.raises(WebConfigError) as raised:
+            tls_context(TlsSettings(cert, other_key))
+        (problem,) = raised.value.problems
+        assert problem.startswith("tls_server_config.cert_file, key_file: not a PEM certificate")
+
+    def test_an_encrypted_key_is_refused_without_a_prompt(
+        self, ca: trustme.CA, tmp_path: Path
+    ) -> None:
+        """OpenSSL would ask for the passphrase on a terminal; the key is refused instead."""
+        from cryptography.hazmat.primitives import serialization
+
+        cert, key = write_pair(ca, tmp_path)
+        loaded = serialization.load_pem_private_key(key.read_bytes(), password=None)
+        key.write_bytes(
+            loaded.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"passphrase"),
+            )
+        )
+        with pytest.raises(WebConfigError) as raised:
+            tls_context(TlsSettings(cert, key))
+        assert raised.value.problems == [
+            "tls_server_config.key_file: the key is encrypted; give an unencrypted key"
+        ]
+
+    def test_a_ca_file_without_certificates(self, ca: trustme.CA, tmp_path: Path) -> None:
+        """A CA file holding no certificate is named."""
+        cert, key = write_pair(ca, tmp_path)
+        (tmp_path / "ca.crt").write_text("nothing here\n")
+        with pytest.raises(WebConfigError) as raised:
+            tls_context(TlsSettings(cert, key, tmp_path / "ca.crt", "VerifyClientCertIfGiven"))
+        (problem,) = raised.value.problems
+        assert problem.startswith("tls_server_config.client_ca_file: no PEM certificate")
+
+
+class TestBasicAuth:
+    """Credentials against bcrypt hashes, with a bounded cache of successes."""
+
+    @pytest.fixture
+    def calls(self, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+        """The hashes bcrypt was asked to check, in order (the real bcrypt still answers)."""
+        seen: list[bytes] = []
+        real = bcrypt.checkpw
+
+        def counting(password: bytes, hashed: bytes) -> bool:
+            seen.append(hashed)
+            return real(password, hashed)
+
+        monkeypatch.setattr(bcrypt, "checkpw", counting)
+        return seen
+
+    def test_the_right_password_passes_and_is_then_remembered(self, calls: list[bytes]) -> None:
+        """One bcrypt check, then the cache answers for the same credentials."""
+        auth = BasicAuth({"prom": bcrypt_hash("s3cret").encode()})
+        header = basic("prom", "s3cret")
+        assert auth.cached(header) is None
+        assert auth.verify(header) is True
+        assert auth.cached(header) is True
+        assert len(calls) == 1
+
+    def test_a_wrong_password_fails_and_is_not_remembered(self, calls: list[bytes]) -> None:
+        """Failures are checked again each time: guesses cannot evict real entries."""
+        auth = BasicAuth({"prom": bcrypt_hash("s3cret").encode()})
+        header = basic("prom", "guess")
+        assert auth.verify(header) is False
+        assert auth.cached(header) is None
+        assert len(calls) == 1
+
+    def test_an_unknown_user_costs_a_bcrypt_check_too(self, calls: list[bytes]) -> None:
+        """A name that does not exist is checked against a dummy hash: no timing difference."""
+        auth = BasicAuth({"prom": bcrypt_hash("s3cret").encode()})
+        assert auth.verify(basic("mallory", "s3cret")) is False
+        assert calls == [webconfig._DUMMY_HASH]
+
+    @pytest.mark.parametrize(
+        "header", [None, "", "Bearer abc", "Basic !!!", "Basic " + base64.b64encode(b"x").decode()]
+    )
+    def test_missing_or_malformed_credentials_fail_without_bcrypt(
+        self, header: str | None, calls: list[bytes]
+    ) -> None:
+        """No header, another scheme, bad base64 or no colon: refused at once."""
+        auth = BasicAuth({"prom": bcrypt_hash("s3cret").encode()})
+        assert auth.cached(header) is False
+        assert auth.verify(header) is False
+        assert calls == []
+
+    def test_a_password_longer_than_bcrypt_takes_fails(self) -> None:
+        """bcrypt raises for more than 72 bytes; that is a wrong password, not a crash."""
+        auth = BasicAuth({"prom": bcrypt_hash("s3cret").encode()})
+        assert auth.verify(basic("prom", "x" * 100)) is False
+
+    def test_the_cache_is_bounded_least_recently_used_first(self) -> None:
+        """With room for two, a third success drops the one used longest ago."""
+        users = {name: bcrypt_hash(name).encode() for name in ("a", "b", "c")}
+        auth = BasicAuth(users, cache_size=2)
+        assert auth.verify(basic("a", "a"))
+        assert auth.verify(basic("b", "b"))
+        assert auth.cached(basic("a", "a")) is True  # a is now the most recent
+        assert auth.verify(basic("c", "c"))
+        assert auth.cached(basic("b", "b")) is None
+        assert auth.cached(basic("a", "a")) is True
+
+    def test_credentials_are_split_at_the_first_colon(self) -> None:
+        """A password may contain colons; the user name may not."""
+        assert basic_credentials(basic("u", "p:a:ss")) == ("u", "p:a:ss")
+        assert basic_credentials("basic " + base64.b64encode(b"u:").decode()) == ("u", "")
+
+
+class TestLoader:
+    """The last good config, re-read when a file changes, at most once a second."""
+
+    def write(self, path: Path, document: object) -> None:
+        path.write_text(yaml.safe_dump(document))
+
+    def loader(self, path: Path, clock: FakeClock) -> WebConfigLoader:
+        return WebConfigLoader(path, load_web_config(path), monotonic=clock)
+
+    def test_a_change_is_seen_only_after_the_check_interval(self, tmp_path: Path) -> None:
+        """Within a second the files are not looked at; after it the new users are in force."""
+        path, clock = tmp_path / "web.yml", FakeClock()
+        self.write(path, {"basic_auth_users": {"a": bcrypt_hash("a")}})
+        loader = self.loader(path, clock)
+        self.write(path, {"basic_auth_users": {"b": bcrypt_hash("b")}})
+        clock.now += 0.5
+        assert set(loader.current().config.users) == {"a"}
+        clock.now += 0.5
+        assert set(loader.current().config.users) == {"b"}
+        assert loader.reloads == {"success": 1, "failure": 0}
+
+    def test_nothing_changed_nothing_reloaded(self, tmp_path: Path) -> None:
+        """The same object is served while the files are as they were."""
+        path, clock = tmp_path / "web.yml", FakeClock()
+        self.write(path, {})
+        loader = self.loader(path, clock)
+        first = loader.current()
+        clock.now += 10
+        assert loader.current() is first
+        assert loader.reloads == {"success": 0, "failure": 0}
+
+    def test_a_bad_change_keeps_the_last_good_config_logs_and_counts(self, tmp_path: Path) -> None:
+        """Every problem is logged once; the failure is tried again only after a new change."""
+        path, clock = tmp_path / "web.yml", FakeClock()
+        self.write(path, {"basic_auth_users": {"a": bcrypt_hash("a")}})
+        loader = self.loader(path, clock)
+        self.write(path, {"basic_auth_users": {"a": "oops"}, "extra": 1})
+        with structlog.testing.capture_logs() as logs:
+            clock.now += 1
+            assert set(loader.current().config.users) == {"a"}
+            clock.now += 1
+            loader.current()
+        (event,) = logs
+        assert event["event"] == "web_config_reload_failed"
+        assert event["log_level"] == "error"
+        assert len(event["problems"]) == 2
+        assert loader.reloads == {"success": 0, "failure": 1}
+        assert not loader.last_reload_successful
+        self.write(path, {"basic_auth_users": {"c": bcrypt_hash("c")}})
+        clock.now += 1
+        assert set(loader.current().config.users) == {"c"}
+        assert loader.last_reload_successful
+
+    def test_an_empty_file_on_reload_is_refused(self, tmp_path: Path) -> None:
+        """A file caught half written must not switch authentication off."""
+        path, clock = tmp_path / "web.yml", FakeClock()
+        self.write(path, {"basic_auth_users": {"a": bcrypt_hash("a")}})
+        loader = self.loader(path, clock)
+        path.write_text("")
+        clock.now += 1
+        with structlog.testing.capture_logs() as logs:
+            assert loader.current().auth is not None
+        assert logs[0]["problems"][0].startswith("empty; refused on a reload")
+        assert loader.reloads == {"success": 0, "failure": 1}
+
+    def test_a_rotated_certificate_is_loaded(self, ca: trustme.CA, tmp_path: Path) -> None:
+        """A new certificate and key written over the old files give a new TLS context."""
+        path, clock = tmp_path / "web.yml", FakeClock()
+        write_pair(ca, tmp_path)
+        self.write(
+            path, {"tls_server_config": {"cert_file": "server.crt", "key_file": "server.key"}}
+        )
+        loader = self.loader(path, clock)
+        before = loader.current().ssl_context
+        write_pair(ca, tmp_path)
+        clock.now += 1
+        assert loader.current().ssl_context is not before
+        assert loader.reloads["success"] == 1
+
+    def test_turning_tls_off_takes_a_restart(self, ca: trustme.CA, tmp_path: Path) -> None:
+        """A reload that would serve plain HTTP on an HTTPS port is refused."""
+        path, clock = tmp_path / "web.yml", FakeClock()
+        write_pair(ca, tmp_path)
+        self.write(
+            path, {"tls_server_config": {"cert_file": "server.crt", "key_file": "server.key"}}
+        )
+        loader = self.loader(path, clock)
+        self.write(path, {"basic_auth_users": {}})
+        clock.now += 1
+        with structlog.testing.capture_logs() as logs:
+            assert loader.current().ssl_context is not None
+        assert "restart" in logs[0]["problems"][0]
+
+    def test_a_missing_certificate_after_a_change_is_a_failed_reload(
+        self, ca: trustme.CA, tmp_path: Path
+    ) -> None:
+        """A key deleted during a rotation keeps the old context until it is back."""
+        path, clock = tmp_path / "web.yml", FakeClock()
+        _, key = write_pair(ca, tmp_path)
+        self.write(
+            path, {"tls_server_config": {"cert_file": "server.crt", "key_file": "server.key"}}
+        )
+        loader = self.loader(path, clock)
+        before = loader.current().ssl_context
+        key.unlink()
+        clock.now += 1
+        with structlog.testing.capture_logs():
+            assert loader.current().ssl_context is before
+        write_pair(ca, tmp_path)
+        clock.now += 1
+        assert loader.current().ssl_context is not before
+        assert loader.reloads == {"success": 1, "failure": 1}
+
+
+class TestCollector:
+    """The reload counters and the last result as metrics."""
+
+    def test_reloads_by_result_and_the_last_outcome(self, tmp_path: Path) -> None:
+        """Both results are always exported; the gauge follows the last reload."""
+        path = tmp_path / "web.yml"
+        path.write_text("{}\n")
+        loader = WebConfigLoader(path, load_web_config(path), monotonic=FakeClock())
+        registry = CollectorRegistry()
+        registry.register(WebConfigCollector(loader))
+        value = registry.get_sample_value
+        assert value("prefect_exporter_web_config_reloads_total", {"result": "failure"}) == 0
+        assert value("prefect_exporter_web_config_last_reload_successful") == 1
+        loader.reloads["failure"] = 2
+        loader.last_reload_successful = False
+        assert value("prefect_exporter_web_config_reloads_total", {"result": "failure"}) == 2
+        assert value("prefect_exporter_web_config_last_reload_successful") == 0
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[str]:
+    """An in-process server requiring user `prom`, password `s3cret`, with two extra headers."""
+    path = tmp_path / "web.yml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "basic_auth_users": {"prom": bcrypt_hash("s3cret")},
+                "http_server_config": {
+                    "headers": {"X-Frame-Options": "deny", "X-Content-Type-Options": "nosniff"}
+                },
+            }
+        )
+    )
+    clock = Clock()
+    loader = WebConfigLoader(path, load_web_config(path))
+    with serving(make_app(make_store(clock), clock), web=loader) as server:
+        yield f"http://127.0.0.1:{server.port}"
+
+
+class TestServer:
+    """The server asks for credentials on every path but /healthz and adds the headers."""
+
+    def test_no_credentials_get_401_with_a_basic_challenge(self, secured: str) -> None:
+        """A scrape without credentials is refused with WWW-Authenticate: Basic."""
+        response = httpx.get(f"{secured}/metrics")
+        assert response.status_code == 401
+        assert response.headers["WWW-Authenticate"].startswith("Basic ")
+
+    def test_a_wrong_password_gets_401(self, secured: str) -> None:
+        """Wrong credentials, and the landing page and unknown paths too."""
+        for path in ("/metrics", "/", "/nowhere"):
+            response = httpx.get(f"{secured}{path}", auth=("prom", "nope"))
+            assert response.status_code == 401, path
+
+    def test_the_right_password_scrapes_again_and_again(self, secured: str) -> None:
+        """Credentials that pass are served at every scrape on a kept-alive connection."""
+        with httpx.Client(auth=("prom", "s3cret")) as client:
+            for _ in range(3):
+                response = client.get(f"{secured}/metrics")
+                assert response.status_code == 200
+                assert "prefect_up" in response.text
+
+    def test_healthz_needs_no_credentials(self, secured: str) -> None:
+        """Probes read /healthz without a password (a documented choice)."""
+        assert httpx.get(f"{secured}/healthz").status_code == 200
+
+    def test_the_headers_are_on_every_response(self, secured: str) -> None:
+        """200, 401 and /healthz answers all carry the configured headers."""
+        for response in (
+            httpx.get(f"{secured}/metrics", auth=("prom", "s3cret")),
+            httpx.get(f"{secured}/metrics"),
+            httpx.get(f"{secured}/healthz"),
+        ):
+            assert response.headers["X-Frame-Options"] == "deny"
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+    def test_without_a_web_config_nothing_is_asked(self) -> None:
+        """The default stays open, without extra headers."""
+        clock = Clock()
+        with serving(make_app(make_store(clock), clock)) as server:
+            response = httpx.get(f"http://127.0.0.1:{server.port}/metrics")
+        assert response.status_code == 200
+        assert "X-Frame-Options" not in response.headers
+
+
+class TestExample:
+    """The example shipped in deploy/ is a valid web config."""
+
+    def test_the_example_parses(self) -> None:
+        """deploy/web-config.example.yml has TLS, a user and headers, and no problem."""
+        path = Path(__file__).resolve().parent.parent / "deploy" / "web-config.example.yml"
+        config = read_web_config(path)
+        assert config.tls is not None
+        assert config.tls.cert_file == path.parent / "tls" / "tls.crt"
+        assert set(config.users) == {"prometheus"}
+        assert bcrypt.checkpw(b"change-me", config.users["prometheus"])
+        assert ("X-Content-Type-Options", "nosniff") in config.headers
