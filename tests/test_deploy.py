@@ -27,7 +27,11 @@ from tests.metrics_docs import documented_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
-KUSTOMIZATIONS = ["base", "overlays/sidecar", "overlays/shards"]
+# Every overlay: a new one is covered without editing this file.
+OVERLAYS = sorted(
+    f"overlays/{p.parent.name}" for p in (K8S / "overlays").glob("*/kustomization.yaml")
+)
+KUSTOMIZATIONS = ["base", *OVERLAYS]
 KUBERNETES_VERSION = "1.29"  # the oldest release still common in managed clusters
 # Custom resources of Prometheus Operator: kubernetes-validate has schemas for built-in kinds
 # only, so these are checked by the shape tests of this file instead.
@@ -185,7 +189,7 @@ class TestOperatorObjects:
         assert rule["apiVersion"] == "monitoring.coreos.com/v1"
         assert rule["spec"]["groups"] == shipped_groups()
 
-    @pytest.mark.parametrize("kustomization", ["overlays/sidecar", "overlays/shards"])
+    @pytest.mark.parametrize("kustomization", OVERLAYS)
     def test_overlay_rules_differ_only_in_the_job_selector(self, kustomization: str) -> None:
         """An overlay's rules are the shipped text with `job="prefect-exporter"` replaced."""
         (rule,) = of_kind(kustomization, "PrometheusRule")
