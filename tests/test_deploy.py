@@ -17,12 +17,15 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import kubernetes_validate
 import pytest
+import trustme
 import yaml
 
 from exporter.config import load_settings
 from exporter.records import PoolSelector
+from exporter.webconfig import load_web_config
 from tests.metrics_docs import documented_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -191,12 +194,15 @@ class TestOperatorObjects:
 
     @pytest.mark.parametrize("kustomization", OVERLAYS)
     def test_overlay_rules_differ_only_in_the_job_selector(self, kustomization: str) -> None:
-        """An overlay's rules are the shipped text with `job="prefect-exporter"` replaced."""
+        """An overlay's rules are the shipped text, `job="prefect-exporter"` replaced if needed."""
         (rule,) = of_kind(kustomization, "PrometheusRule")
         selector = job_selector(rule).pattern
         shipped = yaml.safe_dump(shipped_groups(), width=1000)
-        expected = shipped.replace('job="prefect-exporter"', f'job=~"{selector}"')
-        assert expected != shipped
+        expected = (
+            shipped
+            if selector == re.escape("prefect-exporter")  # the base rules, unchanged
+            else shipped.replace('job="prefect-exporter"', f'job=~"{selector}"')
+        )
         assert yaml.safe_dump(rule["spec"]["groups"], width=1000) == expected
 
     @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -392,3 +398,52 @@ class TestShardsOverlay:
                 or name == "prefect_up"
             ):
                 assert not dropped_in_b, name
+
+
+class TestSecuredOverlay:
+    """/metrics behind the web config from a Secret; Prometheus scrapes with the CA and password."""
+
+    def test_web_config_comes_from_the_mounted_secret(self) -> None:
+        """--web.config.file points into the Secret's volume, readable by the pod's group."""
+        deployment, container = exporter_containers("overlays/secured")[0]
+        flag = next(a for a in container["args"] if a.startswith("--web.config.file="))
+        path = Path(flag.split("=", 1)[1])
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        (name,) = [n for n, m in mounts.items() if path.parent == Path(m["mountPath"])]
+        secret = volumes[name]["secret"]
+        assert secret["secretName"] == "prefect-exporter-web"
+        pod_context = deployment["spec"]["template"]["spec"]["securityContext"]
+        if secret["defaultMode"] & 0o004 == 0:  # not world-readable: the group must read it
+            assert pod_context["fsGroup"] == pod_context["runAsGroup"]
+        for probe in ("livenessProbe", "readinessProbe"):
+            assert container[probe]["httpGet"]["scheme"] == "HTTPS"
+
+    def test_prometheus_scrapes_with_the_ca_and_the_password(self) -> None:
+        """The ServiceMonitor uses HTTPS, the Secret's CA, the Service's name and basic auth."""
+        (monitor,) = of_kind("overlays/secured", "ServiceMonitor")
+        (service,) = of_kind("overlays/secured", "Service")
+        endpoint = monitor["spec"]["endpoints"][0]
+        assert endpoint["scheme"] == "https"
+        assert endpoint["tlsConfig"]["ca"]["secret"] == {
+            "name": "prefect-exporter-web",
+            "key": "ca.crt",
+        }
+        assert endpoint["tlsConfig"]["serverName"] == service["metadata"]["name"]
+        assert endpoint["basicAuth"]["username"]["name"] == "prefect-exporter-scrape"
+        assert endpoint["basicAuth"]["password"]["name"] == "prefect-exporter-scrape"
+
+    def test_example_web_config_loads_with_the_secrets_files(self, tmp_path: Path) -> None:
+        """The overlay's web.yml, beside a certificate and key named as the Secret's keys, is
+        accepted by the exporter's own loader, with TLS and the one user."""
+        example = K8S / "overlays" / "secured" / "web.yml"
+        ca = trustme.CA()
+        cert = ca.issue_cert("prefect-exporter")
+        cert.cert_chain_pems[0].write_to_path(str(tmp_path / "tls.crt"))
+        cert.private_key_pem.write_to_path(str(tmp_path / "tls.key"))
+        (tmp_path / "web.yml").write_text(example.read_text())
+        active = load_web_config(tmp_path / "web.yml")
+        assert active.ssl_context is not None
+        assert active.auth is not None
+        (hashed,) = yaml.safe_load(example.read_text())["basic_auth_users"].values()
+        assert bcrypt.checkpw(b"change-me", hashed.encode())
