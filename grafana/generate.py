@@ -532,17 +532,17 @@ def queues() -> dict[str, Any]:
                 (
                     f"max by (work_pool, work_queue) (time() - "
                     f"prefect_work_queue_oldest_due_run_timestamp_seconds{{{QUEUE}}})",
-                    "due {{work_queue}}",
+                    "due {{work_pool}}/{{work_queue}}",
                 ),
                 (
                     f"max by (work_pool, work_queue) (time() - "
                     f"prefect_work_queue_oldest_pending_run_timestamp_seconds{{{QUEUE}}})",
-                    "pending {{work_queue}}",
+                    "pending {{work_pool}}/{{work_queue}}",
                 ),
                 (
                     f"max by (work_pool, work_queue) (time() - "
                     f"prefect_work_queue_oldest_awaiting_slot_run_timestamp_seconds{{{QUEUE}}})",
-                    "awaiting slot {{work_queue}}",
+                    "awaiting slot {{work_pool}}/{{work_queue}}",
                 ),
             ],
         ),
@@ -559,12 +559,12 @@ def queues() -> dict[str, Any]:
                 (
                     f"max by (work_pool, work_queue) "
                     f"(prefect_work_queue_in_flight_runs{{{QUEUE}}})",
-                    "in flight {{work_queue}}",
+                    "in flight {{work_pool}}/{{work_queue}}",
                 ),
                 (
                     f"max by (work_pool, work_queue) "
                     f"(prefect_work_queue_concurrency_limit{{{QUEUE}}})",
-                    "limit {{work_queue}}",
+                    "limit {{work_pool}}/{{work_queue}}",
                 ),
             ],
         ),

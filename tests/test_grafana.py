@@ -10,10 +10,12 @@ once the page documents their metrics.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -367,3 +369,62 @@ class TestPending:
                 f"{len(pending)} dashboard queries wait for metrics not yet in docs/metrics.md: "
                 + ", ".join(sorted({m for q in pending for m in metrics_of(q)}))
             )
+
+
+@functools.cache
+def renderer() -> ModuleType:
+    """grafana/render.py as a module, registered so its dataclasses can resolve their types."""
+    spec = importlib.util.spec_from_file_location("grafana_render", GRAFANA / "render.py")
+    assert spec
+    assert spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class TestRender:
+    """The README pictures' drawing code (the real-data run itself takes minutes: see README)."""
+
+    def test_cumulative_buckets_become_counts_per_bucket(self) -> None:
+        """Prometheus `le` buckets are cumulative; the heatmap shows each bucket's own count."""
+        render = renderer()
+        series = [
+            render.Series("", {"le": le}, [0.0, 5.0], values)
+            for le, values in (("+Inf", [4.0, 9.0]), ("1", [1.0, 2.0]), ("10", [3.0, 2.0]))
+        ]
+        times, labels, rows = render.per_bucket(series)
+        assert times == [0.0, 5.0]
+        assert labels == ["1", "10", "+Inf"]
+        assert rows == [[1.0, 2.0], [2.0, 0.0], [1.0, 7.0]]
+
+    def test_values_are_shown_in_the_panels_unit(self) -> None:
+        """Seconds as durations, ratios as percentages, rates per second."""
+        formatted = renderer().formatted
+        assert formatted(90.0, "s") == "1.5m"
+        assert formatted(-30.0, "s") == "-30s"
+        assert formatted(0.25, "percentunit") == "25%"
+        assert formatted(1.0, "bool_yes_no") == "yes"
+        assert formatted(0.5, "reqps") == "0.5 req/s"
+
+    def test_render_sends_queries_as_grafana_would(self) -> None:
+        """No variable is left in a query the script sends, like the tests' own substitution."""
+        render = renderer()
+        for path in FILES:
+            for expr in queries(load(path)):
+                sent = render.concrete(expr)
+                assert "$" not in sent
+                assert sent == concrete(expr).replace("[1m]", f"[{render.RATE_INTERVAL}]")
+
+    def test_every_panel_type_can_be_drawn(self, tmp_path: Path) -> None:
+        """Each dashboard draws to a PNG from series of the shape Prometheus returns."""
+        render = renderer()
+        for path in FILES:
+            d = load(path)
+            data = {}
+            for p in panels(d):
+                labels = {"le": "1"} if p["type"] == "heatmap" else {"limit": "l", "kind": "tag"}
+                data[p["id"]] = [render.Series("a", labels, [0.0, 60.0], [0.0, 1.0])]
+            out = tmp_path / f"{path.stem}.png"
+            render.draw_dashboard(d, data, [(0.0, 60.0, "PrefectX")], set(), 1.0, out)
+            assert out.read_bytes().startswith(b"\x89PNG")
