@@ -1,7 +1,8 @@
 """Draws the dashboards from real Prometheus data with matplotlib: the README's pictures.
 
     python grafana/render.py                      # about 8 minutes; writes docs/images/*.png
-    python grafana/render.py --minutes 3 --out /tmp/pictures
+    python grafana/render.py --minutes 3 --out /tmp/pictures --save-data /tmp/series.json
+    python grafana/render.py --from-data /tmp/series.json   # redraw those series in seconds
 
 Grafana cannot be installed here, so these are not Grafana screenshots. The script starts a real
 Prefect server (demo/stack.py), process workers (one behind the tests' fault proxy, which answers
@@ -23,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -156,10 +158,10 @@ def seed(admin: PrefectAdmin) -> dict[str, str]:
 def feed(stack: Stack, rng: random.Random) -> None:
     """One round of new work: short runs, a failing one now and then, bursts behind limits."""
     stack.admin.create_runs(stack.flowing, 1, parameters={"seconds": rng.uniform(1, 8)})
-    if rng.random() < 0.3:
+    if rng.random() < 0.12:
         # A parameter the flow cannot take: Prefect fails the run when it validates it.
         stack.admin.create_runs(stack.flaky, 1, parameters={"seconds": "not-a-number"})
-    else:
+    elif rng.random() < 0.4:
         stack.admin.create_runs(stack.flaky, 1, parameters={"seconds": 2})
     if rng.random() < 0.35:
         stack.admin.create_runs(stack.limited, 2, parameters={"seconds": 15})
@@ -176,7 +178,7 @@ def run_stack(tmp: Path, minutes: float, exits: ExitStack) -> tuple[str, float, 
     admin = PrefectAdmin(server.api_url)
     exits.callback(admin.close)
     deployments = seed(admin)
-    storm = EveryNth("worker", n=4, limit=1000, fault=Fault(429, {"Retry-After": "1"}))
+    storm = EveryNth("worker", n=8, limit=1000, fault=Fault(429, {"Retry-After": "1"}))
     proxy = FaultProxy(server.api_url.removesuffix("/api"), storm)
     proxy.start()
     exits.callback(proxy.stop)
@@ -200,6 +202,8 @@ def run_stack(tmp: Path, minutes: float, exits: ExitStack) -> tuple[str, float, 
     exporter = ExporterProcess(
         server.api_url,
         "--poll.interval=5s",
+        # Enough for a poll every 5 s of this small workspace (the default suits 30 s).
+        "--prefect.requests-per-minute=1200",
         "--deployments.breakdown",
         f"--worker-log=ml-throttled={workers[2].log_path}",
         log_path=tmp / "exporter.log",
@@ -374,8 +378,11 @@ def nice_step(top: float, unit: str) -> float | None:
 
 
 def onsets(spans: list[tuple[float, float, str]]) -> list[tuple[float, str]]:
-    """When each alert started firing, first onset per alert and start time."""
-    return sorted({(begin, name) for begin, _, name in spans})
+    """When each alert first started firing (later re-firings of the same alert left out)."""
+    first: dict[str, float] = {}
+    for begin, _, name in spans:
+        first[name] = min(begin, first.get(name, begin))
+    return sorted((begin, name) for name, begin in first.items())
 
 
 class Painter:
@@ -383,7 +390,7 @@ class Painter:
 
     UNIT_HEIGHT = 0.36  # inches per grid row
     WIDTH = 20.0  # inches for 24 grid columns
-    HEADER = 1.05  # inches for the title and the note
+    HEADER = 1.2  # inches for the title and the notes
 
     def __init__(self, dashboard: dict[str, Any], spans: list[tuple[float, float, str]]) -> None:
         import matplotlib
@@ -417,14 +424,11 @@ class Painter:
                 f"{name} {datetime.fromtimestamp(t, UTC):%H:%M:%S}" for t, name in started[:8]
             )
             more = f" and {len(started) - 8} more" if len(started) > 8 else ""
-            fig.text(
-                0.01,
-                1 - 0.9 / height,
+            text = textwrap.fill(
                 f"Dotted red lines: alerts starting to fire (ALERTS annotations): {names}{more}.",
-                color="#ff7383",
-                fontsize=9,
-                va="top",
+                width=230,
             )
+            fig.text(0.01, 1 - 0.88 / height, text, color="#ff7383", fontsize=9, va="top")
 
     def axes(self, panel: dict[str, Any], legend_rows: int = 0) -> Any:
         g = panel["gridPos"]
@@ -487,6 +491,9 @@ class Painter:
         if panel["type"] == "row":
             self.axes(panel)
             return
+        if panel["type"] == "timeseries" and series:
+            # Series without a single value (a pool with no runs yet) would only crowd the legend.
+            series = [s for s in series if any(not math.isnan(v) for v in s.values)]
         if pending or not series:
             ax = self.axes({**panel, "type": "stat"})
             self.message(
@@ -506,7 +513,7 @@ class Painter:
         getattr(self, kind.replace("-", "_"))(ax, panel, series, unit)
 
     def timeseries(self, panel: dict[str, Any], series: list[Series], unit: str) -> None:
-        from matplotlib.ticker import FuncFormatter, MultipleLocator
+        from matplotlib.ticker import FuncFormatter, MaxNLocator, MultipleLocator
 
         columns = max(1, int(panel["gridPos"]["w"] / 24 * self.WIDTH / 2.3))
         ax = self.axes(panel, legend_rows=math.ceil(len(series) / columns))
@@ -532,12 +539,16 @@ class Painter:
             ax.set_ylim(bottom=defaults["min"])
         if (step := nice_step(top, unit)) is not None:
             ax.yaxis.set_major_locator(MultipleLocator(step))
+        elif defaults.get("decimals") == 0:
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _, u=unit: formatted(v, u)))
         self.time_axis(ax)
         ax.grid(color="#2c3235", linewidth=0.5)
+        # Below the time axis, a fixed distance whatever the panel's height (as Grafana's).
+        axes_inches = ax.get_position().height * self.height
         ax.legend(
             loc="upper left",
-            bbox_to_anchor=(0, -0.09),
+            bbox_to_anchor=(0, -0.3 / axes_inches),
             ncol=columns,
             fontsize=8,
             frameon=False,
@@ -577,12 +588,19 @@ class Painter:
         ax.set_yticks([])
 
     def heatmap(self, ax: Any, panel: dict[str, Any], series: list[Series], unit: str) -> None:
-        times, labels, cells = per_bucket(series)
+        import numpy
+        from matplotlib import colormaps
+        from matplotlib.colors import ListedColormap
+
+        times, labels, counts = per_bucket(series)
+        # Empty cells stay the panel's dark background, as in Grafana.
+        cells = numpy.ma.masked_equal(numpy.array(counts), 0.0)
         shown = ax.pcolormesh(
             [datetime.fromtimestamp(t, UTC) for t in times],
             range(len(labels)),
             cells,
-            cmap="Oranges",
+            # Oranges without its white end: a single run must show on the dark background.
+            cmap=ListedColormap(colormaps["Oranges"](numpy.linspace(0.3, 1.0, 128))),
             shading="nearest",
         )
         ticks = list(range(0, len(labels), max(1, len(labels) // 8)))
@@ -593,7 +611,15 @@ class Painter:
         self.time_axis(ax)
         bar = self.fig.colorbar(shown, ax=ax, pad=0.01, fraction=0.03)
         bar.ax.tick_params(colors="#c7d0d9", labelsize=7)
-        bar.set_label("runs per interval", color="#c7d0d9", fontsize=8)
+        ax.text(
+            1.0,
+            1.02,
+            "colour: runs per rate interval in the bucket",
+            color="#c7d0d9",
+            fontsize=8,
+            ha="right",
+            transform=ax.transAxes,
+        )
 
     def state_timeline(
         self, ax: Any, panel: dict[str, Any], series: list[Series], unit: str
