@@ -2,8 +2,10 @@
 
     python grafana/generate.py      # rewrite grafana/*.json
 
-Edit this file, not the JSON: a test regenerates the dashboards and fails on any difference, parses
-every query with promtool, and runs every query against a real Prometheus scraping the exporter.
+Edit this file, not the JSON: a test regenerates the dashboards and fails on any difference, checks
+the structural rules (units, descriptions, variables, selectors), parses every query with promtool,
+and runs every query against a real Prometheus scraping the exporter (tests/test_integration.py).
+`grafana/render.py` draws them from real data into docs/images/.
 """
 
 from __future__ import annotations
@@ -15,31 +17,44 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 TAG = "prefect-exporter"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-JOB = 'job=~"$job"'
+# `shard` is optional: the Kubernetes shard overlay sets it as a target label. With "All" the
+# variable is `.*`, which also matches series without the label, so dashboards work without it.
+JOB = 'job=~"$job", shard=~"$shard"'
 POOL = f'{JOB}, work_pool=~"$work_pool"'
 QUEUE = f'{POOL}, work_queue=~"$work_queue"'
+DEPLOYMENT = f'{JOB}, deployment=~"$deployment"'
+# The exporter's default `--workers.heartbeat-multiple`: a worker is offline after this many of its
+# own heartbeat intervals without one. Not a served series, so dashboards repeat the default.
+HEARTBEAT_MULTIPLE = 3
+# Prefect marks a queue NOT_READY when no worker polled it for 60 s (prefect.server.models.workers).
+QUEUE_NOT_READY_SECONDS = 60
+QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99"))
+
+# Deployment health series another branch adds. Until docs/metrics.md documents one, queries using
+# it are "pending": listed by the tests, not required to return data (name -> labels).
+PENDING_METRICS: dict[str, set[str]] = {
+    "prefect_deployment_last_success_timestamp_seconds": {"deployment"},
+    "prefect_deployment_last_failure_timestamp_seconds": {"deployment", "state"},
+    "prefect_deployment_next_scheduled_run_timestamp_seconds": {"deployment"},
+    "prefect_deployment_paused": {"deployment"},
+    "prefect_deployment_schedule_interval_seconds": {"deployment"},
+    "prefect_deployment_flow_runs_finished_total": {"deployment", "state"},
+}
+
+# Each query variable: the series its values come from. A variable's query narrows by every
+# variable before it on the dashboard, so choosing a job lists only its shards, pools and queues.
+VARIABLE_SOURCES = {
+    "job": "prefect_up",
+    "shard": "prefect_up",
+    "work_pool": "prefect_work_pool_info",
+    "work_queue": "prefect_work_queue_backlog_runs",
+    "deployment": "prefect_deployment_paused",
+}
 
 
-def variables(with_queue: bool) -> list[dict[str, Any]]:
-    """datasource, then job, work_pool and work_queue, each narrowing the next."""
-
-    def query(name: str, expr: str) -> dict[str, Any]:
-        return {
-            "name": name,
-            "label": name.replace("_", " "),
-            "type": "query",
-            "datasource": DATASOURCE,
-            "query": {"query": expr, "refId": name},
-            "definition": expr,
-            "refresh": 2,
-            "includeAll": True,
-            "multi": True,
-            "allValue": ".*",
-            "current": {"text": "All", "value": "$__all"},
-            "sort": 1,
-        }
-
-    found = [
+def variables(names: list[str]) -> list[dict[str, Any]]:
+    """The datasource variable, then `names` (from VARIABLE_SOURCES), each narrowing the next."""
+    found: list[dict[str, Any]] = [
         {
             "name": "datasource",
             "label": "Data source",
@@ -47,17 +62,49 @@ def variables(with_queue: bool) -> list[dict[str, Any]]:
             "query": "prometheus",
             "current": {},
         },
-        query("job", "label_values(prefect_up, job)"),
-        query("work_pool", f"label_values(prefect_work_pool_info{{{JOB}}}, work_pool)"),
     ]
-    if with_queue:
+    for i, name in enumerate(names):
+        matchers = ", ".join(f'{before}=~"${before}"' for before in names[:i])
+        series = VARIABLE_SOURCES[name] + (f"{{{matchers}}}" if matchers else "")
+        expr = f"label_values({series}, {name})"
         found.append(
-            query(
-                "work_queue",
-                f"label_values(prefect_work_queue_backlog_runs{{{POOL}}}, work_queue)",
-            )
+            {
+                "name": name,
+                "label": name.replace("_", " "),
+                "type": "query",
+                "datasource": DATASOURCE,
+                "query": {"query": expr, "refId": name},
+                "definition": expr,
+                "refresh": 2,
+                "includeAll": True,
+                "multi": True,
+                # Also matches series without the label (an unsharded exporter has no `shard`).
+                "allValue": ".*",
+                "current": {"text": "All", "value": "$__all"},
+                "sort": 1,
+            }
         )
     return found
+
+
+def alert_annotations() -> list[dict[str, Any]]:
+    """Firing Prefect alerts as annotations. Alerts aggregate by job (alerts/generate.py), so
+    `ALERTS` has no shard, pool-only or queue label to narrow by beyond the job."""
+    return [
+        {
+            "name": "Firing alerts",
+            "datasource": DATASOURCE,
+            "enable": True,
+            "hide": False,
+            "iconColor": "red",
+            "expr": 'ALERTS{job=~"$job", alertname=~"Prefect.*", alertstate="firing"}',
+            "step": "30s",
+            "titleFormat": "{{alertname}}",
+            "textFormat": "{{severity}} {{work_pool}} {{work_queue}}",
+            "tagKeys": "severity,work_pool,work_queue",
+            "useValueForTime": False,
+        }
+    ]
 
 
 class Layout:
@@ -91,9 +138,14 @@ def panel(
     description: str,
     unit: str,
     targets: list[tuple[str, str]],
+    target_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """A panel with its queries as (expr, legend) pairs."""
+    """A panel with its queries as (expr, legend) pairs; `description` asks its question.
+
+    `defaults` in `options` go to fieldConfig (thresholds, mappings), the rest to the panel's
+    options; `target_options` to every target (`format: heatmap`, `instant`).
+    """
     return {
         "type": kind,
         "title": title,
@@ -107,6 +159,7 @@ def panel(
                 "expr": expr,
                 "legendFormat": legend,
                 "datasource": DATASOURCE,
+                **(target_options or {}),
             }
             for i, (expr, legend) in enumerate(targets)
         ],
@@ -114,7 +167,7 @@ def panel(
 
 
 def dashboard(
-    uid: str, title: str, description: str, layout: Layout, with_queue: bool
+    uid: str, title: str, description: str, layout: Layout, names: list[str]
 ) -> dict[str, Any]:
     return {
         "uid": uid,
@@ -127,22 +180,88 @@ def dashboard(
         "time": {"from": "now-6h", "to": "now"},
         "refresh": "30s",
         "timezone": "",
-        "templating": {"list": variables(with_queue)},
-        "annotations": {"list": []},
+        "templating": {"list": variables(names)},
+        "annotations": {"list": alert_annotations()},
         "links": [{"type": "dashboards", "tags": [TAG], "asDropdown": True, "title": "Prefect"}],
         "panels": layout.panels,
     }
 
 
+STAT = {"graphMode": "area", "colorMode": "value", "reduceOptions": {"calcs": ["lastNotNull"]}}
+POOL_VARS = ["job", "shard", "work_pool"]
+QUEUE_VARS = [*POOL_VARS, "work_queue"]
+
+
+def thresholds(*steps: tuple[float | None, str]) -> dict[str, Any]:
+    """fieldConfig defaults drawing threshold lines: (from value, colour) steps, first from None."""
+    return {
+        "thresholds": {
+            "mode": "absolute",
+            "steps": [{"value": value, "color": color} for value, color in steps],
+        },
+        "custom": {"thresholdsStyle": {"mode": "line"}},
+    }
+
+
+def on_off(off: str, on: str) -> dict[str, Any]:
+    """fieldConfig defaults for a 0/1 state timeline: 0 is `off` (red), 1 is `on` (green)."""
+    return {
+        "mappings": [
+            {
+                "type": "value",
+                "options": {
+                    "0": {"text": off, "color": "red", "index": 0},
+                    "1": {"text": on, "color": "green", "index": 1},
+                },
+            }
+        ],
+        "color": {"mode": "thresholds"},
+        "thresholds": {
+            "mode": "absolute",
+            "steps": [{"value": None, "color": "red"}, {"value": 1, "color": "green"}],
+        },
+    }
+
+
+def percentiles(metric: str, selector: str, by: str) -> list[tuple[str, str]]:
+    """p50, p90 and p99 of a histogram over the rate interval, per `by` label."""
+    return [
+        (
+            f"histogram_quantile({q}, sum by (le, {by}) "
+            f"(rate({metric}_bucket{{{selector}}}[$__rate_interval])))",
+            f"{name} {{{{{by}}}}}",
+        )
+        for q, name in QUANTILES
+    ]
+
+
+def heatmap(title: str, description: str, metric: str, selector: str) -> dict[str, Any]:
+    """A histogram's buckets over time: observations per rate interval in each bucket."""
+    return panel(
+        "heatmap",
+        title,
+        description,
+        "short",
+        [(f"sum by (le) (increase({metric}_bucket{{{selector}}}[$__rate_interval]))", "{{le}}")],
+        target_options={"format": "heatmap"},
+        calculate=False,
+        yAxis={"unit": "s", "axisPlacement": "left"},
+        color={"mode": "scheme", "scheme": "Oranges", "exponent": 0.5, "steps": 64},
+        cellGap=1,
+        rowsFrame={"layout": "auto"},
+        tooltip={"show": True, "yHistogram": True},
+        legend={"show": True},
+    )
+
+
 def overview() -> dict[str, Any]:
     """Are my runs flowing? One screen: backlog, oldest wait, workers, limits, 429s, health."""
     ly = Layout()
-    stat = {"graphMode": "area", "colorMode": "value", "reduceOptions": {"calcs": ["lastNotNull"]}}
     ly.add(
         panel(
             "stat",
             "Runs waiting (backlog)",
-            "Due runs not yet claimed, all selected queues (Q1).",
+            "How many due runs are not yet claimed? All selected queues (Q1).",
             "short",
             [
                 (
@@ -151,7 +270,7 @@ def overview() -> dict[str, Any]:
                     "backlog",
                 )
             ],
-            **stat,
+            **STAT,
         ),
         6,
         4,
@@ -160,7 +279,7 @@ def overview() -> dict[str, Any]:
         panel(
             "stat",
             "Oldest wait",
-            "How long the oldest due run has waited (Q1).",
+            "How long has the oldest due run waited? (Q1)",
             "s",
             [
                 (
@@ -168,7 +287,7 @@ def overview() -> dict[str, Any]:
                     "oldest",
                 )
             ],
-            **stat,
+            **STAT,
         ),
         6,
         4,
@@ -177,7 +296,7 @@ def overview() -> dict[str, Any]:
         panel(
             "stat",
             "Online workers",
-            "Workers with a recent heartbeat (Q5).",
+            "How many workers have a recent heartbeat? (Q5)",
             "short",
             [
                 (
@@ -185,7 +304,7 @@ def overview() -> dict[str, Any]:
                     "online",
                 )
             ],
-            **stat,
+            **STAT,
         ),
         6,
         4,
@@ -194,10 +313,10 @@ def overview() -> dict[str, Any]:
         panel(
             "stat",
             "Prefect API reachable",
-            "1 while the exporter's polls succeed (Q8).",
+            "Can the exporter read the Prefect API? 1 while its polls succeed (Q8).",
             "bool_yes_no",
             [(f"min(prefect_up{{{JOB}}})", "up")],
-            **stat,
+            **STAT,
         ),
         6,
         4,
@@ -207,7 +326,7 @@ def overview() -> dict[str, Any]:
         panel(
             "timeseries",
             "Backlog by queue",
-            "Due, unclaimed runs per queue (Q1).",
+            "Which queues hold due, unclaimed runs? (Q1)",
             "short",
             [
                 (
@@ -223,8 +342,8 @@ def overview() -> dict[str, Any]:
         panel(
             "timeseries",
             "Oldest due run's wait",
-            "Age of the oldest due run per queue; "
-            "the BacklogStuck alert pages above 15 minutes (Q1).",
+            "How long has each queue's oldest due run waited? "
+            "The BacklogStuck alert pages above 15 minutes (Q1).",
             "s",
             [
                 (
@@ -241,7 +360,7 @@ def overview() -> dict[str, Any]:
         panel(
             "timeseries",
             "Runs by state",
-            "Non-terminal runs by state name (Q1-Q4).",
+            "In which states are the non-terminal runs? (Q1-Q4)",
             "short",
             [
                 (
@@ -258,7 +377,7 @@ def overview() -> dict[str, Any]:
         panel(
             "timeseries",
             "Throughput",
-            "Runs entering terminal states per second (Q6).",
+            "How many runs finish per second, and how? Runs entering terminal states (Q6).",
             "ops",
             [
                 (
@@ -277,8 +396,8 @@ def overview() -> dict[str, Any]:
         panel(
             "timeseries",
             "Pool saturation",
-            "In-flight runs over the pool's concurrency "
-            "limit; 100% with a backlog means the limit holds runs back (Q3).",
+            "Does a pool's concurrency limit hold runs back? In-flight runs over the limit; "
+            "100% with a backlog means yes (Q3).",
             "percentunit",
             [
                 (
@@ -296,8 +415,8 @@ def overview() -> dict[str, Any]:
         panel(
             "timeseries",
             "Concurrency limit saturation",
-            "Taken slots over slots of "
-            "global, tag and deployment limits; leaked slots in red (Q4).",
+            "Which global, tag or deployment limit is full? Taken slots over slots; "
+            "the Prefect / Concurrency limits dashboard has leaked slots (Q4).",
             "percentunit",
             [
                 (
@@ -315,7 +434,7 @@ def overview() -> dict[str, Any]:
         panel(
             "timeseries",
             "429s: workers and exporter",
-            "Throttled responses per second: "
+            "Is anyone rate limited? Throttled responses per second: "
             "workers (from their logs, sidecar mode) and the exporter (Q7).",
             "reqps",
             [
@@ -339,7 +458,8 @@ def overview() -> dict[str, Any]:
         panel(
             "timeseries",
             "Exporter health",
-            "Poll duration and seconds since the last successful poll (Q8).",
+            "Can I trust these numbers? Poll duration and seconds since the last successful "
+            "poll (Q8).",
             "s",
             [
                 (f"max(prefect_exporter_poll_duration_seconds{{{JOB}}})", "poll duration"),
@@ -352,12 +472,33 @@ def overview() -> dict[str, Any]:
         12,
         8,
     )
+    ly.add(
+        panel(
+            "timeseries",
+            "Prefect API latency",
+            "How fast does the Prefect API answer the exporter? p50, p90 and p99 of response "
+            "times over all endpoints (Q8).",
+            "s",
+            [
+                (
+                    f"histogram_quantile({q}, sum by (le) "
+                    f"(rate(prefect_exporter_api_request_duration_seconds_bucket{{{JOB}}}"
+                    f"[$__rate_interval])))",
+                    name,
+                )
+                for q, name in QUANTILES
+            ],
+        ),
+        24,
+        7,
+    )
     return dashboard(
         "prefect-overview",
         "Prefect / Overview",
-        "Are my runs flowing? Backlog, oldest wait, workers, limits, 429s.",
+        "Are my runs flowing? Backlog, oldest wait, workers, limits, 429s; firing alerts as "
+        "annotations.",
         ly,
-        with_queue=False,
+        POOL_VARS,
     )
 
 
@@ -368,7 +509,7 @@ def queues() -> dict[str, Any]:
         panel(
             "timeseries",
             "Backlog",
-            "Due, unclaimed runs (Q1).",
+            "How many due runs wait unclaimed in each queue? (Q1)",
             "short",
             [
                 (
@@ -384,24 +525,24 @@ def queues() -> dict[str, Any]:
         panel(
             "timeseries",
             "Waiting since",
-            "Age of the oldest due run, the oldest "
+            "Where do runs wait, and how long? Age of the oldest due run, the oldest "
             "Pending run and the oldest AwaitingConcurrencySlot run (Q1, Q2, Q4).",
             "s",
             [
                 (
                     f"max by (work_pool, work_queue) (time() - "
                     f"prefect_work_queue_oldest_due_run_timestamp_seconds{{{QUEUE}}})",
-                    "due {{work_queue}}",
+                    "due {{work_pool}}/{{work_queue}}",
                 ),
                 (
                     f"max by (work_pool, work_queue) (time() - "
                     f"prefect_work_queue_oldest_pending_run_timestamp_seconds{{{QUEUE}}})",
-                    "pending {{work_queue}}",
+                    "pending {{work_pool}}/{{work_queue}}",
                 ),
                 (
                     f"max by (work_pool, work_queue) (time() - "
                     f"prefect_work_queue_oldest_awaiting_slot_run_timestamp_seconds{{{QUEUE}}})",
-                    "awaiting slot {{work_queue}}",
+                    "awaiting slot {{work_pool}}/{{work_queue}}",
                 ),
             ],
         ),
@@ -412,18 +553,18 @@ def queues() -> dict[str, Any]:
         panel(
             "timeseries",
             "In flight vs limit",
-            "Pending + Running runs against the queue's limit (Q3).",
+            "Is a queue's limit full? Pending + Running runs against the queue's limit (Q3).",
             "short",
             [
                 (
                     f"max by (work_pool, work_queue) "
                     f"(prefect_work_queue_in_flight_runs{{{QUEUE}}})",
-                    "in flight {{work_queue}}",
+                    "in flight {{work_pool}}/{{work_queue}}",
                 ),
                 (
                     f"max by (work_pool, work_queue) "
                     f"(prefect_work_queue_concurrency_limit{{{QUEUE}}})",
-                    "limit {{work_queue}}",
+                    "limit {{work_pool}}/{{work_queue}}",
                 ),
             ],
         ),
@@ -434,18 +575,11 @@ def queues() -> dict[str, Any]:
     ly.add(
         panel(
             "timeseries",
-            "Pickup delay p50 / p90",
-            "Scheduled time to Pending: claiming, including waits behind limits.",
+            "Pickup delay p50 / p90 / p99",
+            "How late are runs claimed? Scheduled time to Pending, including waits behind "
+            "pool, queue and deployment limits.",
             "s",
-            [
-                (
-                    f"histogram_quantile({q}, sum by (le, work_pool) "
-                    f"(rate(prefect_flow_run_pickup_delay_seconds_bucket{{{POOL}}}"
-                    f"[$__rate_interval])))",
-                    f"p{int(q * 100)} {{{{work_pool}}}}",
-                )
-                for q in (0.5, 0.9)
-            ],
+            percentiles("prefect_flow_run_pickup_delay_seconds", POOL, "work_pool"),
         ),
         12,
         8,
@@ -453,18 +587,32 @@ def queues() -> dict[str, Any]:
     ly.add(
         panel(
             "timeseries",
-            "Start delay p50 / p90",
-            "Pending to Running: infrastructure start-up.",
+            "Start delay p50 / p90 / p99",
+            "How long does infrastructure take to start a claimed run? Pending to Running.",
             "s",
-            [
-                (
-                    f"histogram_quantile({q}, sum by (le, work_pool) "
-                    f"(rate(prefect_flow_run_start_delay_seconds_bucket{{{POOL}}}"
-                    f"[$__rate_interval])))",
-                    f"p{int(q * 100)} {{{{work_pool}}}}",
-                )
-                for q in (0.5, 0.9)
-            ],
+            percentiles("prefect_flow_run_start_delay_seconds", POOL, "work_pool"),
+        ),
+        12,
+        8,
+    )
+    ly.add(
+        heatmap(
+            "Pickup delay heatmap",
+            "How are pickup delays spread? Runs claimed per rate interval in each delay bucket "
+            "(scheduled time to Pending); bands high up are late runs.",
+            "prefect_flow_run_pickup_delay_seconds",
+            POOL,
+        ),
+        12,
+        8,
+    )
+    ly.add(
+        heatmap(
+            "Start delay heatmap",
+            "How are start-up times spread? Runs started per rate interval in each delay bucket "
+            "(Pending to Running); a second band means a slow path such as image pulls.",
+            "prefect_flow_run_start_delay_seconds",
+            POOL,
         ),
         12,
         8,
@@ -474,7 +622,8 @@ def queues() -> dict[str, Any]:
         panel(
             "timeseries",
             "Seconds since last heartbeat",
-            "Per worker; offline beyond three heartbeat intervals.",
+            f"Are the pool's workers alive? Per worker; offline beyond {HEARTBEAT_MULTIPLE} "
+            "heartbeat intervals.",
             "s",
             [
                 (
@@ -491,7 +640,8 @@ def queues() -> dict[str, Any]:
         panel(
             "timeseries",
             "Seconds since last poll",
-            "Per queue; absent means never polled: workers pinned to other queues.",
+            "Is anyone polling each queue? Absent means never polled: workers pinned to "
+            "other queues.",
             "s",
             [
                 (
@@ -504,11 +654,323 @@ def queues() -> dict[str, Any]:
         12,
         8,
     )
+    return dashboard(
+        "prefect-queues",
+        "Prefect / Pools and queues",
+        "Why runs wait in a pool or queue, and where the latency sits.",
+        ly,
+        QUEUE_VARS,
+    )
+
+
+def workers() -> dict[str, Any]:
+    """Are workers alive and polling, and are they throttled? Heartbeats, polls, sidecar 429s."""
+    ly = Layout()
+    ly.add(
+        panel(
+            "timeseries",
+            "Online workers per pool",
+            "How many workers serve each pool? Workers whose last heartbeat is within "
+            f"{HEARTBEAT_MULTIPLE} of their intervals (Q5).",
+            "short",
+            [
+                (
+                    f"max by (work_pool) (prefect_work_pool_online_workers{{{POOL}}})",
+                    "{{work_pool}}",
+                )
+            ],
+            defaults={"min": 0, "decimals": 0},
+        ),
+        12,
+        8,
+    )
+    ly.add(
+        panel(
+            "state-timeline",
+            "Worker online",
+            "Which workers were online when? Per worker, from the exporter's own rule: "
+            f"online while the last heartbeat is within {HEARTBEAT_MULTIPLE} intervals (Q5).",
+            "bool_on_off",
+            [
+                (
+                    f"max by (work_pool, worker) (prefect_worker_online{{{POOL}}})",
+                    "{{work_pool}}/{{worker}}",
+                )
+            ],
+            defaults=on_off("offline", "online"),
+            showValue="never",
+            mergeValues=True,
+        ),
+        12,
+        8,
+    )
+    ly.add(
+        panel(
+            "timeseries",
+            "Heartbeat age against the offline threshold",
+            "How close is each worker to being counted offline? Seconds since its last heartbeat "
+            f"over {HEARTBEAT_MULTIPLE} times its heartbeat interval (the exporter's default "
+            "--workers.heartbeat-multiple); at 100% it is offline (Q5).",
+            "percentunit",
+            [
+                (
+                    f"max by (work_pool, worker) (time() - "
+                    f"prefect_worker_last_heartbeat_timestamp_seconds{{{POOL}}}) / on "
+                    f"(work_pool, worker) ({HEARTBEAT_MULTIPLE} * max by (work_pool, worker) "
+                    f"(prefect_worker_heartbeat_interval_seconds{{{POOL}}}))",
+                    "{{work_pool}}/{{worker}}",
+                )
+            ],
+            defaults={"min": 0, **thresholds((None, "green"), (1, "red"))},
+        ),
+        12,
+        8,
+    )
+    ly.add(
+        panel(
+            "timeseries",
+            "Seconds since last heartbeat",
+            "When did each worker last heartbeat? Against its own interval: the dashed "
+            "series are the offline thresholds (Q5).",
+            "s",
+            [
+                (
+                    f"max by (work_pool, worker) (time() - "
+                    f"prefect_worker_last_heartbeat_timestamp_seconds{{{POOL}}})",
+                    "{{work_pool}}/{{worker}}",
+                ),
+                (
+                    f"{HEARTBEAT_MULTIPLE} * max by (work_pool, worker) "
+                    f"(prefect_worker_heartbeat_interval_seconds{{{POOL}}})",
+                    "offline after: {{worker}}",
+                ),
+            ],
+        ),
+        12,
+        8,
+    )
+    ly.row("Polling (Q5)")
+    ly.add(
+        panel(
+            "timeseries",
+            "Seconds since last poll",
+            "Is anyone polling each queue? Per queue; Prefect marks a queue NOT_READY after "
+            f"{QUEUE_NOT_READY_SECONDS} s. A queue with no line was never polled.",
+            "s",
+            [
+                (
+                    f"max by (work_pool, work_queue) (time() - "
+                    f"prefect_work_queue_last_polled_timestamp_seconds{{{QUEUE}}})",
+                    "{{work_pool}}/{{work_queue}}",
+                )
+            ],
+            defaults={"min": 0, **thresholds((None, "green"), (QUEUE_NOT_READY_SECONDS, "red"))},
+        ),
+        12,
+        8,
+    )
+    ly.add(
+        panel(
+            "state-timeline",
+            "Queue ready",
+            "Which queues did Prefect consider polled? READY or NOT_READY per queue (Q5).",
+            "short",
+            [
+                (
+                    f"max by (work_pool, work_queue) "
+                    f'(prefect_work_queue_status{{{QUEUE}, status="READY"}})',
+                    "{{work_pool}}/{{work_queue}}",
+                )
+            ],
+            defaults=on_off("not ready", "ready"),
+            showValue="never",
+            mergeValues=True,
+        ),
+        12,
+        8,
+    )
+    ly.row("The worker's own API calls: sidecar mode (Q7)")
+    ly.add(
+        panel(
+            "timeseries",
+            "Worker 429s",
+            "Is a worker rate limited? 429 responses per second the worker received, "
+            "counted from its log by the sidecar (--worker-log).",
+            "reqps",
+            [
+                (
+                    f"sum by (worker) (rate(prefect_worker_api_responses_total"
+                    f'{{{JOB}, code="429"}}[$__rate_interval]))',
+                    "{{worker}}",
+                )
+            ],
+        ),
+        8,
+        8,
+    )
+    ly.add(
+        panel(
+            "timeseries",
+            "Worker retries and give-ups",
+            "Does the worker's client retry, and give up? Retries per second by the status "
+            "that caused them (`exception`: network errors), and requests it gave up on.",
+            "reqps",
+            [
+                (
+                    f"sum by (worker, code) (rate(prefect_worker_api_retries_total{{{JOB}}}"
+                    f"[$__rate_interval]))",
+                    "retry {{worker}} {{code}}",
+                ),
+                (
+                    f"sum by (worker, code) (rate(prefect_worker_api_failures_total{{{JOB}}}"
+                    f"[$__rate_interval]))",
+                    "gave up {{worker}} {{code}}",
+                ),
+            ],
+        ),
+        8,
+        8,
+    )
+    ly.add(
+        panel(
+            "timeseries",
+            "Worker responses by status",
+            "What does the API answer the worker? Responses per second by HTTP status.",
+            "reqps",
+            [
+                (
+                    f"sum by (worker, code) (rate(prefect_worker_api_responses_total{{{JOB}}}"
+                    f"[$__rate_interval]))",
+                    "{{worker}} {{code}}",
+                )
+            ],
+        ),
+        8,
+        8,
+    )
+    ly.add(
+        panel(
+            "timeseries",
+            "Worker log lines read",
+            "Is the sidecar following the worker's log? Lines read per second; a flat zero "
+            "with a busy worker means the log is not where --worker-log points (Q8).",
+            "short",
+            [
+                (
+                    f"sum by (worker) (rate(prefect_exporter_log_lines_read_total{{{JOB}}}"
+                    f"[$__rate_interval]))",
+                    "{{worker}}",
+                )
+            ],
+        ),
+        12,
+        7,
+    )
+    ly.add(
+        panel(
+            "state-timeline",
+            "Worker log readable",
+            "Can the sidecar read the worker's log file? 0 while it is missing or unreadable (Q8).",
+            "short",
+            [
+                (
+                    f"max by (worker) (prefect_exporter_worker_log_readable{{{JOB}}})",
+                    "{{worker}}",
+                )
+            ],
+            defaults=on_off("unreadable", "readable"),
+            showValue="never",
+            mergeValues=True,
+        ),
+        12,
+        7,
+    )
+    return dashboard(
+        "prefect-workers",
+        "Prefect / Workers",
+        "Are workers alive, polling their queues, and not throttled?",
+        ly,
+        QUEUE_VARS,
+    )
+
+
+def limits() -> dict[str, Any]:
+    """Which limit holds runs back? Slots, leaks, runs awaiting a slot, pool and queue use."""
+    ly = Layout()
+    saturation = (
+        f"max by (limit) (prefect_concurrency_limit_active_slots{{{JOB}}}) / on (limit) "
+        f"max by (limit) (prefect_concurrency_limit_slots{{{JOB}}} > 0)"
+    )
+    ly.add(
+        panel(
+            "bargauge",
+            "Limit saturation now",
+            "Which global, tag or deployment limit is full? Taken slots over slots (Q4).",
+            "percentunit",
+            [(saturation, "{{limit}}")],
+            defaults={
+                "min": 0,
+                "max": 1,
+                "thresholds": {
+                    "mode": "absolute",
+                    "steps": [
+                        {"value": None, "color": "green"},
+                        {"value": 0.8, "color": "orange"},
+                        {"value": 1, "color": "red"},
+                    ],
+                },
+            },
+            orientation="horizontal",
+            displayMode="gradient",
+            reduceOptions={"calcs": ["lastNotNull"]},
+        ),
+        8,
+        8,
+    )
+    ly.add(
+        panel(
+            "timeseries",
+            "Slots taken vs slots",
+            "How many slots does each limit have, and how many are taken? (Q4)",
+            "short",
+            [
+                (
+                    f"max by (limit) (prefect_concurrency_limit_active_slots{{{JOB}}})",
+                    "taken {{limit}}",
+                ),
+                (
+                    f"max by (limit) (prefect_concurrency_limit_slots{{{JOB}}})",
+                    "slots {{limit}}",
+                ),
+            ],
+            defaults={"min": 0},
+        ),
+        16,
+        8,
+    )
+    ly.add(
+        panel(
+            "timeseries",
+            "Leaked slots",
+            "Are slots held by runs that already finished? Per tag and deployment limit; "
+            "reset the limit to free them (Q4).",
+            "short",
+            [
+                (
+                    f"max by (limit, kind) (prefect_concurrency_limit_leaked_slots{{{JOB}}})",
+                    "{{limit}}",
+                )
+            ],
+            defaults={"min": 0, **thresholds((None, "green"), (1, "red"))},
+        ),
+        12,
+        8,
+    )
     ly.add(
         panel(
             "table",
-            "Concurrency limits",
-            "Slots, taken and leaked, per limit (Q4).",
+            "Limits",
+            "What is configured? Slots, taken, leaked and enabled per limit, now (Q4).",
             "short",
             [
                 (f"max by (limit, kind) (prefect_concurrency_limit_slots{{{JOB}}})", "slots"),
@@ -520,21 +982,281 @@ def queues() -> dict[str, Any]:
                     f"max by (limit, kind) (prefect_concurrency_limit_leaked_slots{{{JOB}}})",
                     "leaked",
                 ),
+                (
+                    f"max by (limit, kind) (prefect_concurrency_limit_enabled{{{JOB}}})",
+                    "enabled",
+                ),
+            ],
+            target_options={"instant": True, "format": "table"},
+        ),
+        12,
+        8,
+    )
+    ly.row("Runs awaiting a slot (Q4)")
+    ly.add(
+        panel(
+            "timeseries",
+            "Runs awaiting a slot by deployment",
+            "Which deployment's limit holds runs back? Runs in AwaitingConcurrencySlot per "
+            "limited deployment (needs --deployments.breakdown).",
+            "short",
+            [
+                (
+                    f"max by (deployment) "
+                    f"(prefect_deployment_awaiting_concurrency_slot_runs{{{JOB}}})",
+                    "{{deployment}}",
+                )
+            ],
+            defaults={"min": 0},
+        ),
+        12,
+        8,
+    )
+    ly.add(
+        panel(
+            "timeseries",
+            "Longest wait for a slot by deployment",
+            "How long has each deployment's oldest run waited for a slot? From its original "
+            "scheduled time (needs --deployments.breakdown).",
+            "s",
+            [
+                (
+                    f"max by (deployment) (time() - "
+                    f"prefect_deployment_oldest_awaiting_concurrency_slot_run_timestamp_seconds"
+                    f"{{{JOB}}})",
+                    "{{deployment}}",
+                )
             ],
         ),
-        24,
+        12,
+        8,
+    )
+    ly.row("Pool and queue limits (Q3)")
+    ly.add(
+        panel(
+            "timeseries",
+            "Pool saturation",
+            "Does a pool's limit hold runs back? In-flight runs (Pending + Running) over the "
+            "pool's concurrency limit; 100% with a backlog means yes.",
+            "percentunit",
+            [
+                (
+                    f"max by (work_pool) (prefect_work_pool_in_flight_runs{{{POOL}}}) / on "
+                    f"(work_pool) max by (work_pool) "
+                    f"(prefect_work_pool_concurrency_limit{{{POOL}}} > 0)",
+                    "{{work_pool}}",
+                )
+            ],
+            defaults={"min": 0, **thresholds((None, "green"), (1, "red"))},
+        ),
+        12,
+        8,
+    )
+    ly.add(
+        panel(
+            "timeseries",
+            "Queue saturation",
+            "Does a queue's limit hold runs back? In-flight runs over the queue's concurrency "
+            "limit; 100% with a backlog means yes.",
+            "percentunit",
+            [
+                (
+                    f"max by (work_pool, work_queue) "
+                    f"(prefect_work_queue_in_flight_runs{{{QUEUE}}}) / on (work_pool, work_queue) "
+                    f"max by (work_pool, work_queue) "
+                    f"(prefect_work_queue_concurrency_limit{{{QUEUE}}} > 0)",
+                    "{{work_pool}}/{{work_queue}}",
+                )
+            ],
+            defaults={"min": 0, **thresholds((None, "green"), (1, "red"))},
+        ),
+        12,
         8,
     )
     return dashboard(
-        "prefect-queues",
-        "Prefect / Pools and queues",
-        "Why runs wait in a pool or queue, and where the latency sits.",
+        "prefect-limits",
+        "Prefect / Concurrency limits",
+        "Which limit holds runs back: global, tag, deployment, pool or queue?",
         ly,
-        with_queue=True,
+        QUEUE_VARS,
     )
 
 
-DASHBOARDS = {"prefect-overview.json": overview, "prefect-queues.json": queues}
+def deployments() -> dict[str, Any]:
+    """Is each deployment healthy? Last success and failure, next run, pause, finished runs."""
+
+    def finished(extra: str = "") -> str:
+        return (
+            f"rate(prefect_deployment_flow_runs_finished_total{{{DEPLOYMENT}{extra}}}"
+            "[$__rate_interval])"
+        )
+
+    not_completed = ', state!="Completed"'
+    ly = Layout()
+    ly.add(
+        panel(
+            "timeseries",
+            "Time since last success",
+            "When did each deployment last complete a run?",
+            "s",
+            [
+                (
+                    f"max by (deployment) (time() - "
+                    f"prefect_deployment_last_success_timestamp_seconds{{{DEPLOYMENT}}})",
+                    "{{deployment}}",
+                )
+            ],
+        ),
+        12,
+        8,
+    )
+    ly.add(
+        panel(
+            "timeseries",
+            "Schedule intervals since last success",
+            "Has a scheduled deployment missed its runs? Time since its last success in "
+            "schedule intervals; above 1 means at least one interval without a success.",
+            "short",
+            [
+                (
+                    f"max by (deployment) (time() - "
+                    f"prefect_deployment_last_success_timestamp_seconds{{{DEPLOYMENT}}}) / on "
+                    f"(deployment) max by (deployment) "
+                    f"(prefect_deployment_schedule_interval_seconds{{{DEPLOYMENT}}} > 0)",
+                    "{{deployment}}",
+                )
+            ],
+            defaults={"min": 0, **thresholds((None, "green"), (1, "orange"), (2, "red"))},
+        ),
+        12,
+        8,
+    )
+    ly.add(
+        panel(
+            "timeseries",
+            "Time since last failure",
+            "When did each deployment last fail, and how? Per terminal failure state.",
+            "s",
+            [
+                (
+                    f"max by (deployment, state) (time() - "
+                    f"prefect_deployment_last_failure_timestamp_seconds{{{DEPLOYMENT}}})",
+                    "{{deployment}} {{state}}",
+                )
+            ],
+        ),
+        12,
+        8,
+    )
+    ly.add(
+        panel(
+            "timeseries",
+            "Time to next scheduled run",
+            "When will each deployment run next? Negative: the next scheduled run is overdue.",
+            "s",
+            [
+                (
+                    f"max by (deployment) "
+                    f"(prefect_deployment_next_scheduled_run_timestamp_seconds{{{DEPLOYMENT}}}) "
+                    f"- time()",
+                    "{{deployment}}",
+                )
+            ],
+        ),
+        12,
+        8,
+    )
+    ly.row("Runs and schedules")
+    ly.add(
+        panel(
+            "timeseries",
+            "Finished runs by state",
+            "How many runs of each deployment finish per second, and how?",
+            "ops",
+            [
+                (
+                    f"sum by (deployment, state) "
+                    f"(rate(prefect_deployment_flow_runs_finished_total{{{DEPLOYMENT}}}"
+                    f"[$__rate_interval]))",
+                    "{{deployment}} {{state}}",
+                )
+            ],
+        ),
+        12,
+        8,
+    )
+    ly.add(
+        panel(
+            "timeseries",
+            "Failure ratio",
+            "What share of each deployment's finished runs did not complete? Over the rate "
+            "interval; runs that finished in any state other than Completed.",
+            "percentunit",
+            [
+                (
+                    # `or 0 * all`: a deployment without failures is at 0, not missing.
+                    f"(sum by (deployment) ({finished(not_completed)}) or 0 * "
+                    f"sum by (deployment) ({finished()})) / sum by (deployment) ({finished()})",
+                    "{{deployment}}",
+                )
+            ],
+            defaults={"min": 0, "max": 1},
+        ),
+        12,
+        8,
+    )
+    ly.add(
+        panel(
+            "state-timeline",
+            "Paused",
+            "Which deployments were paused when? A paused deployment schedules no runs.",
+            "short",
+            [
+                (
+                    f"1 - max by (deployment) (prefect_deployment_paused{{{DEPLOYMENT}}})",
+                    "{{deployment}}",
+                )
+            ],
+            defaults=on_off("paused", "active"),
+            showValue="never",
+            mergeValues=True,
+        ),
+        12,
+        8,
+    )
+    ly.add(
+        panel(
+            "timeseries",
+            "Schedule interval",
+            "How often is each deployment scheduled? Its schedule's interval.",
+            "s",
+            [
+                (
+                    f"max by (deployment) "
+                    f"(prefect_deployment_schedule_interval_seconds{{{DEPLOYMENT}}})",
+                    "{{deployment}}",
+                )
+            ],
+        ),
+        12,
+        8,
+    )
+    return dashboard(
+        "prefect-deployments",
+        "Prefect / Deployments",
+        "Is each deployment healthy: succeeding on schedule, not failing, not paused?",
+        ly,
+        ["job", "shard", "deployment"],
+    )
+
+
+DASHBOARDS = {
+    "prefect-overview.json": overview,
+    "prefect-queues.json": queues,
+    "prefect-workers.json": workers,
+    "prefect-limits.json": limits,
+    "prefect-deployments.json": deployments,
+}
 
 
 def render(build: Any) -> str:
