@@ -17,8 +17,8 @@ fi
 
 bash scripts/setup.sh --dev
 
-echo "== ruff" && .venv/bin/ruff check exporter tests demo bench alerts grafana
-echo "== ruff format" && .venv/bin/ruff format --check exporter tests demo bench alerts grafana
+echo "== ruff" && .venv/bin/ruff check exporter tests demo bench alerts grafana deploy
+echo "== ruff format" && .venv/bin/ruff format --check exporter tests demo bench alerts grafana deploy
 echo "== mypy --strict" && .venv/bin/mypy exporter tests
 echo "== pytest"
 # pytest exits 5 when no test ran; `set -e` turns that, like any failure, into a failed run.
