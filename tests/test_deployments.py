@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
+import structlog
 from prometheus_client import CollectorRegistry, generate_latest
 
+from exporter.clock import Deadline, UnixTime
 from exporter.collector import SnapshotCollector
 from exporter.config import ConfigError, load_settings
 from exporter.errors import MalformedResponse
+from exporter.poller import Poller, PollMetrics, PollSettings
 from exporter.prefect_parse import (
+    iso,
     parse_deployment,
     parse_ended_run,
     parse_event,
@@ -19,15 +24,21 @@ from exporter.prefect_parse import (
 from exporter.records import (
     DeploymentHealth,
     DeploymentRecord,
+    DeploymentSelector,
+    FlowRunEvent,
     LatencyStats,
     PollRecords,
     StateType,
 )
 from exporter.snapshot import build_snapshot, schedule_interval
 from exporter.transitions import Cursor, TransitionTracker
+from tests.fakes import FakePrefect, make_api
+from tests.test_deployments_reader import FakeDeploymentsApi
+from tests.test_poller import FakeApi, FakeStore
 
 NOW = 1_800_000_000.0
 DAY = 86400.0
+FAR = Deadline(1e12)
 
 
 def deployment_json(schedules: list[dict[str, Any]], paused: bool = False) -> dict[str, Any]:
@@ -259,3 +270,124 @@ class TestConfig:
         )
         assert settings.deployments_include == ("etl/*", "ml/*")
         assert settings.deployments_exclude == ("*-dev",)
+
+
+class TestAdapter:
+    """The requests the adapter sends for deployment health, and the answers it refuses."""
+
+    def test_deployments_are_listed_by_name_with_their_flows_names(self) -> None:
+        """One page of deployments sorted by name, one request for the flows' names."""
+        fake = FakePrefect()
+        fake.on("POST", "deployments/filter", [deployment_json([])])
+        fake.on("POST", "flows/filter", [{"id": "f1", "name": "etl"}])
+        records = asyncio.run(make_api(fake).deployments(FAR))
+        assert [r.name for r in records] == ["etl/nightly"]
+        (listing,) = fake.bodies("deployments/filter")
+        assert (listing["sort"], listing["limit"], listing["offset"]) == ("NAME_ASC", 200, 0)
+        assert fake.bodies("flows/filter")[0]["flows"] == {"id": {"any_": ["f1"]}}
+
+    def test_ended_and_upcoming_listings_filter_by_deployment_state_and_time(self) -> None:
+        """Latest end first since a time; earliest Scheduled start first after a time."""
+        fake = FakePrefect()
+        fake.on("POST", "flow_runs/filter", [])
+        api = make_api(fake)
+        types = (StateType.COMPLETED, StateType.FAILED)
+        asyncio.run(api.ended_runs_page(["d1"], types, UnixTime(NOW), FAR))
+        asyncio.run(api.upcoming_runs_page(["d1"], UnixTime(NOW), FAR))
+        ended_body, upcoming_body = fake.bodies("flow_runs/filter")
+        assert ended_body == {
+            "flow_runs": {
+                "deployment_id": {"any_": ["d1"]},
+                "state": {"type": {"any_": ["COMPLETED", "FAILED"]}},
+                "end_time": {"after_": "2027-01-15T08:00:00Z"},
+            },
+            "sort": "END_TIME_DESC",
+            "limit": 200,
+        }
+        assert upcoming_body["sort"] == "NEXT_SCHEDULED_START_TIME_ASC"
+        assert upcoming_body["flow_runs"]["state"] == {
+            "type": {"any_": ["SCHEDULED"]},
+            "name": {"any_": ["Scheduled"]},
+        }
+        assert upcoming_body["flow_runs"]["next_scheduled_start_time"] == {
+            "after_": "2027-01-15T08:00:00Z"
+        }
+
+    def test_a_run_of_another_deployment_means_the_filter_failed(self) -> None:
+        """An ignored filter would page on without end: the answer is malformed."""
+        fake = FakePrefect()
+        fake.on(
+            "POST",
+            "flow_runs/filter",
+            [{"id": "r", "deployment_id": "d9", "end_time": "2027-01-15T08:00:00Z",
+              "state_type": "COMPLETED"}],
+        )  # fmt: skip
+        with pytest.raises(MalformedResponse):
+            asyncio.run(make_api(fake).ended_runs_page(["d1"], (StateType.COMPLETED,), None, FAR))
+
+
+class TestPoller:
+    """The poller reads deployment health on full polls and carries it over on short ones."""
+
+    def make(self, events: list[FlowRunEvent]) -> tuple[Poller, FakeDeploymentsApi]:
+        api = FakeApi()
+        api.events = events
+        health_api = FakeDeploymentsApi(listed=[DeploymentRecord("d1", "etl/nightly", False)])
+        settings = PollSettings(
+            interval=30,
+            timeout=5,
+            concurrency=2,
+            heartbeat_multiple=3,
+            deployments=DeploymentSelector(("etl/*",)),
+        )
+        # The exporter started a minute ago: the events since are settled by now.
+        clock = [NOW - 60]
+        poller = Poller(
+            api,
+            FakeStore(),
+            settings,
+            PollMetrics(CollectorRegistry()),
+            structlog.get_logger(),
+            clock=lambda: clock[0],
+            deployments_api=health_api,
+        )
+        clock[0] = NOW
+        return poller, health_api
+
+    def test_full_then_shortened_poll(self) -> None:
+        """The shortened poll sends no deployment request and serves the last values."""
+        poller, health_api = self.make([])
+        full = asyncio.run(poller.poll_once(full=True))
+        sent = len(health_api.requests)
+        short = asyncio.run(poller.poll_once(full=False))
+        assert len(health_api.requests) == sent
+        assert full.deployment_health is not None
+        assert short.deployment_health == full.deployment_health
+        assert [d.name for d in full.deployment_health.deployments] == ["etl/nightly"]
+
+    def test_finished_runs_of_selected_deployments_are_counted_from_events(self) -> None:
+        """Selected by name through the reader; other deployments' events are not counted."""
+        other = [{**RELATED[0], "prefect.resource.name": "ml"}, RELATED[1], RELATED[2]]
+        events = [
+            parse_event({**event_json("FAILED", "Failed", RELATED), "occurred": iso(NOW - 50)}),
+            parse_event({**event_json("COMPLETED", "Completed", other), "occurred": iso(NOW - 49)}),
+        ]
+        poller, _ = self.make([e for e in events if e is not None])
+        snapshot = asyncio.run(poller.poll_once(full=True))
+        assert snapshot.latency is not None
+        assert snapshot.latency.finished == {("etl/nightly", "Failed"): 1}
+
+    def test_no_reader_without_the_opt_in(self) -> None:
+        """Without an include glob the snapshot has no deployment health and no request is sent."""
+        health_api = FakeDeploymentsApi()
+        poller = Poller(
+            FakeApi(),
+            FakeStore(),
+            PollSettings(interval=30, timeout=5, concurrency=2, heartbeat_multiple=3),
+            PollMetrics(CollectorRegistry()),
+            structlog.get_logger(),
+            clock=lambda: NOW,
+            deployments_api=health_api,
+        )
+        assert asyncio.run(poller.poll_once()).deployment_health is None
+        assert health_api.requests == []
