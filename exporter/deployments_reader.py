@@ -8,9 +8,10 @@ Cost follows neither the number of runs nor (up to 200) the number of deployment
   the deployments not yet found only (each page finds at least one), and afterwards by one
   listing of the runs that ended since the last read: one request a poll while fewer than 200
   runs of the selected deployments end between two polls;
-- the next two upcoming runs of every selected deployment come from one listing of Scheduled
-  runs, earliest first, dropping deployments as they are found (one request a poll, a few more
-  while some deployments schedule far more often than others).
+- the next upcoming run of every selected deployment (the next two for cron and rrule schedules,
+  whose gap stands for their interval) comes from one listing of Scheduled runs, earliest first,
+  dropping deployments as they are found (one request a poll, a few more while some deployments
+  schedule far more often than others).
 
 Every listing stops after MAX_PAGES pages a poll; a search that did not finish goes on at the
 next poll. State changes only once every request of the read succeeded.
@@ -103,7 +104,8 @@ class DeploymentsReader:
     async def read(self, now: UnixTime, deadline: Deadline) -> DeploymentHealth:
         """The selected deployments' health as of `now`; raises PrefectApiError."""
         listed_at, deployments, matching = self._listed_at, self._deployments, self._matching
-        if listed_at is None or now - listed_at >= self._refresh_seconds:
+        # Wall-clock time (the poll's `now`): a clock stepped back re-reads the list at once.
+        if listed_at is None or not 0 <= now - listed_at < self._refresh_seconds:
             everything = await self._api.deployments(deadline)
             chosen = sorted(
                 (d for d in everything if self._selector.selects(d.name)), key=lambda d: d.name

@@ -294,3 +294,11 @@ class TestFailures:
         for second in range(0, 600, 30):
             read(reader, NOW + second)
         assert api.requests.count("deployments") == 2
+
+    def test_a_wall_clock_stepped_back_reads_the_list_again(self) -> None:
+        """The refresh is timed on the poll's wall-clock time; a step back does not delay it."""
+        api = FakeDeploymentsApi(listed=[deployment(1)])
+        reader = reader_for(api)
+        read(reader)
+        read(reader, NOW - 3600)
+        assert api.requests.count("deployments") == 2
