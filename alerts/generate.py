@@ -420,6 +420,12 @@ def dashboard_url(name: str, base: str) -> str:
             f"{base}/prefect-queues?var-job={{{{ $labels.job }}}}"
             "&var-work_pool={{ $labels.work_pool }}"
         )
+    if name in DEPLOYMENT_ALERTS:
+        # grafana/prefect-deployments.json (the dashboards branch), narrowed to the deployment.
+        return (
+            f"{base}/prefect-deployments?var-job={{{{ $labels.job }}}}"
+            "&var-deployment={{ $labels.deployment }}"
+        )
     return f"{base}/prefect-overview?var-job={{{{ $labels.job }}}}"
 
 
