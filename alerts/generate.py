@@ -36,10 +36,14 @@ DEFAULTS: dict[str, Any] = {
     "cancelling_age_seconds": 900,  # Prefect itself gives up after 300 s
     "queue_poll_age_seconds": 300,  # Prefect marks a queue NOT_READY after 60 s
     "worker_429_per_second": 0.05,  # 3 throttled responses a minute
+    # A scheduled deployment pages when its last success is older than this many intervals
+    # (2: one run may be missed or late, two may not).
+    "deployment_success_intervals": 2,
 }
 
 POOL = "job, work_pool"
 QUEUE = "job, work_pool, work_queue"
+DEPLOYMENT = "job, deployment"
 
 
 def alerts(s: dict[str, Any]) -> list[dict[str, Any]]:
@@ -52,6 +56,13 @@ def alerts(s: dict[str, Any]) -> list[dict[str, Any]]:
     is_paused, throttled, too_many = 'status="PAUSED"', 'code=~"429|503"', 'code="429"'
     backlog = f"max by ({QUEUE}) ({m('prefect_work_queue_backlog_runs')})"
     paused_pool = f"max by ({POOL}) ({m('prefect_work_pool_status', is_paused)}) == 1"
+
+    def per_deployment(name: str) -> str:
+        return f"max by ({DEPLOYMENT}) ({m(name)})"
+
+    last_success = per_deployment("prefect_deployment_last_success_timestamp_seconds")
+    last_failure = per_deployment("prefect_deployment_last_failure_timestamp_seconds")
+    paused_deployment = f"{per_deployment('prefect_deployment_paused')} == 1"
     return [
         # -- blind spots -------------------------------------------------------------------
         {
@@ -273,6 +284,48 @@ def alerts(s: dict[str, Any]) -> list[dict[str, Any]]:
             "description": "{{ $value }} scheduled runs of job {{ $labels.job }} name a work "
             "queue that no longer exists; they belong to no pool and will never start.",
         },
+        # -- deployments (opt-in series: --deployments.include) ------------------------------
+        {
+            "alert": "PrefectDeploymentNoRecentSuccess",
+            "expr": f"time() - {last_success} > {s['deployment_success_intervals']} * "
+            f"{per_deployment('prefect_deployment_schedule_interval_seconds')} "
+            f"unless on ({DEPLOYMENT}) {paused_deployment}",
+            # The age threshold already spans whole schedule intervals; `for` rides out a poll
+            # and the run that is finishing right now.
+            "for": "10m",
+            # The dead man's switch: the scheduled work is not getting done.
+            "severity": "critical",
+            "summary": "A scheduled deployment has not completed a run for several intervals.",
+            "description": "The last successful run of deployment {{ $labels.deployment }} "
+            "ended {{ $value | humanizeDuration }} ago, more than "
+            f"{s['deployment_success_intervals']} schedule intervals; it is not paused.",
+        },
+        {
+            "alert": "PrefectDeploymentLastRunFailed",
+            "expr": f"{last_failure} > on ({DEPLOYMENT}) {last_success} "
+            f"or ({last_failure} unless on ({DEPLOYMENT}) {last_success})",
+            # A failed or crashed run is final (retries happen inside the run); `for` only
+            # rides out a success that is being read in the next poll.
+            "for": "5m",
+            "severity": "warning",
+            "summary": "A deployment's latest finished run failed or crashed, and none succeeded "
+            "since.",
+            "description": "Deployment {{ $labels.deployment }} has a run that failed or crashed "
+            "at {{ $value | humanizeTimestamp }} and no successful run after it.",
+        },
+        {
+            "alert": "PrefectDeploymentNoUpcomingRuns",
+            "expr": f"{per_deployment('prefect_deployment_active_schedules')} > 0 "
+            f"unless on ({DEPLOYMENT}) {paused_deployment} "
+            f"unless on ({DEPLOYMENT}) "
+            f"{per_deployment('prefect_deployment_next_scheduled_run_timestamp_seconds')}",
+            # Prefect's scheduler creates runs every minute; the pause flag is read every 5.
+            "for": "15m",
+            "severity": "warning",
+            "summary": "A deployment with an active schedule has no upcoming run.",
+            "description": "Deployment {{ $labels.deployment }} has {{ $value }} active "
+            "schedule(s), is not paused, and no Scheduled run ahead: it will not run.",
+        },
         # -- rate limiting --------------------------------------------------------------------
         {
             "alert": "PrefectWorkerRateLimited",
@@ -331,12 +384,20 @@ POOL_ALERTS = {
 }
 
 
+DEPLOYMENT_ALERTS = {
+    "PrefectDeploymentNoRecentSuccess",
+    "PrefectDeploymentLastRunFailed",
+    "PrefectDeploymentNoUpcomingRuns",
+}
+
 # The exporter's own health: `diagnose` reads Prefect, it cannot say why the exporter is not
-# scraped or short of budget.
+# scraped or short of budget. Nor does it look at deployments' outcomes and schedules: their
+# runbooks give the Prefect commands instead.
 WITHOUT_DIAGNOSE = {
     "PrefectExporterDown",
     "PrefectExporterDataStale",
     "PrefectExporterRequestBudgetExhausted",
+    *DEPLOYMENT_ALERTS,
 }
 
 
@@ -360,6 +421,12 @@ def dashboard_url(name: str, base: str) -> str:
         return (
             f"{base}/prefect-queues?var-job={{{{ $labels.job }}}}"
             "&var-work_pool={{ $labels.work_pool }}"
+        )
+    if name in DEPLOYMENT_ALERTS:
+        # grafana/prefect-deployments.json (the dashboards branch), narrowed to the deployment.
+        return (
+            f"{base}/prefect-deployments?var-job={{{{ $labels.job }}}}"
+            "&var-deployment={{ $labels.deployment }}"
         )
     return f"{base}/prefect-overview?var-job={{{{ $labels.job }}}}"
 

@@ -31,7 +31,7 @@ from exporter.exposition import Exposition, render
 from exporter.poller import Poller, PollMetrics, PollSettings
 from exporter.prefect_api import PrefectApi
 from exporter.prefect_http import USER_AGENT, ApiMetrics, Connection, PrefectHttp
-from exporter.records import PoolSelector
+from exporter.records import DeploymentSelector, PoolSelector
 from exporter.server import App, MetricsServer
 from exporter.snapshot import Snapshot
 from exporter.statefile import StateFile, StateFileCollector, check_state_file
@@ -93,6 +93,9 @@ def build_poller(
             mode=settings.poll_mode,
             max_backoff=settings.max_backoff,
             pools=PoolSelector(settings.work_pools_include, settings.work_pools_exclude),
+            deployments=DeploymentSelector(
+                settings.deployments_include, settings.deployments_exclude, settings.deployments_max
+            ),
         ),
         PollMetrics(registry),
         log,
@@ -100,6 +103,7 @@ def build_poller(
         cursor_file=cursor_file,
         orphans=api,
         event_stream=event_stream,
+        deployments_api=api,
     )
     return poller, api
 

@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 from exporter import __version__
 from exporter.records import (
     DELAY_BUCKETS,
+    FINISHED_STATE_LABELS,
     KNOWN_STATE_NAMES,
     TERMINAL_STATE_NAMES,
     HistogramState,
@@ -37,6 +38,7 @@ from exporter.records import (
     WorkQueueStatus,
 )
 from exporter.snapshot import (
+    DeploymentHealthState,
     DeploymentState,
     LimitState,
     PoolState,
@@ -212,6 +214,32 @@ def _deployment(d: DeploymentState) -> Labels:
 
 def _has_deployments(s: Snapshot) -> bool:
     return bool(s.deployments)
+
+
+def _health(s: Snapshot) -> tuple[DeploymentHealthState, ...]:
+    return s.deployment_health.deployments if s.deployment_health else ()
+
+
+def _health_key(d: DeploymentHealthState) -> Labels:
+    return (d.name,)
+
+
+def _has_health(s: Snapshot) -> bool:
+    return s.deployment_health is not None
+
+
+def _last_failures(s: Snapshot) -> Iterator[Sample]:
+    for d in _health(s):
+        for state, ended in d.last_failures:
+            yield (d.name, state), ended
+
+
+def _finished(s: Snapshot) -> Iterator[Sample]:
+    """Every terminal outcome for every exported deployment, 0 when none was seen."""
+    counts = s.latency.finished if s.latency else {}
+    for d in _health(s):
+        for state in FINISHED_STATE_LABELS.values():
+            yield (d.name, state), counts.get((d.name, state), 0)
 
 
 def _has_latency(s: Snapshot) -> bool:
@@ -428,6 +456,60 @@ SNAPSHOT_FAMILIES: tuple[SnapshotFamily, ...] = (
         present=_has_deployments,
     ),
     Family(
+        name="prefect_deployment_last_success_timestamp_seconds",
+        help="When the deployment's latest Completed run ended, Unix seconds (absent when it "
+        "has none; opt-in: --deployments.include).",
+        labels=("deployment",),
+        samples=_each(_health, _health_key, lambda d: d.last_success),
+        present=_has_health,
+    ),
+    Family(
+        name="prefect_deployment_last_failure_timestamp_seconds",
+        help="When the deployment's latest run in each failure state (Failed, Crashed) ended, "
+        "Unix seconds (absent when it has none).",
+        labels=("deployment", "state"),
+        samples=_last_failures,
+        present=_has_health,
+    ),
+    Family(
+        name="prefect_deployment_next_scheduled_run_timestamp_seconds",
+        help="Next scheduled start of the deployment's earliest upcoming Scheduled run, Unix "
+        "seconds (absent when none is scheduled).",
+        labels=("deployment",),
+        samples=_each(_health, _health_key, lambda d: d.next_run),
+        present=_has_health,
+    ),
+    Family(
+        name="prefect_deployment_paused",
+        help="1 if the deployment is paused (its schedules create no runs), else 0.",
+        labels=("deployment",),
+        samples=_each(_health, _health_key, lambda d: float(d.paused)),
+        present=_has_health,
+    ),
+    Family(
+        name="prefect_deployment_active_schedules",
+        help="Active schedules of the deployment (0: runs only when triggered).",
+        labels=("deployment",),
+        samples=_each(_health, _health_key, lambda d: d.active_schedules),
+        present=_has_health,
+    ),
+    Family(
+        name="prefect_deployment_schedule_interval_seconds",
+        help="Seconds between two scheduled runs: the interval schedule's, or for cron and "
+        "rrule schedules the gap between the next two upcoming runs (absent without an active "
+        "schedule, or a cron schedule with fewer than two upcoming runs).",
+        labels=("deployment",),
+        samples=_each(_health, _health_key, lambda d: d.schedule_interval),
+        present=_has_health,
+    ),
+    Family(
+        name="prefect_exporter_deployments_capped",
+        help="Deployments matching --deployments.include left without series because of "
+        "--deployments.max (0 when all are exported).",
+        samples=_single(lambda s: s.deployment_health.capped if s.deployment_health else None),
+        present=_has_health,
+    ),
+    Family(
         name="prefect_flow_runs_without_work_queue",
         help="Scheduled runs due before the poll whose work queue was deleted: they name a queue "
         "that no longer exists, belong to no pool, and no worker will ever take them.",
@@ -463,6 +545,15 @@ SNAPSHOT_FAMILIES: tuple[SnapshotFamily, ...] = (
         labels=(*POOL, "state"),
         samples=_transitions,
         present=_has_latency,
+        counter=True,
+    ),
+    Family(
+        name="prefect_deployment_flow_runs_finished",
+        help="Runs of the deployment that finished, by terminal state (Completed, Failed, "
+        "Crashed, Cancelled), read from Prefect's events since the exporter started.",
+        labels=("deployment", "state"),
+        samples=_finished,
+        present=lambda s: s.latency is not None and s.deployment_health is not None,
         counter=True,
     ),
     Family(

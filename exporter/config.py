@@ -520,6 +520,40 @@ OPTIONS: tuple[Option, ...] = (
         boolean=True,
     ),
     Option(
+        "deployments_include",
+        "export the health of deployments whose `flow/deployment` name matches one of these"
+        " globs (repeatable; default none): last success and failure, next run, schedule,"
+        " finished runs",
+        _globs,
+        (),
+        flag="--deployments.include",
+        yaml_key="deployments.include",
+        metavar="GLOB",
+        repeatable=True,
+    ),
+    Option(
+        "deployments_exclude",
+        "leave out deployments whose `flow/deployment` name matches one of these globs"
+        " (repeatable; wins over include)",
+        _globs,
+        (),
+        flag="--deployments.exclude",
+        yaml_key="deployments.exclude",
+        metavar="GLOB",
+        repeatable=True,
+    ),
+    Option(
+        "deployments_max",
+        "export at most this many deployments (the first by name);"
+        " `prefect_exporter_deployments_capped` counts the others",
+        _whole_number,
+        "100",
+        flag="--deployments.max",
+        yaml_key="deployments.max",
+        metavar="N",
+        check=_between(1, 10000),
+    ),
+    Option(
         "worker_logs",
         "sidecar mode: `[WORKER=]PATH` of a worker log to follow (repeatable; in YAML a list of"
         " such strings or of `{path, worker}`)",
@@ -648,6 +682,9 @@ class Settings:
     events_settle: float = _DEFAULTS["events_settle"]
     events_state_file: str | None = None
     deployments_breakdown: bool = _DEFAULTS["deployments_breakdown"]
+    deployments_include: tuple[str, ...] = ()
+    deployments_exclude: tuple[str, ...] = ()
+    deployments_max: int = _DEFAULTS["deployments_max"]
     prefect_enabled: bool = _DEFAULTS["prefect_enabled"]
     worker_logs: tuple[tuple[str, str], ...] = ()  # (worker name, path)
     worker_log_state_file: str | None = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from exporter.clock import Deadline, UnixTime
@@ -41,7 +41,8 @@ class EventsReader:
 
     The tracker, and the cursor saved in `cursor_file`, change only after every request of the
     read succeeded, so a failed poll reads the same window again and counts nothing twice. A
-    cursor that cannot be saved is recorded by the file; reading goes on.
+    cursor that cannot be saved is recorded by the file; reading goes on. `deployments` says
+    whose finished runs are counted, by `flow/deployment` name (none when not given).
     """
 
     def __init__(
@@ -53,6 +54,7 @@ class EventsReader:
         cursor_file: StateFile | None = None,
         pools: PoolSelector | None = None,
         stream: Stream | None = None,
+        deployments: Callable[[str], bool] | None = None,
     ) -> None:
         self._api = api
         self._max_pages = max_pages
@@ -60,6 +62,8 @@ class EventsReader:
         self._cursor_file = cursor_file
         self._pools = pools or PoolSelector()
         self._stream = stream
+        # Whose finished runs to count, by `flow/deployment` (deployments_reader decides).
+        self._deployments = deployments or (lambda deployment: False)
         saved = Cursor.load(cursor_file) if cursor_file else None
         self._tracker = TransitionTracker(saved or Cursor(start - settle))
         # Without a saved cursor the exporter starts from now: it may start where the stream
@@ -115,7 +119,7 @@ class EventsReader:
             expected = (
                 await self._api.expected_start_times(pending_ids, deadline) if pending_ids else {}
             )
-            self._tracker.consume(events, expected, selects)
+            self._tracker.consume(events, expected, selects, self._deployments)
         handover = self._stream is not None and self._stream.covered_from is not None
         if handover and not streamed and not behind and until > self._tracker.cursor.occurred:
             # Every event up to `until` was read: the cursor may stand there even if the last

@@ -16,6 +16,7 @@ from structlog.typing import FilteringBoundLogger
 
 from exporter.budget import Backoff, PollPlan, RequestBudget, plan_poll
 from exporter.clock import Deadline, UnixTime
+from exporter.deployments_reader import DeploymentsApi, DeploymentsReader
 from exporter.errors import ERROR_REASONS, ApiStatusError, ObjectGone, PrefectApiError
 from exporter.events_reader import EventsApi, EventsReader, Stream
 from exporter.features import Feature, FeatureGate
@@ -23,6 +24,8 @@ from exporter.gather import gather_bounded
 from exporter.limits_reader import LimitsApi, LimitsReader
 from exporter.records import (
     ConcurrencyLimitRecord,
+    DeploymentHealth,
+    DeploymentSelector,
     LatencyStats,
     LimitHolders,
     PollRecords,
@@ -100,6 +103,7 @@ class PollSettings:
     mode: str = "auto"  # "auto" or a PollMode value
     max_backoff: float = 600.0
     pools: PoolSelector = field(default_factory=PoolSelector)
+    deployments: DeploymentSelector = field(default_factory=DeploymentSelector)
 
 
 class PollMetrics:
@@ -178,7 +182,8 @@ class Poller:
     """Polls on a fixed interval; a failed poll keeps the last snapshot (the store ages it).
 
     `cursor_file` keeps the events cursor across restarts (built from
-    `settings.events_state_file` when not given).
+    `settings.events_state_file` when not given); `deployments_api` reads deployment health
+    when `settings.deployments` selects some.
     """
 
     def __init__(
@@ -195,6 +200,7 @@ class Poller:
         cursor_file: StateFile | None = None,
         orphans: OrphanRunsApi | None = None,
         event_stream: Stream | None = None,
+        deployments_api: DeploymentsApi | None = None,
     ) -> None:
         self._api = api
         # Runs whose queue was deleted: counted when given (cli gives the adapter), else None.
@@ -224,6 +230,14 @@ class Poller:
         self._per_queue_cost: tuple[int, int] | None = None
         self._run_centric_cost: int | None = None
         self._mode = PollMode.PER_QUEUE
+        # Deployment health (opt-in, cli gives the adapter): read on full polls, carried over
+        # on shortened ones.
+        self._deployments = (
+            DeploymentsReader(deployments_api, settings.deployments, log)
+            if deployments_api is not None and settings.deployments.enabled
+            else None
+        )
+        self._last_health: DeploymentHealth | None = None
         if cursor_file is None and settings.events_state_file is not None:
             cursor_file = StateFile(settings.events_state_file, "events", log)
         self._events = EventsReader(
@@ -234,6 +248,7 @@ class Poller:
             cursor_file,
             settings.pools,
             event_stream,
+            self._deployments.counts if self._deployments else None,
         )
 
     async def _optional(self, feature: Feature, read: Callable[[], Awaitable[T]]) -> T | None:
@@ -386,6 +401,9 @@ class Poller:
                     Feature.CONCURRENCY_LIMITS, lambda: self._limits.read(deadline)
                 )
                 limits, holders = read if read is not None else ((), None)
+            health = self._last_health
+            if full and self._deployments is not None:
+                health = await self._deployments.read(now, deadline)
             latency: LatencyStats | None = None
             if self._settings.events_enabled and self._available(Feature.EVENTS):
                 if full:
@@ -398,6 +416,7 @@ class Poller:
         if full:
             self._full_cost = self._api.requests_sent - requests_before - slow_requests
             self._last_limits, self._last_holders = limits, holders
+            self._last_health = health
         self._core_cost = core_cost
         records = PollRecords(
             observed_at=now,
@@ -408,6 +427,7 @@ class Poller:
             limits=limits,
             holders=holders,
             runs_without_work_queue=orphaned,
+            deployment_health=health,
         )
         features = self._features.states(self._polls)
         return build_snapshot(records, self._settings.heartbeat_multiple, latency, features)

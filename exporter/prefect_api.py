@@ -20,6 +20,8 @@ from exporter.prefect_parse import (
     iso,
     page,
     page_token,
+    parse_deployment,
+    parse_ended_run,
     parse_event,
     parse_history,
     parse_limit,
@@ -27,6 +29,7 @@ from exporter.prefect_parse import (
     parse_queue,
     parse_run,
     parse_run_state,
+    parse_upcoming_run,
     parse_worker,
     required,
     to_timestamp,
@@ -36,6 +39,8 @@ from exporter.records import (
     SLOT_HOLDING_STATE_TYPES,
     TERMINAL_STATE_TYPES,
     ConcurrencyLimitRecord,
+    DeploymentRecord,
+    EndedRun,
     FlowRunEvent,
     PoolRecord,
     QueueRecord,
@@ -44,7 +49,9 @@ from exporter.records import (
     RunRecord,
     RunState,
     StateCount,
+    StateName,
     StateType,
+    UpcomingRun,
     WorkerRecord,
 )
 
@@ -461,6 +468,73 @@ class PrefectApi:
             deployment_id: f"{flow_names.get(flow_id, flow_id)}/{name}"
             for deployment_id, (flow_id, name) in deployments.items()
         }
+
+    async def deployments(self, deadline: Deadline) -> list[DeploymentRecord]:
+        """Every deployment, named `flow/deployment`, with its pause flag and schedules.
+
+        Pages of 200 sorted by name, then the flows' names by id (200 a request): a few
+        requests for hundreds of deployments.
+        """
+        rows = await self._paged(
+            "/deployments/filter", "deployments/filter", {"sort": "NAME_ASC"}, deadline
+        )
+        flow_ids = sorted({required(row, "flow_id", str, "deployment") for row in rows})
+        flows = await self._by_ids("/flows/filter", "flows/filter", "flows", flow_ids, deadline)
+        flow_names = {
+            required(row, "id", str, "flow"): required(row, "name", str, "flow") for row in flows
+        }
+        return [parse_deployment(row, flow_names) for row in rows]
+
+    async def ended_runs_page(
+        self,
+        deployment_ids: Sequence[str],
+        state_types: Sequence[StateType],
+        after: UnixTime | None,
+        deadline: Deadline,
+    ) -> list[EndedRun]:
+        """The first page (latest end first) of the deployments' runs that ended in one of
+        `state_types`, at `after` or later when given. One request, 200 runs at most."""
+        runs_filter: dict[str, Any] = {
+            "deployment_id": {"any_": list(deployment_ids)},
+            "state": {"type": {"any_": sorted(state_types)}},
+        }
+        if after is not None:
+            runs_filter["end_time"] = {"after_": iso(after)}
+        rows = await self._runs({"flow_runs": runs_filter}, "END_TIME_DESC", PAGE_SIZE, deadline)
+        runs = [parse_ended_run(row) for row in rows]
+        self._check_deployments("ended", runs, deployment_ids)
+        return runs
+
+    async def upcoming_runs_page(
+        self, deployment_ids: Sequence[str], after: UnixTime, deadline: Deadline
+    ) -> list[UpcomingRun]:
+        """The first page (earliest first) of the deployments' Scheduled runs due at `after` or
+        later. One request, 200 runs at most; Late, AwaitingRetry and AwaitingConcurrencySlot
+        runs are not upcoming runs of a schedule."""
+        runs_filter = {
+            "deployment_id": {"any_": list(deployment_ids)},
+            "state": {
+                "type": {"any_": [StateType.SCHEDULED.value]},
+                "name": {"any_": [StateName.SCHEDULED.value]},
+            },
+            "next_scheduled_start_time": {"after_": iso(after)},
+        }
+        rows = await self._runs(
+            {"flow_runs": runs_filter}, "NEXT_SCHEDULED_START_TIME_ASC", PAGE_SIZE, deadline
+        )
+        runs = [parse_upcoming_run(row) for row in rows]
+        self._check_deployments("upcoming", runs, deployment_ids)
+        return runs
+
+    @staticmethod
+    def _check_deployments(
+        what: str, runs: Sequence[EndedRun | UpcomingRun], deployment_ids: Sequence[str]
+    ) -> None:
+        # A filter the server ignored would answer other deployments' runs, and the reader
+        # would page on without end.
+        asked = set(deployment_ids)
+        if any(run.deployment_id not in asked for run in runs):
+            raise MalformedResponse(f"flow_runs/filter ({what}): the deployment filter failed")
 
     async def deployment_slot_runs(self, deployment_id: str, deadline: Deadline) -> int:
         """Runs of the deployment that hold one of its concurrency slots right now."""

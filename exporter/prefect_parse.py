@@ -14,12 +14,15 @@ from urllib.parse import parse_qs, quote, urlsplit
 from exporter.errors import MalformedResponse
 from exporter.records import (
     ConcurrencyLimitRecord,
+    DeploymentRecord,
+    EndedRun,
     FlowRunEvent,
     PoolRecord,
     QueueRecord,
     RunRecord,
     RunState,
     StateCount,
+    UpcomingRun,
     WorkerRecord,
 )
 
@@ -193,11 +196,18 @@ def parse_event(obj: Mapping[str, Any]) -> FlowRunEvent | None:
     if not isinstance(state_type, str) or not isinstance(state_name, str):
         return None  # not a state change (e.g. a heartbeat from a newer client)
     pool = ""
+    names: dict[str, str] = {}
     related = obj.get("related") or []
     if isinstance(related, list):
         for item in related:
-            if isinstance(item, dict) and item.get("prefect.resource.role") == "work-pool":
-                pool = str(item.get("prefect.resource.name", ""))
+            if isinstance(item, dict) and isinstance(item.get("prefect.resource.name"), str):
+                names[str(item.get("prefect.resource.role"))] = item["prefect.resource.name"]
+        pool = names.get("work-pool", "")
+    # Prefect names the run's flow and deployment as related resources (models/events.py in
+    # the server): together they are the deployment's `flow/deployment` name.
+    deployment = None
+    if "deployment" in names and "flow" in names:
+        deployment = f"{names['flow']}/{names['deployment']}"
     occurred = to_timestamp(obj.get("occurred"), "event.occurred")
     if occurred is None:
         raise MalformedResponse("event.occurred: missing")
@@ -208,6 +218,76 @@ def parse_event(obj: Mapping[str, Any]) -> FlowRunEvent | None:
         state_type=state_type,
         state_name=state_name,
         work_pool=pool,
+        deployment=deployment,
+    )
+
+
+def parse_deployment(obj: Mapping[str, Any], flow_names: Mapping[str, str]) -> DeploymentRecord:
+    """A deployment from `/deployments/filter`, named `flow/deployment` by `flow_names`.
+
+    Schedules are read from `schedules` (Prefect 3): an `interval` in seconds, or a `cron` or
+    `rrule`; inactive ones are left out. A flow missing from `flow_names` (deleted between two
+    requests) leaves its id in the name.
+    """
+    where = "deployment"
+    flow_id = required(obj, "flow_id", str, where)
+    interval: float | None = None
+    active = calendar = 0
+    for item in objects(obj.get("schedules") or [], f"{where}.schedules"):
+        if _get(item, "active", bool, f"{where}.schedules") is False:
+            continue
+        schedule = item.get("schedule")
+        if not isinstance(schedule, dict):
+            raise MalformedResponse(f"{where}.schedules.schedule: expected an object")
+        active += 1
+        seconds = _get(schedule, "interval", (int, float), f"{where}.schedule")
+        if seconds is None:
+            calendar += 1  # cron or rrule: measured from the upcoming runs
+            continue
+        if not 0 < seconds < MAX_PLAUSIBLE_COUNT:
+            raise MalformedResponse(f"{where}.schedule.interval: impossible value")
+        interval = float(seconds) if interval is None else min(interval, float(seconds))
+    name = required(obj, "name", str, where)
+    return DeploymentRecord(
+        id=required(obj, "id", str, where),
+        name=f"{flow_names.get(flow_id, flow_id)}/{name}",
+        paused=bool(_get(obj, "paused", bool, where)),
+        active_schedules=active,
+        interval=interval,
+        calendar_schedules=calendar,
+    )
+
+
+def parse_ended_run(obj: Mapping[str, Any]) -> EndedRun:
+    """A terminal flow run of a deployment from `/flow_runs/filter`, with its end time."""
+    where = "flow_run"
+    end_time = to_timestamp(obj.get("end_time"), f"{where}.end_time")
+    state_type = _get(obj, "state_type", str, where)
+    if state_type is None:
+        state = obj.get("state")
+        state_type = (
+            required(state, "type", str, f"{where}.state") if isinstance(state, dict) else None
+        )
+    if end_time is None or state_type is None:
+        raise MalformedResponse(f"{where}: a terminal run without end_time or state type")
+    return EndedRun(
+        id=required(obj, "id", str, where),
+        deployment_id=required(obj, "deployment_id", str, where),
+        state_type=state_type,
+        end_time=end_time,
+    )
+
+
+def parse_upcoming_run(obj: Mapping[str, Any]) -> UpcomingRun:
+    """A Scheduled flow run of a deployment from `/flow_runs/filter`, with its next start."""
+    where = "flow_run"
+    start = to_timestamp(obj.get("next_scheduled_start_time"), f"{where}.next_scheduled_start_time")
+    if start is None:
+        raise MalformedResponse(f"{where}.next_scheduled_start_time: missing")
+    return UpcomingRun(
+        id=required(obj, "id", str, where),
+        deployment_id=required(obj, "deployment_id", str, where),
+        start=start,
     )
 
 

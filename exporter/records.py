@@ -141,6 +141,94 @@ class PoolSelector:
 
 
 @dataclass(frozen=True)
+class DeploymentSelector:
+    """Which deployments get health series: shell-style globs on `flow/deployment`, opt-in.
+
+    No `include` means none (the feature is off): every deployment adds series. `exclude` wins
+    over `include`, and at most `max` deployments are exported (the first by name).
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    max: int = 100
+
+    @property
+    def enabled(self) -> bool:
+        """True when some deployment may be selected (an include glob was given)."""
+        return bool(self.include)
+
+    def selects(self, name: str) -> bool:
+        """True when `name` (`flow/deployment`) matches an include glob and no exclude glob."""
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
+            return False
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.include)
+
+
+# The terminal state types a deployment's runs are counted by, with the label people know (the
+# state name Prefect gives each type by default).
+FINISHED_STATE_LABELS: Mapping[str, str] = {
+    StateType.COMPLETED: "Completed",
+    StateType.FAILED: "Failed",
+    StateType.CRASHED: "Crashed",
+    StateType.CANCELLED: "Cancelled",
+}
+# The outcomes a deployment's last failure is dated by.
+FAILURE_STATE_TYPES = (StateType.FAILED, StateType.CRASHED)
+
+
+@dataclass(frozen=True)
+class DeploymentRecord:
+    """One deployment as `/deployments/filter` describes it, named `flow/deployment`.
+
+    `interval` is the shortest active interval schedule in seconds, None when there is none;
+    `calendar_schedules` counts active cron and rrule schedules (their interval is measured
+    from the upcoming runs), `active_schedules` all active schedules.
+    """
+
+    id: str
+    name: str
+    paused: bool
+    active_schedules: int = 0
+    interval: float | None = None
+    calendar_schedules: int = 0
+
+
+@dataclass(frozen=True)
+class EndedRun:
+    """A flow run of a deployment that reached a terminal state; `end_time` in Unix seconds."""
+
+    id: str
+    deployment_id: str
+    state_type: str
+    end_time: float
+
+
+@dataclass(frozen=True)
+class UpcomingRun:
+    """A Scheduled flow run of a deployment; `start` is its next scheduled start, Unix seconds."""
+
+    id: str
+    deployment_id: str
+    start: float
+
+
+@dataclass(frozen=True)
+class DeploymentHealth:
+    """What the deployments reader knows as of one poll, for the snapshot.
+
+    `deployments` are the exported ones (at most the selector's `max`), `matching` how many
+    matched the globs; `last_end` maps a deployment id to the latest end time (Unix seconds)
+    of its runs by terminal state type (COMPLETED, FAILED, CRASHED), `upcoming` to the next
+    scheduled starts of its runs (at most two, earliest first).
+    """
+
+    deployments: tuple[DeploymentRecord, ...] = ()
+    matching: int = 0
+    last_end: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    upcoming: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class PoolRecord:
     """One work pool as the API describes it."""
 
@@ -248,6 +336,7 @@ class PollRecords:
     limits: tuple[ConcurrencyLimitRecord, ...] = ()
     holders: LimitHolders | None = None
     runs_without_work_queue: int | None = None
+    deployment_health: DeploymentHealth | None = None
 
 
 @dataclass(frozen=True)
@@ -334,6 +423,7 @@ class FlowRunEvent:
     state_type: str
     state_name: str
     work_pool: str
+    deployment: str | None = None  # `flow/deployment`, None for a run of no deployment
 
 
 # Waits from seconds (a warm process worker) to hours (a starved pool).
@@ -367,13 +457,15 @@ class LatencyStats:
     """Everything the event reader has counted, as immutable data for the snapshot.
 
     `pickup` and `start` are delay histograms by work pool, `transitions` counts runs entering
-    each (pool, state name), `lag_seconds` is how far the reader trails the poll and `behind`
-    says that the last poll left events unread.
+    each (pool, state name), `finished` runs of selected deployments reaching each terminal
+    state (deployment, FINISHED_STATE_LABELS value), `lag_seconds` is how far the reader trails
+    the poll and `behind` says that the last poll left events unread.
     """
 
     pickup: Mapping[str, HistogramState] = field(default_factory=dict)
     start: Mapping[str, HistogramState] = field(default_factory=dict)
     transitions: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    finished: Mapping[tuple[str, str], int] = field(default_factory=dict)
     lag_seconds: float | None = None
     behind: bool = False
     events_read: int = 0

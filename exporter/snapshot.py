@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from exporter.records import (
     AWAITING_CONCURRENCY_SLOT,
+    FAILURE_STATE_TYPES,
+    FINISHED_STATE_LABELS,
     IN_FLIGHT_STATE_TYPES,
     KNOWN_STATE_NAMES,
     TERMINAL_STATE_TYPES,
     ConcurrencyLimitRecord,
+    DeploymentHealth,
+    DeploymentRecord,
     LatencyStats,
     LimitHolders,
     LimitKind,
     PollRecords,
     QueueRunStats,
     StateCount,
+    StateType,
     WorkerRecord,
 )
 
@@ -98,6 +104,32 @@ class DeploymentState:
 
 
 @dataclass(frozen=True)
+class DeploymentHealthState:
+    """One selected deployment (`flow/deployment`); timestamps Unix seconds, None if unknown.
+
+    `last_failures` pairs each failure outcome seen (Failed, Crashed) with when its latest run
+    ended; `schedule_interval` is in seconds (see `schedule_interval`).
+    """
+
+    name: str
+    paused: bool
+    active_schedules: int
+    schedule_interval: float | None
+    next_run: float | None
+    last_success: float | None
+    last_failures: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class DeploymentsView:
+    """The deployment health series of one poll; `capped` counts matching deployments left
+    out by the cap (`--deployments.max`)."""
+
+    deployments: tuple[DeploymentHealthState, ...]
+    capped: int
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """The state of one Prefect API as of one successful poll.
 
@@ -114,6 +146,7 @@ class Snapshot:
     latency: LatencyStats | None = None
     features: tuple[tuple[str, bool], ...] = ()
     runs_without_work_queue: int | None = None
+    deployment_health: DeploymentsView | None = None
 
 
 EMPTY_STATS = QueueRunStats(
@@ -196,6 +229,42 @@ def _limit_state(limit: ConcurrencyLimitRecord, holders: LimitHolders | None) ->
         leaked=leaked_slots(limit, holders),
         prefect_name=limit.name,
     )
+
+
+def schedule_interval(deployment: DeploymentRecord, upcoming: Sequence[float]) -> float | None:
+    """Seconds between two runs of the deployment's active schedules; None when unknown.
+
+    Interval schedules give it directly (the shortest when several). A cron or rrule schedule
+    has no fixed interval: the gap between the next two upcoming runs stands for it (Prefect's
+    scheduler creates them ahead), and the smaller of the two when both kinds are active.
+    """
+    if not deployment.active_schedules:
+        return None
+    if not deployment.calendar_schedules or len(upcoming) < 2:
+        return deployment.interval
+    gap = upcoming[1] - upcoming[0]
+    return gap if deployment.interval is None else min(gap, deployment.interval)
+
+
+def _deployments_view(health: DeploymentHealth) -> DeploymentsView:
+    rows = []
+    for d in sorted(health.deployments, key=lambda d: d.name):
+        ends = health.last_end.get(d.id, {})
+        upcoming = health.upcoming.get(d.id, ())
+        rows.append(
+            DeploymentHealthState(
+                name=d.name,
+                paused=d.paused,
+                active_schedules=d.active_schedules,
+                schedule_interval=schedule_interval(d, upcoming),
+                next_run=upcoming[0] if upcoming else None,
+                last_success=ends.get(StateType.COMPLETED),
+                last_failures=tuple(
+                    (FINISHED_STATE_LABELS[t], ends[t]) for t in FAILURE_STATE_TYPES if t in ends
+                ),
+            )
+        )
+    return DeploymentsView(tuple(rows), max(0, health.matching - len(health.deployments)))
 
 
 def build_snapshot(
@@ -287,4 +356,9 @@ def build_snapshot(
         latency=latency,
         features=features,
         runs_without_work_queue=records.runs_without_work_queue,
+        deployment_health=(
+            _deployments_view(records.deployment_health)
+            if records.deployment_health is not None
+            else None
+        ),
     )

@@ -14,7 +14,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from exporter.records import FlowRunEvent, HistogramState, LatencyStats, StateName, StateType
+from exporter.records import (
+    FINISHED_STATE_LABELS,
+    FlowRunEvent,
+    HistogramState,
+    LatencyStats,
+    StateName,
+    StateType,
+)
 from exporter.statefile import StateFile
 
 _REMEMBERED_RUNS = 50_000  # bounds memory: runs whose Pending time or observation we keep
@@ -100,6 +107,7 @@ class TransitionTracker:
         self._pickup: dict[str, HistogramState] = {}
         self._start: dict[str, HistogramState] = {}
         self._transitions: dict[tuple[str, str], int] = {}
+        self._finished: dict[tuple[str, str], int] = {}
         self._events_read = 0
 
     def first_pendings(self, events: Iterable[FlowRunEvent]) -> list[FlowRunEvent]:
@@ -115,14 +123,21 @@ class TransitionTracker:
         events: Iterable[FlowRunEvent],
         expected_starts: Mapping[str, float | None],
         counted: Callable[[str], bool] = lambda pool: True,
+        deployments: Callable[[str], bool] = lambda deployment: False,
     ) -> None:
         """Count events past the cursor; `expected_starts` dates the runs' Pending events.
 
         Only events of pools for which `counted(pool)` holds are counted; the cursor moves past
-        all of them, so events of other pools are not read again.
+        all of them, so events of other pools are not read again. Runs of deployments for which
+        `deployments(flow/deployment)` holds are counted as they finish, whatever their pool
+        (the deployment was selected by name).
         """
         fresh = self.cursor.unseen(events)
         for event in fresh:
+            outcome = FINISHED_STATE_LABELS.get(event.state_type)
+            if outcome and event.deployment is not None and deployments(event.deployment):
+                finished = (event.deployment, outcome)
+                self._finished[finished] = self._finished.get(finished, 0) + 1
             if not counted(event.work_pool):
                 continue
             self._events_read += 1
@@ -158,6 +173,7 @@ class TransitionTracker:
             pickup=dict(self._pickup),
             start=dict(self._start),
             transitions=dict(self._transitions),
+            finished=dict(self._finished),
             lag_seconds=max(0.0, now - self.cursor.occurred),
             behind=behind,
             events_read=self._events_read,

@@ -70,6 +70,7 @@ LAYERS = {
     "limits_reader": 4,
     "events_reader": 4,
     "run_reader": 4,
+    "deployments_reader": 4,
     # The poll loop, and the sidecar's log follower beside it.
     "poller": 5,
     "worklog": 5,

@@ -10,7 +10,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from exporter.collector import OWN_FAMILIES, SNAPSHOT_FAMILIES, ExporterCollector, SnapshotCollector
 from exporter.records import HistogramState, LatencyStats, LimitKind
 from exporter.snapshot import (
+    DeploymentHealthState,
     DeploymentState,
+    DeploymentsView,
     LimitState,
     PoolState,
     QueueState,
@@ -85,6 +87,20 @@ def full_snapshot() -> Snapshot:
         ),
         features=(("events", True),),
         runs_without_work_queue=3,
+        deployment_health=DeploymentsView(
+            (
+                DeploymentHealthState(
+                    name="etl/nightly",
+                    paused=False,
+                    active_schedules=1,
+                    schedule_interval=86400.0,
+                    next_run=NOW + 3600,
+                    last_success=NOW - 7200,
+                    last_failures=(("Crashed", NOW - 90000),),
+                ),
+            ),
+            capped=0,
+        ),
     )
 
 

@@ -44,6 +44,9 @@ EXPORTER_ARGS = (
     f"--poll.interval={POLL_INTERVAL}s",
     "--prefect.requests-per-minute=6000",
     "--deployments.breakdown",
+    # Deployment health, so that its families are in the scrape (their values are checked by
+    # tests/test_integration_deployments.py).
+    "--deployments.include=*",
     # These tests pin the per-queue path; tests/test_integration_scale.py the run-centric one.
     "--poll.mode=per-queue",
 )
@@ -84,6 +87,22 @@ def scenario(prefect_server: PrefectServer) -> Iterator[Scenario]:
     admin.force_state(cancelling, "RUNNING")  # a run that never ran is cancelled at once
     admin.force_state(cancelling, "CANCELLING")
     admin.force_state(awaiting, "SCHEDULED", "AwaitingConcurrencySlot")
+    # A paused deployment with an hourly schedule (paused: the scheduler adds no runs) and two
+    # runs that ended, for the deployment health families.
+    health = admin.request(
+        "POST",
+        "deployments/",
+        {
+            "name": "health-dep",
+            "flow_id": admin.request("POST", "flows/", {"name": "quick"})["id"],
+            "work_pool_name": "paused",
+            "work_queue_name": "default",
+            "paused": True,
+            "schedules": [{"schedule": {"interval": 3600}, "active": True}],
+        },
+    )["id"]
+    for ended, state in zip(admin.create_runs(health, 2), ("COMPLETED", "FAILED"), strict=True):
+        admin.force_state(ended, state)
     admin.create_tag_limit("reports", 3)
     admin.create_global_limit("warehouse", 5)
 

@@ -1,0 +1,248 @@
+"""Reads the health of selected deployments: last success and failure, next run, schedule.
+
+Cost follows neither the number of runs nor (up to 200) the number of deployments:
+
+- the deployment list (names, pause flag, schedules) is slow-changing and read every
+  LIST_REFRESH_SECONDS: one page of 200 deployments and one request for their flows' names;
+- the last end per deployment and outcome is found once by listing ended runs latest first, for
+  the deployments not yet found only (each page finds at least one), and afterwards by one
+  listing of the runs that ended since the last read: one request a poll while fewer than 200
+  runs of the selected deployments end between two polls;
+- the next upcoming run of every selected deployment (the next two for cron and rrule schedules,
+  whose gap stands for their interval) comes from one listing of Scheduled runs, earliest first,
+  dropping deployments as they are found (one request a poll, a few more while some deployments
+  schedule far more often than others).
+
+Every listing stops after MAX_PAGES pages a poll; a search that did not finish goes on at the
+next poll. State changes only once every request of the read succeeded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from structlog.typing import FilteringBoundLogger
+
+from exporter.clock import Deadline, UnixTime
+from exporter.records import (
+    FAILURE_STATE_TYPES,
+    DeploymentHealth,
+    DeploymentRecord,
+    DeploymentSelector,
+    EndedRun,
+    StateType,
+    UpcomingRun,
+)
+
+PAGE_SIZE = 200  # the API's page size, as prefect_api.PAGE_SIZE
+# Names, pause flags and schedules change rarely; re-read them every five minutes.
+LIST_REFRESH_SECONDS = 300.0
+# Pages one search may read in one poll; an unfinished search goes on at the next poll.
+MAX_PAGES = 5
+# A run's end time is its terminal state's timestamp, taken by the process that proposed the
+# state (the flow-run process, or the worker for Crashed) and stored a moment later: each read
+# looks this far back before the previous one, so a run stored late is not missed.
+END_OVERLAP_SECONDS = 120.0
+# The outcomes a deployment's last end is kept for.
+OUTCOMES = (StateType.COMPLETED, *FAILURE_STATE_TYPES)
+
+
+class DeploymentsApi(Protocol):
+    """The reads the deployments reader needs (prefect_api.PrefectApi has them)."""
+
+    async def deployments(self, deadline: Deadline) -> list[DeploymentRecord]: ...
+    async def ended_runs_page(
+        self,
+        deployment_ids: Sequence[str],
+        state_types: Sequence[StateType],
+        after: UnixTime | None,
+        deadline: Deadline,
+    ) -> list[EndedRun]: ...
+    async def upcoming_runs_page(
+        self, deployment_ids: Sequence[str], after: UnixTime, deadline: Deadline
+    ) -> list[UpcomingRun]: ...
+
+
+class DeploymentsReader:
+    """Health of the deployments `selector` selects, read within a few requests per poll.
+
+    `counts(name)` says whether the events tracker should count a deployment's finished runs:
+    the selected deployments that are exported (all matching ones until the cap is hit).
+    """
+
+    def __init__(
+        self,
+        api: DeploymentsApi,
+        selector: DeploymentSelector,
+        log: FilteringBoundLogger,
+        refresh_seconds: float = LIST_REFRESH_SECONDS,
+    ) -> None:
+        self._api = api
+        self._selector = selector
+        self._log = log
+        self._refresh_seconds = refresh_seconds
+        self._listed_at: float | None = None
+        self._deployments: tuple[DeploymentRecord, ...] = ()
+        self._matching = 0
+        self._exported: frozenset[str] = frozenset()
+        # Latest end (Unix seconds) by deployment id and outcome, and the deployments whose
+        # first search (all their history) is finished, per outcome.
+        self._last_end: dict[str, dict[str, float]] = {}
+        self._searched: dict[StateType, frozenset[str]] = {t: frozenset() for t in OUTCOMES}
+        # Ends at or after this time are still to be read for the searched deployments.
+        self._ends_since: float | None = None
+        self._upcoming: dict[str, tuple[float, ...]] = {}
+
+    def counts(self, deployment: str) -> bool:
+        """True when finished runs of `deployment` (`flow/deployment`) are to be counted."""
+        if not self._selector.selects(deployment):
+            return False
+        capped = self._matching > len(self._deployments)
+        return not capped or deployment in self._exported
+
+    async def read(self, now: UnixTime, deadline: Deadline) -> DeploymentHealth:
+        """The selected deployments' health as of `now`; raises PrefectApiError."""
+        listed_at, deployments, matching = self._listed_at, self._deployments, self._matching
+        # Wall-clock time (the poll's `now`): a clock stepped back re-reads the list at once.
+        if listed_at is None or not 0 <= now - listed_at < self._refresh_seconds:
+            everything = await self._api.deployments(deadline)
+            chosen = sorted(
+                (d for d in everything if self._selector.selects(d.name)), key=lambda d: d.name
+            )
+            listed_at, matching = now, len(chosen)
+            deployments = tuple(chosen[: self._selector.max])
+        ids = [d.id for d in deployments]
+        last_end = {i: dict(self._last_end.get(i, {})) for i in ids}
+        searched = {t: self._searched[t] & set(ids) for t in OUTCOMES}
+        for outcome in OUTCOMES:
+            # First searches: the whole history, latest first, for deployments not yet found.
+            todo = [i for i in ids if i not in searched[outcome]]
+            found, finished = await self._latest(todo, (outcome,), None, deadline)
+            for deployment_id, run in found.items():
+                last_end[deployment_id][outcome] = run.end_time
+            searched[outcome] = searched[outcome] | finished
+        ends_since = await self._recent_ends(searched, last_end, now, deadline)
+        upcoming = await self._next_runs(deployments, now, deadline)
+        # Every request succeeded: only now does the reader's state move.
+        if matching > len(deployments) and (
+            matching != self._matching or len(deployments) != len(self._deployments)
+        ):
+            self._log.warning(
+                "deployments_capped",
+                matching=matching,
+                exported=len(deployments),
+                hint="narrow --deployments.include or raise --deployments.max",
+            )
+        self._listed_at, self._deployments, self._matching = listed_at, deployments, matching
+        self._exported = frozenset(d.name for d in deployments)
+        self._last_end, self._searched, self._ends_since = last_end, searched, ends_since
+        self._upcoming = upcoming
+        return DeploymentHealth(
+            deployments=deployments,
+            matching=matching,
+            last_end={i: dict(ends) for i, ends in last_end.items()},
+            upcoming=dict(upcoming),
+        )
+
+    async def _recent_ends(
+        self,
+        searched: Mapping[StateType, frozenset[str]],
+        last_end: dict[str, dict[str, float]],
+        now: UnixTime,
+        deadline: Deadline,
+    ) -> float | None:
+        """Runs of searched deployments that ended since the last read; returns the new start.
+
+        One listing of every outcome while it fits a page; otherwise one search per outcome
+        (latest first, deployments dropped as found). The start moves to `now` only when every
+        such search finished.
+        """
+        if self._ends_since is None:
+            return now  # nothing searched before this poll: the first searches reached `now`
+        after = UnixTime(self._ends_since - END_OVERLAP_SECONDS)
+        ids = sorted(set().union(*searched.values()))
+        if not ids:
+            return now
+        runs = await self._api.ended_runs_page(ids, OUTCOMES, after, deadline)
+        if len(runs) < PAGE_SIZE:
+            for run in runs:
+                self._keep(last_end, run)
+            return now
+        complete = True
+        for outcome in OUTCOMES:
+            todo = sorted(searched[outcome])
+            found, finished = await self._latest(todo, (outcome,), after, deadline)
+            for run in found.values():
+                self._keep(last_end, run)
+            complete = complete and finished == set(todo)
+        return now if complete else self._ends_since
+
+    @staticmethod
+    def _keep(last_end: dict[str, dict[str, float]], run: EndedRun) -> None:
+        ends = last_end.get(run.deployment_id)
+        if ends is not None and run.end_time > ends.get(run.state_type, float("-inf")):
+            ends[run.state_type] = run.end_time
+
+    async def _latest(
+        self,
+        deployment_ids: Sequence[str],
+        state_types: Sequence[StateType],
+        after: UnixTime | None,
+        deadline: Deadline,
+    ) -> tuple[dict[str, EndedRun], frozenset[str]]:
+        """Each deployment's latest run ending in `state_types` (at `after` or later).
+
+        Returns those found, and the deployments whose search finished (found, or known to
+        have no such run). Each page asks only for deployments not found yet, so its first run
+        is a new find: at most one page per deployment, usually one for all.
+        """
+        remaining = set(deployment_ids)
+        found: dict[str, EndedRun] = {}
+        for _ in range(MAX_PAGES):
+            if not remaining:
+                break
+            runs = await self._api.ended_runs_page(sorted(remaining), state_types, after, deadline)
+            for run in runs:  # latest first: a deployment's first run is its latest
+                if run.deployment_id in remaining and run.deployment_id not in found:
+                    found[run.deployment_id] = run
+            remaining -= set(found)
+            if len(runs) < PAGE_SIZE:
+                remaining.clear()  # the rest have no such run
+        return found, frozenset(set(deployment_ids) - remaining)
+
+    async def _next_runs(
+        self, deployments: Sequence[DeploymentRecord], now: UnixTime, deadline: Deadline
+    ) -> dict[str, tuple[float, ...]]:
+        """The next scheduled starts of each deployment: two for those with a cron or rrule
+        schedule (their interval is the gap), one for the others.
+
+        Earliest first; a deployment leaves the listing once it has what it needs, and the
+        listing moves on from the last start read, so a deployment that schedules every minute
+        cannot crowd out one that runs daily. A search that does not finish within MAX_PAGES
+        keeps the starts already known (carried over from the last poll when none).
+        """
+        wanted = {d.id: 2 if d.calendar_schedules else 1 for d in deployments}
+        starts: dict[str, list[UpcomingRun]] = {i: [] for i in wanted}
+        remaining = set(wanted)
+        after = now
+        for _ in range(MAX_PAGES):
+            if not remaining:
+                break
+            runs = await self._api.upcoming_runs_page(sorted(remaining), after, deadline)
+            for run in runs:
+                known = starts[run.deployment_id]
+                if run.deployment_id in remaining and all(r.id != run.id for r in known):
+                    known.append(run)
+                    if len(known) >= wanted[run.deployment_id]:
+                        remaining.discard(run.deployment_id)
+            if len(runs) < PAGE_SIZE:
+                remaining.clear()  # no more upcoming runs for the others
+            elif runs[0].start == runs[-1].start:
+                break  # a full page at one instant: the listing cannot move on
+            else:
+                after = UnixTime(runs[-1].start)  # inclusive; runs already read are skipped
+        result = {i: tuple(r.start for r in runs) for i, runs in starts.items() if runs}
+        for deployment_id in remaining:
+            result.setdefault(deployment_id, self._upcoming.get(deployment_id, ()))
+        return {i: s for i, s in result.items() if s}
