@@ -27,6 +27,7 @@ from exporter.prefect_parse import (
     parse_queue,
     parse_run,
     parse_run_state,
+    parse_version,
     parse_worker,
     required,
     to_timestamp,
@@ -105,6 +106,14 @@ class PrefectApi:
         await self._http.aclose()
 
     # -- reads -------------------------------------------------------------------------------
+
+    async def server_version(self, deadline: Deadline) -> str:
+        """The server's Prefect version as `GET /admin/version` answers it ("3.9.1"). One request.
+
+        Raises ApiStatusError 404 where the API does not offer the route.
+        """
+        payload = await self._http.call("GET", "/admin/version", "admin/version", None, deadline)
+        return parse_version(payload)
 
     async def work_pools(self, deadline: Deadline) -> list[PoolRecord]:
         rows = await self._paged("/work_pools/filter", "work_pools/filter", {}, deadline)

@@ -237,3 +237,23 @@ def parse_history(payload: Any) -> tuple[StateCount, ...]:
                 raise MalformedResponse("history.state.count_runs: missing")
             totals[key] = totals.get(key, 0) + count
     return tuple(StateCount(t, n, c) for (t, n), c in sorted(totals.items()))
+
+
+# A version string longer than this is not one Prefect writes (`3.9.1`, `3.6.0rc2+12.gabcdef`).
+MAX_VERSION_LENGTH = 64
+
+
+def parse_version(payload: Any) -> str:
+    """The server's version from `GET /admin/version`: a JSON string such as "3.9.1".
+
+    Prefect's route (prefect.server.api.admin.read_version) answers `prefect.__version__`.
+    Raises MalformedResponse for anything else: not a string, empty, longer than
+    MAX_VERSION_LENGTH, or with whitespace or control characters (it becomes a label value).
+    """
+    if not isinstance(payload, str):
+        raise MalformedResponse(f"admin/version: expected a string, got {type(payload).__name__}")
+    if not payload or len(payload) > MAX_VERSION_LENGTH:
+        raise MalformedResponse("admin/version: implausible version length")
+    if not payload.isprintable() or any(c.isspace() for c in payload):
+        raise MalformedResponse("admin/version: version with blank or control characters")
+    return payload

@@ -102,7 +102,8 @@ class Snapshot:
     """The state of one Prefect API as of one successful poll.
 
     `runs_without_work_queue` counts due Scheduled runs whose work queue was deleted (None when
-    not read): they belong to no pool and no worker will take them.
+    not read): they belong to no pool and no worker will take them. `server_version` is the
+    server's Prefect version as `GET /admin/version` answers it (None when not offered).
     """
 
     observed_at: float
@@ -114,6 +115,7 @@ class Snapshot:
     latency: LatencyStats | None = None
     features: tuple[tuple[str, bool], ...] = ()
     runs_without_work_queue: int | None = None
+    server_version: str | None = None
 
 
 EMPTY_STATS = QueueRunStats(
@@ -195,8 +197,9 @@ def build_snapshot(
     heartbeat_multiple: float = 3.0,
     latency: LatencyStats | None = None,
     features: tuple[tuple[str, bool], ...] = (),
+    server_version: str | None = None,
 ) -> Snapshot:
-    """Derive the exported state from one poll's records."""
+    """Derive the exported state from one poll's records (and the server's version, if read)."""
     now = records.observed_at
     workers = tuple(
         WorkerState(
@@ -279,4 +282,5 @@ def build_snapshot(
         latency=latency,
         features=features,
         runs_without_work_queue=records.runs_without_work_queue,
+        server_version=server_version,
     )
