@@ -8,7 +8,7 @@ routes Cloud does not offer (`/admin/version`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import httpx
@@ -77,9 +77,9 @@ class Run:
         )
         with structlog.testing.capture_logs() as logs:
             self.wait = asyncio.run(self.poller.poll_and_publish())
-        self.logs: list[dict[str, Any]] = logs
+        self.logs = logs
 
-    def events(self, name: str) -> list[dict[str, Any]]:
+    def events(self, name: str) -> list[MutableMapping[str, Any]]:
         return [e for e in self.logs if e["event"] == name]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import MutableMapping
 from typing import Any
 
 import pytest
@@ -128,7 +129,9 @@ class VersionedApi(FakeApi):
         return self.version
 
 
-def poll(api: VersionedApi, polls: int = 1) -> tuple[list[Snapshot], list[dict[str, Any]]]:
+def poll(
+    api: VersionedApi, polls: int = 1
+) -> tuple[list[Snapshot], list[MutableMapping[str, Any]]]:
     """Run `polls` polls with a server info reader; the snapshots and the captured log."""
     store = FakeStore()
     with structlog.testing.capture_logs() as logs:
