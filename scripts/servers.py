@@ -50,7 +50,9 @@ SERVERS: dict[str, tuple[str, ...]] = {
         "sqlalchemy<2.1",
         "uvicorn<0.35",
     ),
+    # Without pins: the same as 3.2.15 (importlib_metadata; FastAPI and Starlette of today).
     "3.4.25": (
+        "importlib_metadata",
         "pydantic<2.12",
         "pydantic-settings<2.11",
         "fastapi<0.117",
