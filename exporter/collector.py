@@ -452,6 +452,7 @@ SNAPSHOT_FAMILIES: tuple[SnapshotFamily, ...] = (
         "start and hourly), always 1; absent where the API does not offer it (Prefect Cloud).",
         labels=("version",),
         samples=_single_labelled(lambda s: s.server_version),
+        present=lambda s: s.server_version is not None,
     ),
     Family(
         name="prefect_exporter_feature_available",

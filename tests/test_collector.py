@@ -85,6 +85,7 @@ def full_snapshot() -> Snapshot:
         ),
         features=(("events", True),),
         runs_without_work_queue=3,
+        server_version="3.9.1",
     )
 
 
