@@ -27,6 +27,7 @@ from exporter.prefect_parse import (
     parse_queue,
     parse_run,
     parse_run_state,
+    parse_v1_tag_limit,
     parse_version,
     parse_worker,
     required,
@@ -409,6 +410,13 @@ class PrefectApi:
             "/v2/concurrency_limits/filter", "v2/concurrency_limits/filter", {}, deadline
         )
         return [parse_limit(row) for row in rows]
+
+    async def legacy_tag_limits(self, deadline: Deadline) -> list[ConcurrencyLimitRecord]:
+        """Tag limits as the v1 view lists them, as `tag:<tag>` records (see parse_v1_tag_limit)."""
+        rows = await self._paged(
+            "/concurrency_limits/filter", "concurrency_limits/filter", {}, deadline
+        )
+        return [parse_v1_tag_limit(row) for row in rows]
 
     async def tag_limit_holders(self, deadline: Deadline) -> dict[str, tuple[str, ...]]:
         """Task-run ids holding each tag limit (the v1 view of the `tag:` limits)."""

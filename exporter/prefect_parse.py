@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 from exporter.errors import MalformedResponse
 from exporter.records import (
+    TAG_LIMIT_PREFIX,
     ConcurrencyLimitRecord,
     FlowRunEvent,
     PoolRecord,
@@ -144,6 +145,28 @@ def parse_limit(obj: Mapping[str, Any]) -> ConcurrencyLimitRecord:
         limit=limit,
         active_slots=_count_field(obj, "active_slots", where) or 0,
         active=_get(obj, "active", bool, where) is not False,
+    )
+
+
+def parse_v1_tag_limit(obj: Mapping[str, Any]) -> ConcurrencyLimitRecord:
+    """A row of the v1 tag-limit view (`/concurrency_limits/filter`) as a `tag:<tag>` limit.
+
+    Servers before Prefect's v1-to-v2 adapter (3.4.x) keep tag limits in this table alone,
+    with the holders' task-run ids as `active_slots`; v1 limits cannot be switched off.
+    """
+    where = "concurrency_limit"
+    limit = _count_field(obj, "concurrency_limit", where)
+    if limit is None:
+        raise MalformedResponse(f"{where}.concurrency_limit: missing")
+    slots = obj.get("active_slots") or []
+    if not isinstance(slots, list) or not all(isinstance(x, str) for x in slots):
+        raise MalformedResponse(f"{where}.active_slots: expected a list of ids")
+    return ConcurrencyLimitRecord(
+        id=required(obj, "id", str, where),
+        name=TAG_LIMIT_PREFIX + required(obj, "tag", str, where),
+        limit=limit,
+        active_slots=len(slots),
+        active=True,
     )
 
 
