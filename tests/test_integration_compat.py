@@ -6,7 +6,8 @@ the middle) each get a real server, a real process worker, real runs and three e
 
 - per-queue, behind the fault proxy (tests/faultproxy.py) that answers 429 with Retry-After;
 - run-centric, direct;
-- run-centric from the oldest prefect-client pyproject.toml allows (its own environment).
+- run-centric from the oldest prefect-client pyproject.toml allows (its own environment);
+- per-queue through the fake of Prefect Cloud (tests/cloudfake.py: workspace URL, API key).
 
 Every figure is compared with what was seeded; the exporter's log must name every feature it
 degraded. `PREFECT_COMPAT_SERVERS=3.2.15` runs other versions of SERVERS by hand.
@@ -40,6 +41,7 @@ from demo.stack import (
     wait_for,
 )
 from exporter.features import Feature
+from tests.cloudfake import API_KEY, CloudProxy, CloudRules
 from tests.faultproxy import EveryNth, Fault, FaultProxy
 from tests.scripts import load_script
 
@@ -134,12 +136,14 @@ class Scenario:
     per_queue: ExporterProcess
     run_centric: ExporterProcess
     old_client: ClientExporter
+    cloud: ExporterProcess
+    cloud_rules: CloudRules
     due_at: datetime
     event_run: str
 
     @property
     def exporters(self) -> tuple[ExporterProcess, ...]:
-        return (self.per_queue, self.run_centric, self.old_client)
+        return (self.per_queue, self.run_centric, self.old_client, self.cloud)
 
 
 @pytest.fixture(scope="module", params=VERSIONS)
@@ -196,7 +200,21 @@ def scenario(
                 SERVERS.client_dir(OLDEST_CLIENT), SERVERS.client_requirements(OLDEST_CLIENT)
             ),
         )
-        for exporter in (per_queue, run_centric, old_client):
+        cloud_rules = CloudRules()
+        cloud_proxy = CloudProxy(server.api_url.removesuffix("/api"), cloud_rules)
+        cloud_proxy.start()
+        cleanup.callback(cloud_proxy.stop)
+        # The key from the YAML file: ExporterProcess passes no PREFECT_ variable but the URL.
+        config = home / "cloud.yml"
+        config.write_text(f"prefect:\n  api_key: {API_KEY}\n")
+        cloud = ExporterProcess(
+            cloud_proxy.api_url,
+            *EXPORTER_ARGS,
+            "--poll.mode=per-queue",
+            f"--config.file={config}",
+            log_path=home / "exporter-cloud.log",
+        )
+        for exporter in (per_queue, run_centric, old_client, cloud):
             cleanup.callback(exporter.stop)
             exporter.start()
         # A run moved through Pending and Running to Completed: three flow-run events.
@@ -214,6 +232,8 @@ def scenario(
             per_queue,
             run_centric,
             old_client,
+            cloud,
+            cloud_rules,
             due_at,
             event_run,
         )
@@ -303,10 +323,10 @@ class TestMatrix:
                 assert errors == 0, f"{reason} on {scenario.version}: see {exporter.log_path}"
 
     def test_server_version_is_reported_as_the_api_answers_it(self, scenario: Scenario) -> None:
-        """prefect_server_info carries the version GET /admin/version answers."""
+        """prefect_server_info carries the version GET /admin/version answers (not on Cloud)."""
         answered = scenario.admin.request("GET", "admin/version")
         assert answered == scenario.version
-        for exporter in scenario.exporters:
+        for exporter in (scenario.per_queue, scenario.run_centric, scenario.old_client):
             until(
                 exporter,
                 lambda e: e.value("prefect_server_info", version=scenario.version) == 1,
@@ -378,19 +398,34 @@ class TestMatrix:
             assert during == [], f"requests during a back-off on {scenario.version}: {during}"
 
     def test_every_degraded_feature_is_logged(self, scenario: Scenario) -> None:
-        """feature_available 0 for a feature exactly when the log says feature_unavailable."""
-        exporter = scenario.run_centric
-        wait_for(lambda: exporter.value("prefect_up") == 1, 60, "a successful poll")
-        available = {
-            f: exporter.value("prefect_exporter_feature_available", feature=str(f)) for f in Feature
+        """feature_available 0 for a feature exactly when the log says feature_unavailable:
+        none on a server, the server's version behind Cloud's rules."""
+        expected = {scenario.run_centric: set(), scenario.cloud: {str(Feature.SERVER_VERSION)}}
+        for exporter, degraded in expected.items():
+            until(exporter, lambda e: e.value("prefect_up") == 1, 60, "a successful poll")
+            available = {
+                str(f): exporter.value("prefect_exporter_feature_available", feature=str(f))
+                for f in Feature
+            }
+            assert {f for f, value in available.items() if value == 0} == degraded, available
+            assert {f for f, value in available.items() if value == 1} == set(available) - degraded
+            logged = {
+                str(e.get("feature"))
+                for e in log_events(exporter.log_path)
+                if e.get("event") == "feature_unavailable"
+            }
+            assert logged == degraded
+
+    def test_cloud_workspace_url_and_key(self, scenario: Scenario) -> None:
+        """Through Cloud's rules every request carried the key and none was refused but the
+        server's version, which is absent, not made up."""
+        assert scenario.cloud_rules.statuses(401) == []
+        refused = {
+            path.split("/workspaces/", 1)[1] for _, path in scenario.cloud_rules.statuses(404)
         }
-        assert set(available.values()) <= {0.0, 1.0}, available
-        logged = {
-            str(e.get("feature"))
-            for e in log_events(exporter.log_path)
-            if e.get("event") == "feature_unavailable"
-        }
-        assert logged == {str(f) for f, value in available.items() if value == 0}
+        assert {p.split("/", 1)[1] for p in refused} == {"admin/version"}
+        series = [key for key in scenario.cloud.samples() if key[0] == "prefect_server_info"]
+        assert series == []
 
 
 class TestOldestClient:
