@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from exporter.clock import Deadline
+from exporter.errors import ApiStatusError
 from exporter.gather import gather_bounded
 from exporter.records import ConcurrencyLimitRecord, LimitHolders, LimitKind, RunState
 
@@ -67,7 +68,13 @@ class LimitsReader:
         if not (self._legacy_tags or due):
             return limits
         known = {r.tag for r in limits if r.tag is not None}
-        legacy = [r for r in await self._api.legacy_tag_limits(deadline) if r.tag not in known]
+        try:
+            listed = await self._api.legacy_tag_limits(deadline)
+        except ApiStatusError as exc:
+            if exc.status != 404:
+                raise
+            listed = []  # no v1 view at all: the v2 table is the whole truth
+        legacy = [r for r in listed if r.tag not in known]
         self._legacy_tags, self._legacy_checked = bool(legacy), now
         return limits + legacy
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from exporter.clock import Deadline
-from exporter.errors import MalformedResponse
+from exporter.errors import ApiStatusError, MalformedResponse
 from exporter.limits_reader import LEGACY_TAGS_CHECK_SECONDS, LimitsReader
 from exporter.prefect_parse import parse_v1_tag_limit
 from exporter.records import ConcurrencyLimitRecord, RunState
@@ -141,6 +141,16 @@ class TestLegacyTagLimits:
         now[0] += 1
         read_names(reader)
         assert api.v1_reads == 2
+
+    def test_a_server_without_the_v1_view_keeps_its_v2_limits(self) -> None:
+        """A 404 from the v1 view means no legacy tags, not a degraded limits feature."""
+
+        class NoV1(LimitsFake):
+            async def legacy_tag_limits(self, deadline: Deadline) -> list[ConcurrencyLimitRecord]:
+                raise ApiStatusError("/concurrency_limits/filter", 404, None)
+
+        reader = LimitsReader(NoV1([GLOBAL, TAG], []), 2, False, monotonic=lambda: 0.0)
+        assert read_names(reader) == ["tag:reports", "warehouse"]
 
     def test_v1_rows_become_tag_limits(self) -> None:
         """Tag, limit and the number of holders; v1 limits are always enforced."""

@@ -40,6 +40,7 @@ def workspace() -> FakePrefect:
     fake.on("POST", "flow_runs/history", [{"states": []}])
     fake.on("POST", "flow_runs/count", 0)
     fake.on("POST", "v2/concurrency_limits/filter", [])
+    fake.on("POST", "concurrency_limits/filter", [])
     fake.on("POST", "events/filter", {"events": [], "total": 0, "next_page": None})
     return fake
 
