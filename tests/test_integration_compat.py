@@ -2,7 +2,7 @@
 
 The newest server (.venv-prefect-server) is what the rest of the suite runs against; here the
 other servers of `scripts/servers.py`'s MATRIX (the oldest 3.x the exporter claims and one in
-the middle) each get a real server, a real process worker, real runs and three exporters:
+the middle) each get a real server, a real process worker, real runs and four exporters:
 
 - per-queue, behind the fault proxy (tests/faultproxy.py) that answers 429 with Retry-After;
 - run-centric, direct;
