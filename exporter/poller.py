@@ -420,7 +420,7 @@ class Poller:
         )
         features = self._features.states(self._polls)
         return build_snapshot(
-            records, self._settings.heartbeat_multiple, latency, features, version
+            records, self._settings.heartbeat_multiple, latency, features, server_version=version
         )
 
     async def poll_and_publish(self) -> float:
