@@ -62,7 +62,11 @@ def _clean_env(extra: Mapping[str, str]) -> dict[str, str]:
 
 
 class PrefectServer:
-    """`prefect server start` on a free port with a throw-away PREFECT_HOME (SQLite)."""
+    """`prefect server start` on a free port with a throw-away PREFECT_HOME (SQLite).
+
+    `venv` is the virtual environment holding the server (default SERVER_VENV; the
+    compatibility tests pass older versions' environments).
+    """
 
     def __init__(
         self,
@@ -70,8 +74,10 @@ class PrefectServer:
         port: int | None = None,
         log_path: Path | None = None,
         extra_env: Mapping[str, str] | None = None,
+        venv: Path | None = None,
     ) -> None:
         self.home = home
+        self.venv = venv or SERVER_VENV
         self.port = port or free_port()
         self.log_path = log_path or home / "server.log"
         self.extra_env = dict(extra_env or {})
@@ -90,7 +96,7 @@ class PrefectServer:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [
-                    str(SERVER_VENV / "bin" / "prefect"),
+                    str(self.venv / "bin" / "prefect"),
                     "server",
                     "start",
                     "--host",
@@ -150,7 +156,7 @@ class Worker:
 
     def start(self) -> None:
         command = [
-            str(SERVER_VENV / "bin" / "prefect"),
+            str(self.server.venv / "bin" / "prefect"),
             "worker",
             "start",
             "--pool",

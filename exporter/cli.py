@@ -33,6 +33,7 @@ from exporter.prefect_api import PrefectApi
 from exporter.prefect_http import USER_AGENT, ApiMetrics, Connection, PrefectHttp
 from exporter.records import DeploymentSelector, PoolSelector
 from exporter.server import App, MetricsServer
+from exporter.server_info import ServerInfoReader
 from exporter.snapshot import Snapshot
 from exporter.statefile import StateFile, StateFileCollector, check_state_file
 from exporter.store import Store
@@ -104,6 +105,7 @@ def build_poller(
         orphans=api,
         event_stream=event_stream,
         deployments_api=api,
+        server_info=ServerInfoReader(api, time.monotonic),
     )
     return poller, api
 

@@ -148,6 +148,18 @@ def _single(value: Callable[[Source], float | None]) -> Callable[[Source], Itera
     return samples
 
 
+def _single_labelled(
+    label: Callable[[Source], str | None],
+) -> Callable[[Source], Iterator[Sample]]:
+    """An info series: value 1 labelled with a fact, absent when the fact is unknown (None)."""
+
+    def samples(source: Source) -> Iterator[Sample]:
+        if (value := label(source)) is not None:
+            yield (value,), 1
+
+    return samples
+
+
 def _state_set(
     rows: Callable[[Snapshot], Iterable[Row]],
     key: Callable[[Row], Labels],
@@ -517,9 +529,17 @@ SNAPSHOT_FAMILIES: tuple[SnapshotFamily, ...] = (
         present=lambda s: s.runs_without_work_queue is not None,
     ),
     Family(
+        name="prefect_server_info",
+        help="The Prefect server's version as its API reports it (GET /admin/version, read at "
+        "start and hourly), always 1; absent where the API does not offer it (Prefect Cloud).",
+        labels=("version",),
+        samples=_single_labelled(lambda s: s.server_version),
+        present=lambda s: s.server_version is not None,
+    ),
+    Family(
         name="prefect_exporter_feature_available",
-        help="1 if the Prefect API offers what a feature needs (events, concurrency_limits), 0 "
-        "if the exporter degraded because the server lacks it.",
+        help="1 if the Prefect API offers what a feature needs (events, concurrency_limits, "
+        "server_version), 0 if the exporter degraded because the server lacks it.",
         labels=("feature",),
         samples=_each(lambda s: s.features, lambda f: (f[0],), lambda f: float(f[1])),
     ),

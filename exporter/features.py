@@ -18,6 +18,8 @@ class Feature(StrEnum):
 
     CONCURRENCY_LIMITS = "concurrency_limits"
     EVENTS = "events"
+    # GET /admin/version, for prefect_server_info (Prefect Cloud may not offer it).
+    SERVER_VERSION = "server_version"
 
 
 class FeatureGate:

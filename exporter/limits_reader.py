@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from exporter.clock import Deadline
+from exporter.errors import ApiStatusError
 from exporter.gather import gather_bounded
 from exporter.records import ConcurrencyLimitRecord, LimitHolders, LimitKind, RunState
+
+# How often to ask whether the server keeps tag limits in the v1 table alone (servers before
+# Prefect's v1-to-v2 adapter, 3.4.x): a tag limit made there later shows within this time.
+LEGACY_TAGS_CHECK_SECONDS = 3600.0
 
 
 class LimitsApi(Protocol):
     """The reads the limits reader needs (prefect_api.PrefectApi has them)."""
 
     async def concurrency_limits(self, deadline: Deadline) -> list[ConcurrencyLimitRecord]: ...
+    async def legacy_tag_limits(self, deadline: Deadline) -> list[ConcurrencyLimitRecord]: ...
     async def tag_limit_holders(self, deadline: Deadline) -> dict[str, tuple[str, ...]]: ...
     async def task_run_states(self, ids: Sequence[str], deadline: Deadline) -> list[RunState]: ...
     async def flow_run_states(self, ids: Sequence[str], deadline: Deadline) -> list[RunState]: ...
@@ -30,19 +37,55 @@ class LimitsReader:
     Tag holders are asked for only when a tag limit exists, their task and flow runs only when
     a slot is taken, and deployment runs only for deployments whose limit has taken slots.
     `deployments_breakdown` adds two requests per limited deployment (opt-in).
+
+    Servers before Prefect's v1-to-v2 adapter (3.0 to 3.4.x, measured on 3.0.11: not in 3.4.25)
+    keep tag limits in the v1 table alone. The v1 view is asked for such limits at the first read
+    and hourly (`monotonic` seconds); while it has some, at every read.
     """
 
-    def __init__(self, api: LimitsApi, concurrency: int, deployments_breakdown: bool) -> None:
+    def __init__(
+        self,
+        api: LimitsApi,
+        concurrency: int,
+        deployments_breakdown: bool,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._api = api
         self._concurrency = concurrency
         self._deployments_breakdown = deployments_breakdown
+        self._monotonic = monotonic
+        self._legacy_tags = False
+        self._legacy_checked: float | None = None  # monotonic seconds of the last check
+
+    async def _with_legacy_tags(
+        self, limits: list[ConcurrencyLimitRecord], deadline: Deadline
+    ) -> list[ConcurrencyLimitRecord]:
+        """`limits` plus the tag limits only the v1 view knows, when a check is due."""
+        now = self._monotonic()
+        due = (
+            self._legacy_checked is None or now - self._legacy_checked >= LEGACY_TAGS_CHECK_SECONDS
+        )
+        if not (self._legacy_tags or due):
+            return limits
+        known = {r.tag for r in limits if r.tag is not None}
+        try:
+            listed = await self._api.legacy_tag_limits(deadline)
+        except ApiStatusError as exc:
+            if exc.status != 404:
+                raise
+            listed = []  # no v1 view at all: the v2 table is the whole truth
+        legacy = [r for r in listed if r.tag not in known]
+        self._legacy_tags, self._legacy_checked = bool(legacy), now
+        return limits + legacy
 
     async def read(
         self, deadline: Deadline
     ) -> tuple[tuple[ConcurrencyLimitRecord, ...], LimitHolders]:
         """Every limit and what is known about its holders; raises PrefectApiError."""
         api, concurrency = self._api, self._concurrency
-        limits = tuple(await api.concurrency_limits(deadline))
+        limits = tuple(
+            await self._with_legacy_tags(await api.concurrency_limits(deadline), deadline)
+        )
         has_tags = any(r.kind == LimitKind.TAG for r in limits)
         tag_holders = await api.tag_limit_holders(deadline) if has_tags else {}
         holder_ids = sorted({run for runs in tag_holders.values() for run in runs})

@@ -36,6 +36,7 @@ from exporter.records import (
     WorkerRecord,
 )
 from exporter.run_reader import RunCentricReader, RunsApi
+from exporter.server_info import ServerInfoReader
 from exporter.snapshot import Snapshot, build_snapshot
 from exporter.statefile import StateFile
 
@@ -201,8 +202,11 @@ class Poller:
         orphans: OrphanRunsApi | None = None,
         event_stream: Stream | None = None,
         deployments_api: DeploymentsApi | None = None,
+        server_info: ServerInfoReader | None = None,
     ) -> None:
         self._api = api
+        # The server's version, read at start and hourly when given (cli gives one), else None.
+        self._server_info = server_info
         # Runs whose queue was deleted: counted when given (cli gives the adapter), else None.
         self._orphans = orphans
         self._budget = budget
@@ -395,6 +399,11 @@ class Poller:
             )
             # The slow round is paid from spare budget: not part of what a poll must afford.
             core_cost = self._api.requests_sent - requests_before - slow_requests
+            version = None
+            if (info := self._server_info) is not None and self._available(Feature.SERVER_VERSION):
+                version = await self._optional(
+                    Feature.SERVER_VERSION, lambda: info.read(deadline, refresh=full)
+                )
             limits, holders = self._last_limits, self._last_holders
             if full and self._available(Feature.CONCURRENCY_LIMITS):
                 read = await self._optional(
@@ -430,7 +439,9 @@ class Poller:
             deployment_health=health,
         )
         features = self._features.states(self._polls)
-        return build_snapshot(records, self._settings.heartbeat_multiple, latency, features)
+        return build_snapshot(
+            records, self._settings.heartbeat_multiple, latency, features, server_version=version
+        )
 
     async def poll_and_publish(self) -> float:
         """Poll once, publish or record the failure, log one line; returns the wait before next."""

@@ -30,6 +30,8 @@ from exporter.prefect_parse import (
     parse_run,
     parse_run_state,
     parse_upcoming_run,
+    parse_v1_tag_limit,
+    parse_version,
     parse_worker,
     required,
     to_timestamp,
@@ -112,6 +114,14 @@ class PrefectApi:
         await self._http.aclose()
 
     # -- reads -------------------------------------------------------------------------------
+
+    async def server_version(self, deadline: Deadline) -> str:
+        """The server's Prefect version as `GET /admin/version` answers it ("3.9.1"). One request.
+
+        Raises ApiStatusError 404 where the API does not offer the route.
+        """
+        payload = await self._http.call("GET", "/admin/version", "admin/version", None, deadline)
+        return parse_version(payload)
 
     async def work_pools(self, deadline: Deadline) -> list[PoolRecord]:
         rows = await self._paged("/work_pools/filter", "work_pools/filter", {}, deadline)
@@ -407,6 +417,13 @@ class PrefectApi:
             "/v2/concurrency_limits/filter", "v2/concurrency_limits/filter", {}, deadline
         )
         return [parse_limit(row) for row in rows]
+
+    async def legacy_tag_limits(self, deadline: Deadline) -> list[ConcurrencyLimitRecord]:
+        """Tag limits as the v1 view lists them, as `tag:<tag>` records (see parse_v1_tag_limit)."""
+        rows = await self._paged(
+            "/concurrency_limits/filter", "concurrency_limits/filter", {}, deadline
+        )
+        return [parse_v1_tag_limit(row) for row in rows]
 
     async def tag_limit_holders(self, deadline: Deadline) -> dict[str, tuple[str, ...]]:
         """Task-run ids holding each tag limit (the v1 view of the `tag:` limits)."""

@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 from exporter.errors import MalformedResponse
 from exporter.records import (
+    TAG_LIMIT_PREFIX,
     ConcurrencyLimitRecord,
     DeploymentRecord,
     EndedRun,
@@ -147,6 +148,28 @@ def parse_limit(obj: Mapping[str, Any]) -> ConcurrencyLimitRecord:
         limit=limit,
         active_slots=_count_field(obj, "active_slots", where) or 0,
         active=_get(obj, "active", bool, where) is not False,
+    )
+
+
+def parse_v1_tag_limit(obj: Mapping[str, Any]) -> ConcurrencyLimitRecord:
+    """A row of the v1 tag-limit view (`/concurrency_limits/filter`) as a `tag:<tag>` limit.
+
+    Servers before Prefect's v1-to-v2 adapter (3.4.x) keep tag limits in this table alone,
+    with the holders' task-run ids as `active_slots`; v1 limits cannot be switched off.
+    """
+    where = "concurrency_limit"
+    limit = _count_field(obj, "concurrency_limit", where)
+    if limit is None:
+        raise MalformedResponse(f"{where}.concurrency_limit: missing")
+    slots = obj.get("active_slots") or []
+    if not isinstance(slots, list) or not all(isinstance(x, str) for x in slots):
+        raise MalformedResponse(f"{where}.active_slots: expected a list of ids")
+    return ConcurrencyLimitRecord(
+        id=required(obj, "id", str, where),
+        name=TAG_LIMIT_PREFIX + required(obj, "tag", str, where),
+        limit=limit,
+        active_slots=len(slots),
+        active=True,
     )
 
 
@@ -317,3 +340,23 @@ def parse_history(payload: Any) -> tuple[StateCount, ...]:
                 raise MalformedResponse("history.state.count_runs: missing")
             totals[key] = totals.get(key, 0) + count
     return tuple(StateCount(t, n, c) for (t, n), c in sorted(totals.items()))
+
+
+# A version string longer than this is not one Prefect writes (`3.9.1`, `3.6.0rc2+12.gabcdef`).
+MAX_VERSION_LENGTH = 64
+
+
+def parse_version(payload: Any) -> str:
+    """The server's version from `GET /admin/version`: a JSON string such as "3.9.1".
+
+    Prefect's route (prefect.server.api.admin.read_version) answers `prefect.__version__`.
+    Raises MalformedResponse for anything else: not a string, empty, longer than
+    MAX_VERSION_LENGTH, or with whitespace or control characters (it becomes a label value).
+    """
+    if not isinstance(payload, str):
+        raise MalformedResponse(f"admin/version: expected a string, got {type(payload).__name__}")
+    if not payload or len(payload) > MAX_VERSION_LENGTH:
+        raise MalformedResponse("admin/version: implausible version length")
+    if not payload.isprintable() or any(c.isspace() for c in payload):
+        raise MalformedResponse("admin/version: version with blank or control characters")
+    return payload

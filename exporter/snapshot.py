@@ -134,7 +134,8 @@ class Snapshot:
     """The state of one Prefect API as of one successful poll.
 
     `runs_without_work_queue` counts due Scheduled runs whose work queue was deleted (None when
-    not read): they belong to no pool and no worker will take them.
+    not read): they belong to no pool and no worker will take them. `server_version` is the
+    server's Prefect version as `GET /admin/version` answers it (None when not offered).
     """
 
     observed_at: float
@@ -147,6 +148,7 @@ class Snapshot:
     features: tuple[tuple[str, bool], ...] = ()
     runs_without_work_queue: int | None = None
     deployment_health: DeploymentsView | None = None
+    server_version: str | None = None
 
 
 EMPTY_STATS = QueueRunStats(
@@ -272,8 +274,9 @@ def build_snapshot(
     heartbeat_multiple: float = 3.0,
     latency: LatencyStats | None = None,
     features: tuple[tuple[str, bool], ...] = (),
+    server_version: str | None = None,
 ) -> Snapshot:
-    """Derive the exported state from one poll's records."""
+    """Derive the exported state from one poll's records (and the server's version, if read)."""
     now = records.observed_at
     workers = tuple(
         WorkerState(
@@ -361,4 +364,5 @@ def build_snapshot(
             if records.deployment_health is not None
             else None
         ),
+        server_version=server_version,
     )

@@ -2,6 +2,8 @@
 # Creates the two virtual environments the project uses, idempotently:
 #   .venv                  the exporter with prefect-client only (+ dev tools with --dev)
 #   .venv-prefect-server   a full Prefect (server and process worker) for the demo and tests
+#   ~/.cache/prefect-exporter/  with --dev: the older Prefect servers and the oldest prefect-client
+#                               of the compatibility matrix (scripts/servers.py), kept between runs
 # Set PREFECT_VERSION to pin the server's version (default: the newest 3.x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,4 +27,10 @@ if [ ! -x .venv-prefect-server/bin/prefect ]; then
   .venv-prefect-server/bin/pip install -q --disable-pip-version-check \
     "prefect${PREFECT_VERSION:+==$PREFECT_VERSION}" 2>&1 | quiet
   [ -x .venv-prefect-server/bin/prefect ] || { echo "setup: installing prefect failed" >&2; exit 1; }
+fi
+
+if [ "$dev" = 1 ]; then
+  # The compatibility matrix's environments, outside the repository (a minute or two each the
+  # first time, nothing after): tests/test_integration_compat.py runs against them.
+  "$python" scripts/servers.py
 fi

@@ -71,6 +71,7 @@ LAYERS = {
     "events_reader": 4,
     "run_reader": 4,
     "deployments_reader": 4,
+    "server_info": 4,
     # The poll loop, and the sidecar's log follower beside it.
     "poller": 5,
     "worklog": 5,

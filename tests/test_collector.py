@@ -101,6 +101,7 @@ def full_snapshot() -> Snapshot:
             ),
             capped=0,
         ),
+        server_version="3.9.1",
     )
 
 

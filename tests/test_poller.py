@@ -74,6 +74,9 @@ class FakeApi:
             ConcurrencyLimitRecord("4", "nightly", 5, 1, False),
         ]
 
+    async def legacy_tag_limits(self, deadline: float) -> list[ConcurrencyLimitRecord]:
+        return []
+
     async def tag_limit_holders(self, deadline: float) -> dict[str, tuple[str, ...]]:
         return {"etl": ("task-a", "task-b")}
 
