@@ -396,6 +396,11 @@ class MetricsServer:
         return self._port
 
     @property
+    def pending_auth_checks(self) -> int:
+        """Requests waiting for their bcrypt check, the one being checked included."""
+        return len(self._checking)
+
+    @property
     def backlog(self) -> int:
         """The listen backlog asked of the kernel (which caps it at net.core.somaxconn)."""
         return self._backlog

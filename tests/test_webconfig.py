@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import base64
 import random
+import select
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from exporter import webconfig
+from exporter.server import authorization_header, request_path
 from exporter.webconfig import (
     BasicAuth,
     TlsSettings,
@@ -34,7 +37,6 @@ from exporter.webconfig import (
     read_web_config,
     tls_context,
 )
-from exporter.server import authorization_header, request_path
 from tests.test_server import Clock, make_app, make_store, serving
 
 BASE = Path("/etc/exporter")
@@ -698,10 +700,12 @@ class TestLoader:
         loader = self.loader(path, clock)
         auth = loader.current().auth
         assert auth is not None
-        assert auth.verify(basic("a", "a")) and auth.verify(basic("b", "b"))
+        assert auth.verify(basic("a", "a"))
+        assert auth.verify(basic("b", "b"))
         self.write(path, {"basic_auth_users": {**users, "b": bcrypt_hash("b")}})
         reloaded = self.settle(loader, clock).auth
-        assert reloaded is not None and reloaded is not auth
+        assert reloaded is not None
+        assert reloaded is not auth
         assert reloaded.cached(basic("a", "a")) is True
         assert reloaded.cached(basic("b", "b")) is None
 
@@ -794,7 +798,7 @@ class TestCollector:
     """The reload counters and the last result as metrics."""
 
     def test_reloads_by_result_and_the_last_outcome(self, tmp_path: Path) -> None:
-        """Both results are always exported; the gauge follows the last reload."""
+        """Both results are always exported; the gauge follows the last reload; refusals count."""
         path = tmp_path / "web.yml"
         path.write_text("{}\n")
         loader = WebConfigLoader(path, load_web_config(path), monotonic=FakeClock())
@@ -807,6 +811,9 @@ class TestCollector:
         loader.last_reload_successful = False
         assert value("prefect_exporter_web_config_reloads_total", {"result": "failure"}) == 2
         assert value("prefect_exporter_web_config_last_reload_successful") == 0
+        assert value("prefect_exporter_web_auth_checks_refused_total") == 0
+        loader.count_refused_auth_check()
+        assert value("prefect_exporter_web_auth_checks_refused_total") == 1
 
 
 @pytest.fixture
@@ -873,6 +880,245 @@ class TestServer:
             response = httpx.get(f"http://127.0.0.1:{server.port}/metrics")
         assert response.status_code == 200
         assert "X-Frame-Options" not in response.headers
+
+
+HEADERS = {"X-Frame-Options": "deny", "X-Content-Type-Options": "nosniff"}
+GUESS = (
+    "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: " + basic("prom", "guess") + "\r\n\r\n"
+).encode()
+
+
+def wait_until(condition: Callable[[], bool], what: str, deadline: float = 10.0) -> None:
+    """Poll `condition` until it holds; fails the test after `deadline` seconds."""
+    end = time.monotonic() + deadline
+    while not condition():
+        assert time.monotonic() < end, f"still not: {what}"
+        time.sleep(0.01)
+
+
+def write_web(directory: Path, document: dict[str, Any]) -> WebConfigLoader:
+    path = directory / "web.yml"
+    path.write_text(yaml.safe_dump(document))
+    return WebConfigLoader(path, load_web_config(path))
+
+
+def status_of(sock: socket.socket) -> bytes:
+    """The status line of the next response on `sock`; b"" when it was closed instead."""
+    sock.settimeout(10)
+    data = b""
+    while b"\r\n" not in data:
+        try:
+            chunk = sock.recv(4096)
+        except ConnectionResetError:
+            return b""
+        if not chunk:
+            return b""
+        data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+class TestPasswordGuessing:
+    """bcrypt checks are capped and evictable: guessing neither locks out nor slows scrapers."""
+
+    @pytest.fixture
+    def gate(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
+        """A slow verifier: wrong passwords block until the test ends; yields what was checked."""
+        real, release = bcrypt.checkpw, threading.Event()
+        checked: list[bytes] = []
+
+        def slow(password: bytes, hashed: bytes) -> bool:
+            checked.append(password)
+            if password != b"s3cret":
+                release.wait(timeout=30)
+            return real(password, hashed)
+
+        monkeypatch.setattr(bcrypt, "checkpw", slow)
+        yield checked
+        release.set()
+
+    def start(self, tmp_path: Path, **limits: Any) -> Any:
+        loader = write_web(
+            tmp_path,
+            {
+                "basic_auth_users": {"prom": bcrypt_hash("s3cret")},
+                "http_server_config": {"headers": HEADERS},
+            },
+        )
+        clock = Clock()
+        return loader, serving(make_app(make_store(clock), clock), web=loader, **limits)
+
+    def test_a_storm_beyond_the_connection_limit_leaves_scrapes_and_probes_served(
+        self, tmp_path: Path, gate: list[bytes]
+    ) -> None:
+        """Three times the limit of guessing connections; a remembered scrape and /healthz pass."""
+        loader, context = self.start(tmp_path, max_connections=8, max_pending_auth=2)
+        with context as server, httpx.Client(auth=("prom", "s3cret"), timeout=10) as prometheus:
+            url = f"http://127.0.0.1:{server.port}"
+            assert prometheus.get(f"{url}/metrics").status_code == 200  # now remembered
+            storm = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(24)]
+            try:
+                for sock in storm:
+                    sock.sendall(GUESS * 3)
+                # Every storm connection answered 429 or dropped, but the two waiting on bcrypt.
+                wait_until(
+                    lambda: len(select.select(storm, [], [], 0)[0]) >= len(storm) - 2,
+                    "the storm answered",
+                )
+                assert server.pending_auth_checks == 2
+                for _ in range(3):
+                    started = time.monotonic()
+                    assert prometheus.get(f"{url}/metrics").status_code == 200
+                    assert time.monotonic() - started < 5
+                probe = httpx.get(f"{url}/healthz", auth=("probe", "x"), timeout=10)
+                assert probe.status_code == 200
+            finally:
+                for sock in storm:
+                    sock.close()
+        assert loader.refused_auth_checks > 0
+
+    def test_new_credentials_wait_behind_at_most_the_cap(
+        self, tmp_path: Path, gate: list[bytes]
+    ) -> None:
+        """Over the cap the answer is 429 at once, with Connection: close and the headers."""
+        loader, context = self.start(tmp_path, max_pending_auth=2)
+        with context as server:
+            guessers = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+            try:
+                for sock in guessers:
+                    sock.sendall(GUESS)
+                wait_until(lambda: server.pending_auth_checks == 2, "two guesses queued")
+                started = time.monotonic()
+                response = httpx.get(
+                    f"http://127.0.0.1:{server.port}/metrics", auth=("prom", "s3cret"), timeout=10
+                )
+                assert time.monotonic() - started < 5
+            finally:
+                for sock in guessers:
+                    sock.close()
+        assert response.status_code == 429
+        assert response.headers["Connection"] == "close"
+        assert response.headers["X-Frame-Options"] == "deny"
+        assert b"s3cret" not in gate  # never queued
+        assert loader.refused_auth_checks == 1
+
+    def test_connections_waiting_for_bcrypt_make_room_at_the_limit(
+        self, tmp_path: Path, gate: list[bytes]
+    ) -> None:
+        """At the connection limit, all waiting on bcrypt, the oldest waiter is dropped."""
+        _, context = self.start(tmp_path, max_connections=3, max_pending_auth=8)
+        with context as server, httpx.Client(auth=("prom", "s3cret"), timeout=10) as prometheus:
+            url = f"http://127.0.0.1:{server.port}"
+            assert prometheus.get(f"{url}/metrics").status_code == 200
+            prometheus.close()  # its kept-alive connection would be the idle one evicted
+            guessers = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+            try:
+                for sock in guessers:
+                    sock.sendall(GUESS)
+                wait_until(lambda: server.pending_auth_checks == 3, "three guesses waiting")
+                response = httpx.get(f"{url}/metrics", auth=("prom", "s3cret"), timeout=10)
+                assert response.status_code == 200
+                assert status_of(guessers[0]) == b""  # the oldest waiter made room
+            finally:
+                for sock in guessers:
+                    sock.close()
+
+
+class TestErrorsCarryTheHeaders:
+    """Answers written without the request handler carry the configured headers too."""
+
+    def test_a_head_too_large_gets_431_with_the_headers(self, secured: str) -> None:
+        """Over 16 KiB of head."""
+        response = httpx.get(f"{secured}/metrics", headers={"X-Big": "x" * 20000})
+        assert response.status_code == 431
+        assert response.headers["X-Frame-Options"] == "deny"
+
+    def test_a_failing_route_gets_500_with_the_headers(
+        self, secured: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A bug in a route is a 500, logged, with the headers."""
+
+        def broken(self: object) -> bytes:
+            raise RuntimeError("bug")
+
+        monkeypatch.setattr("exporter.server.App.index", broken)
+        with structlog.testing.capture_logs():
+            response = httpx.get(f"{secured}/", auth=("prom", "s3cret"))
+        assert response.status_code == 500
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+class TestTlsConnections:
+    """Plain HTTP, silent and half-finished handshakes on the TLS port."""
+
+    @pytest.fixture
+    def tls_loader(self, ca: trustme.CA, tmp_path: Path) -> WebConfigLoader:
+        write_pair(ca, tmp_path)
+        return write_web(
+            tmp_path,
+            {
+                "tls_server_config": {"cert_file": "server.crt", "key_file": "server.key"},
+                "http_server_config": {"headers": HEADERS},
+            },
+        )
+
+    def test_plain_http_gets_gos_400_and_a_close(self, tls_loader: WebConfigLoader) -> None:
+        """As Go's exporter-toolkit: 400 Client sent an HTTP request to an HTTPS server."""
+        clock = Clock()
+        with serving(make_app(make_store(clock), clock), web=tls_loader) as server:
+            response = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10)
+        assert response.status_code == 400
+        assert response.text == "Client sent an HTTP request to an HTTPS server.\n"
+        assert response.headers["Connection"] == "close"
+        assert response.headers["X-Frame-Options"] == "deny"
+
+    @pytest.mark.parametrize(
+        "first", [b"", b"\x16\x03\x01\x00\x10partial"], ids=["silent", "half-hello"]
+    )
+    def test_an_unfinished_handshake_is_closed_at_the_deadline(
+        self, tls_loader: WebConfigLoader, first: bytes
+    ) -> None:
+        """A client that never sends (or never finishes) its ClientHello is closed."""
+        clock = Clock()
+        app = make_app(make_store(clock), clock)
+        with (
+            serving(app, web=tls_loader, idle_timeout=0.3) as server,
+            socket.create_connection(("127.0.0.1", server.port)) as sock,
+        ):
+            sock.sendall(first)
+            started = time.monotonic()
+            sock.settimeout(10)
+            try:
+                closed = sock.recv(100)
+            except ConnectionResetError:
+                closed = b""
+            elapsed = time.monotonic() - started
+        assert closed == b""
+        assert 0.2 < elapsed < 10
+
+    @pytest.mark.parametrize(
+        "first", [b"", b"\x16\x03\x01\x00\x10partial"], ids=["silent", "half-hello"]
+    )
+    def test_unfinished_handshakes_make_room_at_the_limit(
+        self, ca: trustme.CA, tls_loader: WebConfigLoader, first: bytes
+    ) -> None:
+        """At the connection limit the longest-silent handshake is dropped for a scraper."""
+        clock = Clock()
+        app = make_app(make_store(clock), clock)
+        with serving(app, web=tls_loader, max_connections=2) as server:
+            silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+            try:
+                for sock in silent:
+                    sock.sendall(first)
+                context = ssl.create_default_context()
+                ca.configure_trust(context)
+                response = httpx.get(
+                    f"https://127.0.0.1:{server.port}/healthz", verify=context, timeout=10
+                )
+                assert response.status_code == 200
+                assert status_of(silent[0]) == b""
+            finally:
+                for sock in silent:
+                    sock.close()
 
 
 class TestExample:
