@@ -240,8 +240,12 @@ async def serve(
     )
     web = None
     if web_config is not None and settings.web_config_file:
+        # The loader starts from the fingerprint the load took before reading the files, so a
+        # change made since (during start-up) is picked up.
         web = WebConfigLoader(Path(settings.web_config_file), web_config, log=log)
         registry.register(WebConfigCollector(web))
+        for warning in web_config.config.warnings:
+            log.warning("web_config_warning", path=settings.web_config_file, warning=warning)
     try:
         server = MetricsServer(settings.listen_host, settings.listen_port, app, log=log, web=web)
     except OSError as exc:

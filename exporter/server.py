@@ -8,6 +8,7 @@ import contextlib
 import html
 import io
 import json
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -22,7 +23,12 @@ from structlog.typing import FilteringBoundLogger
 from exporter import __version__
 from exporter.exposition import EMPTY, Exposition, compose
 from exporter.store import PollStatus, Store
-from exporter.webconfig import PLAIN, ActiveWebConfig, WebConfigLoader
+from exporter.webconfig import (
+    MAX_PENDING_AUTH_CHECKS,
+    PLAIN,
+    ActiveWebConfig,
+    WebConfigLoader,
+)
 
 
 @dataclass(frozen=True)
@@ -109,8 +115,9 @@ IDLE_TIMEOUT = 20.0
 WRITE_TIMEOUT = 10.0
 
 # Open connections, waiting or in service. At the cap the longest-waiting idle connection is
-# closed to admit a new one, so a flood of idle connections cannot lock scrapers out; when every
-# connection is in the middle of a response, the new one is closed unanswered instead.
+# closed to admit a new one (or else the one waiting longest for a bcrypt check), so a flood of
+# idle connections or of password guesses cannot lock scrapers out; when every connection is in
+# the middle of a response, the new one is closed unanswered instead.
 MAX_CONNECTIONS = 256
 
 # Bytes of request head (request line and headers) accepted. Prometheus and browsers send well
@@ -123,18 +130,30 @@ MAX_HEAD_BYTES = 16384
 _STOP_WAIT = 1.5
 
 
-def _plain_response(status: str, text: str) -> bytes:
+def plain_response(
+    status: str, text: str, headers: tuple[tuple[str, str], ...] = (), version: str = "HTTP/1.1"
+) -> bytes:
+    """A complete `Connection: close` response with a text body: for answers given without the
+    request handler (431, 500, 429, 400), with the web config's `headers` like every other.
+    """
     body = text.encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
     return (
-        f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        f"{version} {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n{extra}\r\n"
     ).encode() + body
 
 
-_HEAD_TOO_LARGE = _plain_response(
-    "431 Request Header Fields Too Large", "request line and headers too large\n"
+_HEAD_TOO_LARGE = ("431 Request Header Fields Too Large", "request line and headers too large\n")
+_INTERNAL_ERROR = ("500 Internal Server Error", "internal error, see the log\n")
+_AUTH_BUSY = (
+    "429 Too Many Requests",
+    "too many password checks waiting; credentials that passed before are answered at once\n",
 )
-_INTERNAL_ERROR = _plain_response("500 Internal Server Error", "internal error, see the log\n")
+# Go's net/http answers plain HTTP on a TLS port so; exporter-toolkit servers therefore do too.
+_HTTP_TO_HTTPS = ("400 Bad Request", "Client sent an HTTP request to an HTTPS server.\n")
+# The first byte of a TLS record carrying a handshake message (RFC 8446, 5.1): a ClientHello.
+_TLS_HANDSHAKE_RECORD = 0x16
 
 
 def head_end(buffer: bytes | bytearray) -> int | None:
@@ -160,8 +179,21 @@ def authorization_header(head: bytes) -> str | None:
     return None
 
 
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def request_path(head: bytes) -> str:
+    """The path of a request head's target, without the query ("" when there is none); taken
+    as `http.server` takes it (the second word of the request line), so it routes the same.
+    """
+    words = head.split(b"\n", 1)[0].split()
+    return words[1].decode("latin-1").split("?", 1)[0] if len(words) >= 2 else ""
+
+
 # Probes need no credentials: /healthz says only whether the poll loop turns. See README,
-# "Securing /metrics".
+# "Securing /metrics". Their requests are answered before any credentials are checked.
 UNAUTHENTICATED_PATHS = frozenset({"/healthz"})
 
 
@@ -270,17 +302,21 @@ class MetricsServer:
     handshakes queued by the kernel; `idle_timeout` seconds for a connection to complete a request
     head, from accept or from its previous response, before it is closed; `write_timeout` seconds
     a response may wait for a client that does not read it before the connection is dropped;
-    `max_connections` open at once, beyond which the longest-idle one is closed, or the new one
-    when none is idle; `max_head_bytes` of request head, beyond which the answer is 431. The
+    `max_connections` open at once, beyond which the longest-idle one is closed (or else the one
+    waiting longest for a bcrypt check), or the new one when none is either; `max_head_bytes` of
+    request head, beyond which the answer is 431; `max_pending_auth` bcrypt checks waiting or
+    running, beyond which a request whose credentials are not remembered gets 429 at once. The
     listening socket is bound in the constructor, which raises `OSError` when the address is
     unavailable and `ValueError` for a limit that is not positive.
 
     `web` (the `--web.config.file` loader, None for plain HTTP without authentication) is asked
     for its current configuration at every connection (TLS handshake, within the idle timeout)
     and every request (credentials, headers), so a rotated certificate or a changed password is
-    used without a restart. Whether TLS is on is decided once, here. bcrypt checks that the
-    loader's cache cannot answer run on one thread of their own, one at a time: a client
-    guessing passwords delays other guesses, never a scrape with remembered credentials.
+    used without a restart. Whether TLS is on is decided once, here; a first byte that is not a
+    TLS handshake record gets Go's `400 Client sent an HTTP request to an HTTPS server`. bcrypt
+    checks that the loader's cache cannot answer run on one thread of their own, one at a time,
+    at most `max_pending_auth` queued: a client guessing passwords delays new credentials by at
+    most that many checks and never delays remembered ones or /healthz.
     """
 
     def __init__(
@@ -294,6 +330,7 @@ class MetricsServer:
         write_timeout: float = WRITE_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
         max_head_bytes: int = MAX_HEAD_BYTES,
+        max_pending_auth: int = MAX_PENDING_AUTH_CHECKS,
         log: FilteringBoundLogger | None = None,
         web: WebConfigLoader | None = None,
     ) -> None:
@@ -303,6 +340,7 @@ class MetricsServer:
             "write_timeout": write_timeout,
             "max_connections": max_connections,
             "max_head_bytes": max_head_bytes,
+            "max_pending_auth": max_pending_auth,
         }
         bad = [
             f"{name} must be positive, got {value}" for name, value in limits.items() if value <= 0
@@ -315,6 +353,7 @@ class MetricsServer:
         self._write_timeout = write_timeout
         self._max_connections = max_connections
         self._max_head_bytes = max_head_bytes
+        self._max_pending_auth = max_pending_auth
         self._log: FilteringBoundLogger = log if log is not None else structlog.get_logger()
         self._web = web
         self._tls = web is not None and web.current().ssl_context is not None
@@ -331,6 +370,8 @@ class MetricsServer:
         self._tasks: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         # Tasks waiting for a request head, longest-waiting first (a dict keeps insertion order).
         self._idle: dict[asyncio.Task[None], None] = {}
+        # Tasks waiting for a bcrypt check, longest-waiting first: evicted after the idle ones.
+        self._checking: dict[asyncio.Task[None], None] = {}
         self._closing = False
         self._refusing = False
 
@@ -353,6 +394,11 @@ class MetricsServer:
     def port(self) -> int:
         """The bound TCP port (the real one when 0 was asked for)."""
         return self._port
+
+    @property
+    def pending_auth_checks(self) -> int:
+        """Requests waiting for their bcrypt check, the one being checked included."""
+        return len(self._checking)
 
     @property
     def backlog(self) -> int:
@@ -428,14 +474,17 @@ class MetricsServer:
             writer.transport.abort()
             return
         if len(self._tasks) >= self._max_connections:
-            if not self._idle:
+            # A connection waiting on bcrypt holds a guess or a first scrape; dropping it costs
+            # that request, while keeping it would let guessers fill the server.
+            evictable = self._idle or self._checking
+            if not evictable:
                 if not self._refusing:  # once per spell at the cap, not once per connection
                     self._log.warning("http_connections_refused", limit=self._max_connections)
                 self._refusing = True
                 writer.transport.abort()
                 return
-            oldest = next(iter(self._idle))
-            del self._idle[oldest]
+            oldest = next(iter(evictable))
+            del evictable[oldest]
             oldest.cancel()
         self._refusing = False
         if self._tls:
@@ -452,6 +501,7 @@ class MetricsServer:
     def _forget(self, task: asyncio.Task[None]) -> None:
         writer = self._tasks.pop(task)
         self._idle.pop(task, None)
+        self._checking.pop(task, None)
         # However the task ended (answered, failed, cancelled before it ran), the socket closes.
         writer.transport.abort()
         if not task.cancelled() and (error := task.exception()) is not None:
@@ -470,6 +520,12 @@ class MetricsServer:
                 assert context is not None  # the loader refuses to turn TLS off
                 # The handshake counts as the first request head: same deadline, same eviction.
                 async with asyncio.timeout(self._idle_timeout):
+                    first = await self._peek(writer)
+                    if first == b"":
+                        return  # closed before saying anything
+                    if first[0] != _TLS_HANDSHAKE_RECORD:
+                        await self._refuse_plain_http(reader, writer)
+                        return
                     await writer.start_tls(context, ssl_handshake_timeout=self._idle_timeout)
             keep = True
             while keep:
@@ -482,9 +538,10 @@ class MetricsServer:
                     self._idle.pop(task, None)
                 if head == b"":
                     return  # the client closed its side
-                response, keep = (
-                    (_HEAD_TOO_LARGE, False) if head is None else await self._respond(head, peer)
-                )
+                if head is None:
+                    response, keep = self._plain(*_HEAD_TOO_LARGE), False
+                else:
+                    response, keep = await self._respond(head, peer)
                 if not response:
                     return  # nothing to say to an empty request line: http.server just closes
                 writer.write(response)
@@ -521,29 +578,96 @@ class MetricsServer:
             if head_end(head[-len(line) - 1 :]) is not None:
                 return bytes(head)
 
+    def _plain(self, status: str, text: str, version: str = "HTTP/1.1") -> bytes:
+        """`plain_response` with the headers of the web config in force."""
+        try:
+            headers = self._web.current().config.headers if self._web is not None else ()
+        except Exception:  # a bug in the loader must not stop the error answer itself
+            self._log.exception("http_request_failed", path=None)
+            headers = ()
+        return plain_response(status, text, headers, version)
+
+    async def _peek(self, writer: asyncio.StreamWriter) -> bytes:
+        """The first byte the client sent, left in the socket for the TLS handshake; b"" when
+        the client closed first. Waits for it without a deadline: the caller sets one.
+        """
+        # A duplicate descriptor of the same socket: the transport's own may not be watched by
+        # anyone else, and reading with MSG_PEEK takes nothing from the stream.
+        fd = os.dup(writer.get_extra_info("socket").fileno())
+        loop = asyncio.get_running_loop()
+        with socket.socket(fileno=fd) as peek:
+            peek.setblocking(False)
+            while True:
+                try:
+                    return peek.recv(1, socket.MSG_PEEK)
+                except BlockingIOError:
+                    pass
+                readable: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(fd, _resolve, readable)
+                try:
+                    await readable
+                finally:
+                    loop.remove_reader(fd)
+
+    async def _refuse_plain_http(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Answer a plain HTTP request on the TLS port with Go's 400, then close.
+
+        The request is read and dropped for up to a second after the answer: closing a socket
+        with unread bytes sends a reset, which can destroy the answer before the client reads it.
+        """
+        writer.write(self._plain(*_HTTP_TO_HTTPS, version="HTTP/1.0"))
+        if writer.can_write_eof():
+            writer.write_eof()
+        transport = writer.transport
+        if isinstance(transport, asyncio.ReadTransport):
+            transport.resume_reading()
+        with contextlib.suppress(TimeoutError, OSError):
+            async with asyncio.timeout(1.0):
+                while await reader.read(65536):
+                    pass
+
     async def _respond(self, head: bytes, peer: Any) -> tuple[bytes, bool]:
         """The response to one request head, and whether the connection stays open after it."""
         handler = None
         try:
             active = self._web.current() if self._web is not None else PLAIN
-            authorized = await self._authorized(active, head)
+            authorized: bool | None = None
+            if request_path(head) not in UNAUTHENTICATED_PATHS:
+                authorized = await self._authorized(active, head)
+                if authorized is None and active.auth is not None:
+                    return plain_response(*_AUTH_BUSY, active.config.headers), False
             handler = _Handler(self._app, head, peer, authorized, active.config.headers)
             response = handler.respond()
         except Exception:  # a bug in a route: answer 500, log it, keep serving others
             self._log.exception("http_request_failed", path=getattr(handler, "path", None))
-            return _INTERNAL_ERROR, False
+            return self._plain(*_INTERNAL_ERROR), False
         return response, not handler.close_connection
 
     async def _authorized(self, active: ActiveWebConfig, head: bytes) -> bool | None:
-        """The verdict on the request's credentials; None when no authentication is configured."""
+        """The verdict on the request's credentials; None when no authentication is configured,
+        or when it is and `max_pending_auth` checks are already waiting (then counted).
+        """
         if active.auth is None:
             return None
         header = authorization_header(head)
         verdict = active.auth.cached(header)
-        if verdict is None:
+        if verdict is not None:
+            return verdict  # remembered, missing or malformed: no queue
+        if len(self._checking) >= self._max_pending_auth:
+            if self._web is not None:
+                self._web.count_refused_auth_check()
+            return None
+        task = asyncio.current_task()
+        assert task is not None
+        self._checking[task] = None
+        try:
             loop = asyncio.get_running_loop()
-            verdict = await loop.run_in_executor(self._bcrypt, active.auth.verify, header)
-        return verdict
+            # Cancelled (evicted, stopped) while queued, the check is taken off the queue too.
+            return await loop.run_in_executor(self._bcrypt, active.auth.verify, header)
+        finally:
+            self._checking.pop(task, None)
 
     def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         # asyncio's own reports (accept out of descriptors, a failing callback) go to our log.

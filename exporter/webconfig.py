@@ -23,10 +23,10 @@ reload metrics).
 from __future__ import annotations
 
 import base64
-import binascii
 import difflib
 import hashlib
 import re
+import secrets
 import ssl
 import threading
 import time
@@ -48,10 +48,20 @@ from structlog.typing import FilteringBoundLogger
 # /dev/zero) must not exhaust memory.
 MAX_FILE_BYTES = 1024 * 1024
 
-# Seconds between two looks at the files' modification times. Looks happen only when a
-# connection or request arrives, so an idle exporter does no I/O; a rotated certificate is
-# served from the first connection made a second after it was written.
+# Seconds between two looks at the files (status and SHA-256 of the contents). Looks happen only
+# when a connection or request arrives, so an idle exporter does no I/O. A change is applied at
+# the second look that finds the files the same (one to two seconds after it was written), so a
+# file caught half written is never loaded.
 CHECK_INTERVAL = 1.0
+
+# bcrypt checks waiting for or running on the server's bcrypt thread, at most. A check at cost 10
+# takes about 70 ms, so a request waits at most about half a second for its own; requests over
+# the cap are answered 429 at once instead of queueing behind a client guessing passwords.
+MAX_PENDING_AUTH_CHECKS = 6
+
+# bcrypt costs above this are accepted with a warning: one check at cost 15 takes seconds, during
+# which no other unremembered credentials can be checked.
+HIGH_BCRYPT_COST = 14
 
 # Successful credential checks remembered, least recently used dropped first. A check costs a
 # bcrypt hash (about 70 ms at cost 10); Prometheus sends the same credentials every scrape, so
@@ -86,13 +96,15 @@ HEADER_RULES: Mapping[str, tuple[str, ...]] = {
     "Content-Security-Policy": (),
 }
 
-# `$2b$10$` + 22 characters of salt + 31 of hash, as htpasswd -B and bcrypt.hashpw make them.
-_BCRYPT_HASH = re.compile(r"^\$2[abxy]?\$(\d\d)\$[./A-Za-z0-9]{53}$")
-
-# Checked for a user name that does not exist, so that a wrong name costs the same time as a
-# wrong password and names cannot be told apart by timing. The hash of a random string at cost
-# 10 (the cost htpasswd and the README use); its password is not known.
-_DUMMY_HASH = b"$2b$10$nNja.c8/z7dr8XqHWGeBXuqLn3/Qn.QALU.pGI3AbXJlhqJ70SmI6"
+# `$2b$10$` + 22 characters of salt + 31 of hash, as htpasswd -B and bcrypt.hashpw make them
+# (used with re.fullmatch: no trailing newline). The last character of each holds only 2 and 4
+# bits of data, the rest zero; bcrypt refuses another salt ending and a hash with another
+# checksum ending can never match. `$2$` (no letter) is refused by bcrypt too.
+_BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2x$", "$2y$")
+_BCRYPT_HASH = re.compile(
+    r"\$2[abxy]\$([0-9]{2})\$[./A-Za-z0-9]{21}[.Oeu][./A-Za-z0-9]{30}[.CGKOSWaeimquy26]"
+)
+_BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 _TOP_KEYS = ("tls_server_config", "http_server_config", "basic_auth_users")
 _TLS_KEYS = (
@@ -161,12 +173,14 @@ class WebConfig:
     """One web config file, parsed: TLS (None for plain HTTP), users and extra headers.
 
     `users` maps a user name to its bcrypt hash (bytes); it is left out of `repr`. An empty
-    `users` means no authentication. `headers` are (canonical name, value) pairs.
+    `users` means no authentication. `headers` are (canonical name, value) pairs. `warnings`
+    are settings that work but cost (a bcrypt cost above 14), one sentence each, to be logged.
     """
 
     tls: TlsSettings | None = None
     users: Mapping[str, bytes] = field(default_factory=dict, repr=False)
     headers: tuple[tuple[str, str], ...] = ()
+    warnings: tuple[str, ...] = ()
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -301,7 +315,7 @@ def _parse_headers(value: object, problems: list[str]) -> tuple[tuple[str, str],
     return tuple(headers)
 
 
-def _parse_users(value: object, problems: list[str]) -> dict[str, bytes]:
+def _parse_users(value: object, problems: list[str], warnings: list[str]) -> dict[str, bytes]:
     where = "basic_auth_users"
     users = {}
     for user, hashed in _mapping(value, where, problems).items():
@@ -316,15 +330,22 @@ def _parse_users(value: object, problems: list[str]) -> dict[str, bytes]:
             )
             continue
         # The hash is never quoted: it can be attacked offline.
-        match = _BCRYPT_HASH.match(hashed) if isinstance(hashed, str) else None
+        match = _BCRYPT_HASH.fullmatch(hashed) if isinstance(hashed, str) else None
         if match is None:
             problems.append(
-                f"{where}.{name}: not a bcrypt hash ($2b$, $2y$ or $2a$ followed by the cost and"
-                " 53 characters); make one with htpasswd -nBC 10 or bcrypt.hashpw"
+                f"{where}.{name}: not a bcrypt hash ({', '.join(_BCRYPT_PREFIXES)} followed by"
+                " the cost, $ and 53 characters, nothing after them); make one with"
+                " htpasswd -nBC 10 or bcrypt.hashpw"
             )
-        elif not 4 <= int(match.group(1)) <= 31:
+        elif not 4 <= (cost := int(match.group(1))) <= 31:
             problems.append(f"{where}.{name}: bcrypt cost must be between 4 and 31")
         else:
+            if cost > HIGH_BCRYPT_COST:
+                warnings.append(
+                    f"{where}.{name}: bcrypt cost {cost} is above {HIGH_BCRYPT_COST}: each check"
+                    f" takes about {0.07 * 2 ** (cost - 10):.0f} s, during which no other new"
+                    " credentials are checked; 10 to 12 is usual"
+                )
             users[name] = str(hashed).encode()
     return users
 
@@ -348,11 +369,14 @@ def parse_web_config(document: object, base_dir: Path) -> WebConfig:
     if not isinstance(http.get("http2", True), bool):
         problems.append("http_server_config.http2: expected true or false")
     headers = _parse_headers(http.get("headers"), problems)
-    users = _parse_users(top.get("basic_auth_users"), problems)
+    warnings: list[str] = []
+    users = _parse_users(top.get("basic_auth_users"), problems, warnings)
     if problems:
         raise WebConfigError(problems)
     # Read-only, so the frozen dataclass is frozen all the way down.
-    return WebConfig(tls=tls, users=MappingProxyType(users), headers=headers)
+    return WebConfig(
+        tls=tls, users=MappingProxyType(users), headers=headers, warnings=tuple(warnings)
+    )
 
 
 def _read_bounded(path: Path) -> bytes:
@@ -461,30 +485,86 @@ def basic_credentials(header: str | None) -> tuple[str, str] | None:
     if scheme.lower() != "basic":
         return None
     try:
-        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+        # ASCII first: b64decode raises a plain ValueError (not binascii.Error) for a str with
+        # other characters, and a header is decoded as Latin-1, so any byte can be in it.
+        decoded = base64.b64decode(encoded.strip().encode("ascii"), validate=True).decode("utf-8")
+    except ValueError:  # binascii.Error, UnicodeEncodeError and UnicodeDecodeError are ones
         return None
     user, colon, password = decoded.partition(":")
     return (user, password) if colon else None
+
+
+class RememberedCredentials:
+    """Successful credential checks, least recently used dropped first: at most `size` SHA-256
+    digests of (user, hash, password), never passwords. Thread-safe.
+
+    Shared by the `BasicAuth` of every reload: the digest includes the user's hash, so an entry
+    of a changed or removed user never matches again, while an unchanged user's scrapes stay
+    remembered across a reload (no bcrypt check queued for them).
+    """
+
+    def __init__(self, size: int = AUTH_CACHE_SIZE) -> None:
+        self._size = size
+        self._passed: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, digest: object) -> bool:
+        with self._lock:
+            if digest not in self._passed:
+                return False
+            assert isinstance(digest, bytes)
+            self._passed.move_to_end(digest)
+            return True
+
+    def add(self, digest: bytes) -> None:
+        """Remember `digest`, dropping the least recently used beyond the size."""
+        with self._lock:
+            self._passed[digest] = None
+            self._passed.move_to_end(digest)
+            while len(self._passed) > self._size:
+                self._passed.popitem(last=False)
+
+
+def _cost(hashed: bytes) -> int:
+    return int(hashed[4:6])
+
+
+def dummy_hash(cost: int) -> bytes:
+    """A bcrypt hash of cost `cost` that no password matches (random salt and checksum).
+
+    Made without hashing, so even cost 31 is instant; a check against it takes as long as one
+    against a real hash of that cost.
+    """
+    checksum = "".join(secrets.choice(_BCRYPT_ALPHABET) for _ in range(30)) + "."
+    return bcrypt.gensalt(cost) + checksum.encode()
 
 
 class BasicAuth:
     """Checks basic-auth credentials against bcrypt hashes, remembering successful checks.
 
     `cached` answers at once when it can (no credentials, malformed, or a remembered success);
-    `verify` does the bcrypt work (tens of milliseconds: call it off the event loop). Remembered
-    are SHA-256 digests of (user, hash, password), never passwords, at most `cache_size` of them.
-    Thread-safe.
+    `verify` does the bcrypt work (tens of milliseconds: call it off the event loop). Successes
+    go to `remembered` (a new `RememberedCredentials` of `cache_size` when not given). An unknown
+    user is checked against a dummy hash of the highest cost among the users, so that it costs as
+    much time as a wrong password of the most expensive user (names cannot be told apart by
+    timing when all users have the same cost). Thread-safe.
     """
 
-    def __init__(self, users: Mapping[str, bytes], cache_size: int = AUTH_CACHE_SIZE) -> None:
+    def __init__(
+        self,
+        users: Mapping[str, bytes],
+        cache_size: int = AUTH_CACHE_SIZE,
+        *,
+        remembered: RememberedCredentials | None = None,
+    ) -> None:
         self._users = dict(users)
-        self._cache_size = cache_size
-        self._passed: OrderedDict[bytes, None] = OrderedDict()
-        self._lock = threading.Lock()
+        self.remembered = (
+            remembered if remembered is not None else RememberedCredentials(cache_size)
+        )
+        self.dummy_hash = dummy_hash(max((_cost(h) for h in self._users.values()), default=10))
 
     def _digest(self, user: str, password: str) -> bytes:
-        hashed = self._users.get(user, _DUMMY_HASH)
+        hashed = self._users.get(user, self.dummy_hash)
         parts = (user.encode(), hashed, password.encode())
         return hashlib.sha256(b"\0".join(len(p).to_bytes(4, "big") + p for p in parts)).digest()
 
@@ -495,12 +575,7 @@ class BasicAuth:
         credentials = basic_credentials(header)
         if credentials is None:
             return False
-        digest = self._digest(*credentials)
-        with self._lock:
-            if digest in self._passed:
-                self._passed.move_to_end(digest)
-                return True
-        return None
+        return True if self._digest(*credentials) in self.remembered else None
 
     def verify(self, header: str | None) -> bool:
         """Whether the credentials match a user's hash (bcrypt; an unknown user costs the same)."""
@@ -510,71 +585,90 @@ class BasicAuth:
         user, password = credentials
         known = user in self._users
         try:
-            matches = bcrypt.checkpw(password.encode(), self._users.get(user, _DUMMY_HASH))
+            matches = bcrypt.checkpw(password.encode(), self._users.get(user, self.dummy_hash))
         except ValueError:  # bcrypt refuses passwords over 72 bytes; no stored hash has one
             matches = False
         if not (known and matches):
             return False
-        digest = self._digest(user, password)
-        with self._lock:
-            self._passed[digest] = None
-            self._passed.move_to_end(digest)
-            while len(self._passed) > self._cache_size:
-                self._passed.popitem(last=False)
+        self.remembered.add(self._digest(user, password))
         return True
+
+
+# One file's status (inode, size, modification and change times in ns) and the SHA-256 of its
+# contents; None when it cannot be read.
+_FilePrint = tuple[int, int, int, int, bytes] | None
+Fingerprint = tuple[tuple[Path, _FilePrint], ...]
+
+
+def fingerprint(paths: Sequence[Path]) -> Fingerprint:
+    """Each path with its status and a SHA-256 of its contents (None when unreadable).
+
+    The contents are hashed because a rewrite of the same size within one timestamp tick
+    (coarse on some file systems) leaves the status as it was. Files are read up to
+    `MAX_FILE_BYTES` and one byte: larger ones are refused by the load anyway.
+    """
+    prints: list[tuple[Path, _FilePrint]] = []
+    for path in paths:
+        try:
+            stat = path.stat()  # follows symlinks: a Kubernetes secret swaps a link
+            with path.open("rb") as file:
+                digest = hashlib.sha256(file.read(MAX_FILE_BYTES + 1)).digest()
+        except OSError:
+            prints.append((path, None))
+        else:
+            status = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+            prints.append((path, (*status, digest)))
+    return tuple(prints)
 
 
 @dataclass(frozen=True)
 class ActiveWebConfig:
-    """A web config ready to serve: the parsed file, its TLS context (None for plain HTTP) and
-    its authenticator (None without users).
+    """A web config ready to serve: the parsed file, its TLS context (None for plain HTTP), its
+    authenticator (None without users) and the fingerprint of the files it was loaded from,
+    each taken before the file was read (so a change made during or after the load is seen).
     """
 
     config: WebConfig
     ssl_context: ssl.SSLContext | None = None
     auth: BasicAuth | None = None
+    fingerprint: Fingerprint = ()
 
 
 PLAIN = ActiveWebConfig(WebConfig())
 
 
-def load_web_config(path: Path, *, allow_empty: bool = True) -> ActiveWebConfig:
+def load_web_config(
+    path: Path, *, allow_empty: bool = True, remembered: RememberedCredentials | None = None
+) -> ActiveWebConfig:
     """Read the file and every file it names; raises WebConfigError listing every problem.
 
-    `allow_empty` as for `read_web_config`.
+    `allow_empty` as for `read_web_config`; `remembered` is shared with the new `BasicAuth`
+    (see `RememberedCredentials`). Each file is fingerprinted before it is read.
     """
+    before = fingerprint([path])
     config = read_web_config(path, allow_empty=allow_empty)
+    before += fingerprint(config.files)
     context = tls_context(config.tls) if config.tls is not None else None
-    auth = BasicAuth(config.users) if config.users else None
-    return ActiveWebConfig(config, context, auth)
-
-
-_Fingerprint = tuple[tuple[int, int, int, int] | None, ...]
-
-
-def _fingerprint(paths: Sequence[Path]) -> _Fingerprint:
-    prints: list[tuple[int, int, int, int] | None] = []
-    for path in paths:
-        try:
-            stat = path.stat()  # follows symlinks: a Kubernetes secret swaps a link
-        except OSError:
-            prints.append(None)
-        else:
-            prints.append((stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
-    return tuple(prints)
+    auth = BasicAuth(config.users, remembered=remembered) if config.users else None
+    return ActiveWebConfig(config, context, auth, before)
 
 
 class WebConfigLoader:
     """The last good web config, re-read when the file or a file it names changes.
 
-    `current()` looks at the files' status (inode, size, times) at most every `check_interval`
-    seconds of the `monotonic` clock; after a change it loads everything again. A load that
-    fails keeps the last good configuration, is logged once (`web_config_reload_failed`, with
-    every problem) and counted; it is tried again when a file changes again. Turning TLS on or
-    off is refused on reload: a typo must not turn an HTTPS endpoint into plain HTTP, and
-    scrapers would have to change scheme anyway. So is an empty file, which an editor or a copy
-    caught between truncating and writing leaves for a moment, and which would otherwise switch
-    authentication off. Thread-safe.
+    `current()` looks at the files (status and SHA-256, see `fingerprint`) at most every
+    `check_interval` seconds of the `monotonic` clock. A change is loaded once two looks in a row
+    found the files the same, so a file caught half written (a valid YAML prefix ending at
+    `basic_auth_users:` reads as no users) is not loaded. `initial`'s fingerprint, taken before
+    it was read, is the starting point: a change made right after start-up is seen too.
+
+    A load that fails keeps the last good configuration, is logged once
+    (`web_config_reload_failed`, with every problem) and counted; it is tried again when a file
+    changes again. Refused on reload, as a restart is the way to do them on purpose: turning TLS
+    on or off (a typo must not turn an HTTPS endpoint into plain HTTP, and scrapers would have to
+    change scheme anyway), going from some users to none (authentication off), and an empty file.
+    A reload that removes users is logged as a warning. Remembered credentials are kept across
+    reloads. Thread-safe.
     """
 
     def __init__(
@@ -591,12 +685,22 @@ class WebConfigLoader:
         self._log: FilteringBoundLogger = log if log is not None else structlog.get_logger()
         self._monotonic = monotonic
         self._check_interval = check_interval
+        self._remembered = initial.auth.remembered if initial.auth else RememberedCredentials()
         self._watched = (path, *initial.config.files)
-        self._seen = _fingerprint(self._watched)
+        # Taken by the load itself, before reading: not now, which could miss a change made since.
+        self._seen = initial.fingerprint or fingerprint(self._watched)
+        self._changed: Fingerprint | None = None  # a change seen at the last look, to confirm
         self._checked_at = monotonic()
         self._lock = threading.Lock()
         self.reloads = {"success": 0, "failure": 0}
         self.last_reload_successful = True
+        # Counted by the server (see `count_refused_auth_check`), exported by the collector.
+        self.refused_auth_checks = 0
+
+    def count_refused_auth_check(self) -> None:
+        """Count a request answered 429 because too many bcrypt checks were waiting."""
+        with self._lock:
+            self.refused_auth_checks += 1
 
     def current(self) -> ActiveWebConfig:
         """The configuration to serve with now; may re-read the files (see the class)."""
@@ -608,15 +712,29 @@ class WebConfigLoader:
             return self._active
 
     def _check(self) -> None:
-        seen = _fingerprint(self._watched)
+        seen = fingerprint(self._watched)
         if seen == self._seen:
+            self._changed = None
             return
+        if seen != self._changed:
+            self._changed = seen  # still being written, maybe: load it when it stays so
+            return
+        self._changed = None
         try:
-            active = load_web_config(self.path, allow_empty=False)
+            active = load_web_config(self.path, allow_empty=False, remembered=self._remembered)
+            problems = []
             if (active.ssl_context is None) != (self._active.ssl_context is None):
-                raise WebConfigError(
-                    ["tls_server_config: turning TLS on or off takes a restart of the exporter"]
+                problems.append(
+                    "tls_server_config: turning TLS on or off takes a restart of the exporter"
                 )
+            if self._active.auth is not None and active.auth is None:
+                problems.append(
+                    "basic_auth_users: no users any more; refused on a reload, as it would switch"
+                    " authentication off (a file caught half written?). Restart the exporter to"
+                    " run without authentication"
+                )
+            if problems:
+                raise WebConfigError(problems)
         except WebConfigError as exc:
             # Watch the files the new version names too, when it can be parsed, so that fixing
             # any of them triggers the next attempt; a failure is tried again only after a change.
@@ -624,7 +742,7 @@ class WebConfigLoader:
                 watched = (self.path, *read_web_config(self.path).files)
             except WebConfigError:
                 watched = self._watched
-            self._seen = seen if watched == self._watched else _fingerprint(watched)
+            self._seen = seen if watched == self._watched else fingerprint(watched)
             self._watched = watched
             self.reloads["failure"] += 1
             self.last_reload_successful = False
@@ -635,11 +753,10 @@ class WebConfigLoader:
                 hint="serving with the last good web config",
             )
             return
+        removed = set(self._active.config.users) - set(active.config.users)
         self._active = active
-        watched = (self.path, *active.config.files)
-        # The status taken before the load: a change made during it is seen at the next look.
-        self._seen = seen if watched == self._watched else _fingerprint(watched)
-        self._watched = watched
+        self._watched = tuple(path for path, _ in active.fingerprint)
+        self._seen = active.fingerprint
         self.reloads["success"] += 1
         self.last_reload_successful = True
         self._log.info(
@@ -648,6 +765,15 @@ class WebConfigLoader:
             tls=active.ssl_context is not None,
             users=len(active.config.users),
         )
+        if removed:
+            self._log.warning(
+                "web_config_users_removed",
+                path=str(self.path),
+                removed=len(removed),
+                users=len(active.config.users),
+            )
+        for warning in active.config.warnings:
+            self._log.warning("web_config_warning", path=str(self.path), warning=warning)
 
 
 class WebConfigCollector(Collector):
@@ -658,6 +784,7 @@ class WebConfigCollector(Collector):
         prefect_exporter_web_config_reloads_total{result="success"} 3.0
         prefect_exporter_web_config_reloads_total{result="failure"} 1.0
         prefect_exporter_web_config_last_reload_successful 0.0
+        prefect_exporter_web_auth_checks_refused_total 0.0
     """
 
     def __init__(self, loader: WebConfigLoader) -> None:
@@ -678,4 +805,11 @@ class WebConfigCollector(Collector):
             "1 unless the last reload of --web.config.file failed (then the last good config,"
             " certificates included, is still served).",
             value=1.0 if self._loader.last_reload_successful else 0.0,
+        )
+        yield CounterMetricFamily(
+            "prefect_exporter_web_auth_checks_refused",
+            "Requests whose credentials were not remembered, answered 429 at once because the"
+            " most bcrypt checks allowed were already waiting (password guessing, or a burst of"
+            " new scrapers).",
+            value=self._loader.refused_auth_checks,
         )

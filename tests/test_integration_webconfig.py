@@ -8,6 +8,7 @@ are what is scraped.
 
 from __future__ import annotations
 
+import socket
 import ssl
 import subprocess
 from collections.abc import Callable, Iterator
@@ -131,10 +132,27 @@ class TestTlsAndBasicAuth:
             for _ in range(3):
                 assert client.get(f"{secured.url}/metrics").status_code == 200
 
-    def test_plain_http_to_the_tls_port_fails(self, secured: ExporterProcess) -> None:
-        """An http:// scrape gets no answer, let alone metrics."""
-        with pytest.raises(httpx.TransportError):
-            httpx.get(f"http://127.0.0.1:{secured.port}/metrics", timeout=5)
+    def test_plain_http_to_the_tls_port_gets_400(self, secured: ExporterProcess) -> None:
+        """An http:// scrape gets Go's 400 and no metrics, so the mistake is plain to see."""
+        response = httpx.get(f"http://127.0.0.1:{secured.port}/metrics", timeout=5)
+        assert response.status_code == 400
+        assert response.text == "Client sent an HTTP request to an HTTPS server.\n"
+
+    @pytest.mark.parametrize("value", ["Basic \u00e9t\u00e9", "Basic \xff\xfe", "\xff"])
+    def test_a_non_ascii_authorization_gets_401_not_500(
+        self, secured: ExporterProcess, value: str
+    ) -> None:
+        """Bytes beyond ASCII in the header are malformed credentials, not a server error."""
+        context = secured.verify
+        assert isinstance(context, ssl.SSLContext)
+        with (
+            socket.create_connection(("127.0.0.1", secured.port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+        ):
+            head = "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: " + value + "\r\n\r\n"
+            sock.sendall(head.encode("latin-1"))
+            assert sock.recv(12) == b"HTTP/1.1 401"
+        assert "http_request_failed" not in secured.log_path.read_text()
 
     def test_a_client_that_does_not_trust_the_ca_refuses_the_server(
         self, secured: ExporterProcess

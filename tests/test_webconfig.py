@@ -4,8 +4,13 @@ server's use of them (authentication and headers over a real socket)."""
 from __future__ import annotations
 
 import base64
+import random
+import select
+import socket
 import ssl
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +23,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from exporter import webconfig
+from exporter.server import authorization_header, request_path
 from exporter.webconfig import (
     BasicAuth,
     TlsSettings,
@@ -164,8 +170,9 @@ class TestParse:
             "http_server_config.headers.Server: this header cannot be set; allowed are"
             " Strict-Transport-Security, X-Content-Type-Options, X-Frame-Options,"
             " X-XSS-Protection, Content-Security-Policy (exporter-toolkit's list)",
-            "basic_auth_users.bob: not a bcrypt hash ($2b$, $2y$ or $2a$ followed by the cost and"
-            " 53 characters); make one with htpasswd -nBC 10 or bcrypt.hashpw",
+            "basic_auth_users.bob: not a bcrypt hash ($2a$, $2b$, $2x$, $2y$ followed by the"
+            " cost, $ and 53 characters, nothing after them); make one with htpasswd -nBC 10 or"
+            " bcrypt.hashpw",
             "basic_auth_users.a:b: a user name cannot contain ':' (basic auth splits at the"
             " first one)",
         ]
@@ -254,16 +261,42 @@ class TestParse:
 
     def test_bcrypt_costs_outside_the_range_are_refused_without_quoting_the_hash(self) -> None:
         """A cost of 32 cannot be checked; problems never repeat a hash."""
-        hashed = "$2b$32$" + "a" * 53
+        hashed = "$2b$32$" + bcrypt_hash("pw")[7:]
         (problem,) = problems_of({"basic_auth_users": {"bob": hashed}})
         assert problem == "basic_auth_users.bob: bcrypt cost must be between 4 and 31"
         (problem,) = problems_of({"basic_auth_users": {"bob": "$2b$10$short"}})
         assert "$2b$10$short" not in problem
 
-    def test_htpasswd_hashes_are_accepted(self) -> None:
-        """`htpasswd -nBC 10` writes $2y$ hashes."""
-        hashed = "$2y$" + bcrypt_hash("pw")[4:]
-        assert parse_web_config({"basic_auth_users": {"bob": hashed}}, BASE).users
+    @pytest.mark.parametrize("prefix", ["$2y$", "$2a$", "$2x$"])
+    def test_htpasswd_hashes_are_accepted(self, prefix: str) -> None:
+        """`htpasswd -nBC 10` writes $2y$ hashes; older tools $2a$ and $2x$: all verify."""
+        hashed = prefix + bcrypt_hash("pw")[4:]
+        users = parse_web_config({"basic_auth_users": {"bob": hashed}}, BASE).users
+        assert bcrypt.checkpw(b"pw", users["bob"])
+        assert BasicAuth(users).verify(basic("bob", "pw"))
+
+    @pytest.mark.parametrize(
+        ("why", "change"),
+        [
+            ("no letter after 2: bcrypt refuses it", lambda h: "$2$" + h[4:]),
+            ("a trailing newline", lambda h: h + "\n"),
+            ("non-ASCII digits in the cost", lambda h: h[:4] + "\u0661\u0660" + h[6:]),
+            ("a salt ending bcrypt refuses", lambda h: h[:28] + "A" + h[29:]),
+            ("a checksum ending no hash has", lambda h: h[:-1] + "A"),
+        ],
+    )
+    def test_hashes_that_can_never_match_are_refused(
+        self, why: str, change: Callable[[str], str]
+    ) -> None:
+        """Everything the pattern accepts, bcrypt can check; these it cannot, or never matches."""
+        (problem,) = problems_of({"basic_auth_users": {"bob": change(bcrypt_hash("pw"))}})
+        assert problem.startswith("basic_auth_users.bob: not a bcrypt hash ($2a$, $2b$, $2x$,")
+
+    def test_every_hash_bcrypt_makes_is_accepted(self) -> None:
+        """The canonical salt and checksum endings cover what bcrypt.hashpw writes."""
+        for _ in range(64):
+            hashed = bcrypt_hash("pw")
+            assert parse_web_config({"basic_auth_users": {"u": hashed}}, BASE).users
 
 
 class TestHeaders:
@@ -448,10 +481,28 @@ class TestBasicAuth:
         """A name that does not exist is checked against a dummy hash: no timing difference."""
         auth = BasicAuth({"prom": bcrypt_hash("s3cret").encode()})
         assert auth.verify(basic("mallory", "s3cret")) is False
-        assert calls == [webconfig._DUMMY_HASH]
+        assert calls == [auth.dummy_hash]
+
+    def test_the_dummy_hash_has_the_highest_cost_of_the_users(self) -> None:
+        """Not a fixed cost 10: with cost-5 hashes, unknown names cost a cost-5 check."""
+        costly = bcrypt.hashpw(b"b", bcrypt.gensalt(FAST + 1))
+        auth = BasicAuth({"a": bcrypt_hash("a").encode(), "b": costly})
+        assert auth.dummy_hash.startswith(b"$2b$05$")
+        assert parse_web_config({"basic_auth_users": {"x": auth.dummy_hash.decode()}}, BASE)
+        assert bcrypt.checkpw(b"b", auth.dummy_hash) is False  # a real check, not a ValueError
 
     @pytest.mark.parametrize(
-        "header", [None, "", "Bearer abc", "Basic !!!", "Basic " + base64.b64encode(b"x").decode()]
+        "header",
+        [
+            None,
+            "",
+            "Bearer abc",
+            "Basic !!!",
+            "Basic " + base64.b64encode(b"x").decode(),
+            "Basic \u00e9t\u00e9",  # non-ASCII: b64decode raises ValueError, not binascii.Error
+            "Basic \xff\xfe",  # bytes 0xff 0xfe, as a head decoded as Latin-1 gives them
+            "Basic " + base64.b64encode(b"\xff:\xfe").decode(),  # not UTF-8 inside
+        ],
     )
     def test_missing_or_malformed_credentials_fail_without_bcrypt(
         self, header: str | None, calls: list[bytes]
@@ -478,6 +529,28 @@ class TestBasicAuth:
         assert auth.cached(basic("b", "b")) is None
         assert auth.cached(basic("a", "a")) is True
 
+    def test_random_headers_never_raise(self) -> None:
+        """2000 random heads (seeded): parsing and checking credentials answer, never raise."""
+        rng = random.Random(20261129)
+        auth = BasicAuth({"prom": bcrypt_hash("s3cret").encode()})
+        alphabet = b"Basic Authorization: \r\n=+/" + bytes(range(256))
+        for _ in range(2000):
+            size = rng.randrange(64)
+            noise = bytes(rng.choice(alphabet) for _ in range(size))
+            head = b"GET / HTTP/1.1\r\nAuthorization: Basic " + noise + b"\r\n\r\n"
+            header = authorization_header(head if rng.random() < 0.8 else noise)
+            assert request_path(noise) is not None
+            credentials = basic_credentials(header)
+            if credentials is None:
+                assert auth.cached(header) is False
+        # And valid base64 of random bytes, which reaches the UTF-8 decoding.
+        for _ in range(500):
+            raw = bytes(rng.randrange(256) for _ in range(rng.randrange(12)))
+            assert basic_credentials("Basic " + base64.b64encode(raw).decode()) in (
+                None,
+                tuple(raw.decode("utf-8", "replace").partition(":")[::2]),
+            )
+
     def test_credentials_are_split_at_the_first_colon(self) -> None:
         """A password may contain colons; the user name may not."""
         assert basic_credentials(basic("u", "p:a:ss")) == ("u", "p:a:ss")
@@ -485,7 +558,7 @@ class TestBasicAuth:
 
 
 class TestLoader:
-    """The last good config, re-read when a file changes, at most once a second."""
+    """The last good config, re-read when a file changes and stays so over two looks."""
 
     def write(self, path: Path, document: object) -> None:
         path.write_text(yaml.safe_dump(document))
@@ -493,17 +566,148 @@ class TestLoader:
     def loader(self, path: Path, clock: FakeClock) -> WebConfigLoader:
         return WebConfigLoader(path, load_web_config(path), monotonic=clock)
 
+    def settle(self, loader: WebConfigLoader, clock: FakeClock) -> webconfig.ActiveWebConfig:
+        """Two looks a second apart: enough for any change made before to be applied."""
+        clock.now += 1
+        loader.current()
+        clock.now += 1
+        return loader.current()
+
     def test_a_change_is_seen_only_after_the_check_interval(self, tmp_path: Path) -> None:
-        """Within a second the files are not looked at; after it the new users are in force."""
+        """No look within a second; a change is applied at the second look that finds it."""
         path, clock = tmp_path / "web.yml", FakeClock()
         self.write(path, {"basic_auth_users": {"a": bcrypt_hash("a")}})
         loader = self.loader(path, clock)
+        # Same size, and written within the same timestamp tick on a coarse file system: the
+        # contents' SHA-256 tells them apart.
         self.write(path, {"basic_auth_users": {"b": bcrypt_hash("b")}})
         clock.now += 0.5
         assert set(loader.current().config.users) == {"a"}
         clock.now += 0.5
+        assert set(loader.current().config.users) == {"a"}  # seen once: maybe half written
+        clock.now += 0.5
+        assert set(loader.current().config.users) == {"a"}  # no look within the interval
+        clock.now += 0.5
         assert set(loader.current().config.users) == {"b"}
         assert loader.reloads == {"success": 1, "failure": 0}
+
+    def test_a_same_size_rewrite_with_the_same_status_is_seen(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Status alike to the nanosecond (a coarse clock), contents not: a change."""
+        path = tmp_path / "web.yml"
+        path.write_text("{}\n")
+        status = path.stat()
+        monkeypatch.setattr(Path, "stat", lambda self, **kwargs: status)
+        before = webconfig.fingerprint([path])
+        path.write_text("[]\n")
+        assert webconfig.fingerprint([path]) != before
+
+    def test_a_file_still_changing_is_not_loaded(self, tmp_path: Path) -> None:
+        """A half-written file that validates (users cut off) is never loaded."""
+        path, clock = tmp_path / "web.yml", FakeClock()
+        self.write(path, {"basic_auth_users": {"a": bcrypt_hash("a")}})
+        loader = self.loader(path, clock)
+        path.write_text("http_server_config: {}\n")  # the first half of the new file
+        clock.now += 1
+        assert set(loader.current().config.users) == {"a"}
+        self.write(path, {"http_server_config": {}, "basic_auth_users": {"b": bcrypt_hash("b")}})
+        clock.now += 1
+        assert set(loader.current().config.users) == {"a"}  # changed again: not yet settled
+        clock.now += 1
+        assert set(loader.current().config.users) == {"b"}
+        assert loader.reloads == {"success": 1, "failure": 0}
+
+    def test_going_from_users_to_none_is_refused(self, tmp_path: Path) -> None:
+        """A valid prefix ending at `basic_auth_users:` must not switch authentication off."""
+        path, clock = tmp_path / "web.yml", FakeClock()
+        self.write(path, {"basic_auth_users": {"a": bcrypt_hash("a")}})
+        loader = self.loader(path, clock)
+        path.write_text("http_server_config: {}\nbasic_auth_users:\n")
+        with structlog.testing.capture_logs() as logs:
+            assert self.settle(loader, clock).auth is not None
+        (event,) = logs
+        assert event["event"] == "web_config_reload_failed"
+        assert event["problems"][0].startswith("basic_auth_users: no users any more; refused")
+        assert loader.reloads == {"success": 0, "failure": 1}
+
+    def test_a_reload_removing_users_warns(self, tmp_path: Path) -> None:
+        """Fewer users is allowed, with a warning naming how many went."""
+        path, clock = tmp_path / "web.yml", FakeClock()
+        self.write(path, {"basic_auth_users": {"a": bcrypt_hash("a"), "b": bcrypt_hash("b")}})
+        loader = self.loader(path, clock)
+        self.write(path, {"basic_auth_users": {"b": bcrypt_hash("b")}})
+        with structlog.testing.capture_logs() as logs:
+            assert set(self.settle(loader, clock).config.users) == {"b"}
+        warning = next(e for e in logs if e["event"] == "web_config_users_removed")
+        assert warning["log_level"] == "warning"
+        assert (warning["removed"], warning["users"]) == (1, 1)
+
+    def test_a_costly_hash_is_loaded_with_a_warning(self, tmp_path: Path) -> None:
+        """A cost above 14 works but is logged: one check holds the bcrypt thread for seconds."""
+        path, clock = tmp_path / "web.yml", FakeClock()
+        self.write(path, {"basic_auth_users": {"a": bcrypt_hash("a")}})
+        loader = self.loader(path, clock)
+        costly = "$2b$15$" + bcrypt_hash("a")[7:]  # never checked here: only the cost is read
+        self.write(path, {"basic_auth_users": {"a": costly}})
+        with structlog.testing.capture_logs() as logs:
+            self.settle(loader, clock)
+        (warning,) = [e for e in logs if e["event"] == "web_config_warning"]
+        assert warning["warning"].startswith("basic_auth_users.a: bcrypt cost 15 is above 14")
+        assert costly not in str(logs)
+
+    def test_a_change_right_after_the_first_load_is_seen(self, tmp_path: Path) -> None:
+        """The fingerprint is taken before the first read, not when the loader is made."""
+        path, clock = tmp_path / "web.yml", FakeClock()
+        self.write(path, {"basic_auth_users": {"a": bcrypt_hash("a")}})
+        initial = load_web_config(path)
+        self.write(path, {"basic_auth_users": {"b": bcrypt_hash("b")}})  # during start-up
+        loader = WebConfigLoader(path, initial, monotonic=clock)
+        assert set(self.settle(loader, clock).config.users) == {"b"}
+
+    def test_a_newly_named_file_changed_during_the_load_is_seen(
+        self, ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A certificate rotated while the reload that first names it runs is loaded next."""
+        path, clock = tmp_path / "web.yml", FakeClock()
+        write_pair(ca, tmp_path, "old")
+        tls = {"cert_file": "old.crt", "key_file": "old.key"}
+        self.write(path, {"tls_server_config": tls})
+        loader = self.loader(path, clock)
+        write_pair(ca, tmp_path, "new")
+        self.write(path, {"tls_server_config": {"cert_file": "new.crt", "key_file": "new.key"}})
+        real = webconfig.tls_context
+        rotations: list[ssl.SSLContext] = []
+
+        def rotating(settings: TlsSettings) -> ssl.SSLContext:
+            context = real(settings)
+            if not rotations:
+                write_pair(ca, tmp_path, "new")  # rotated just after being read
+            rotations.append(context)
+            return context
+
+        monkeypatch.setattr(webconfig, "tls_context", rotating)
+        first = self.settle(loader, clock).ssl_context
+        assert first is rotations[0]
+        assert self.settle(loader, clock).ssl_context is rotations[1]
+        assert loader.reloads == {"success": 2, "failure": 0}
+
+    def test_remembered_credentials_survive_a_reload(self, tmp_path: Path) -> None:
+        """An unchanged user stays remembered; a changed hash is checked again."""
+        path, clock = tmp_path / "web.yml", FakeClock()
+        users = {"a": bcrypt_hash("a"), "b": bcrypt_hash("b")}
+        self.write(path, {"basic_auth_users": users})
+        loader = self.loader(path, clock)
+        auth = loader.current().auth
+        assert auth is not None
+        assert auth.verify(basic("a", "a"))
+        assert auth.verify(basic("b", "b"))
+        self.write(path, {"basic_auth_users": {**users, "b": bcrypt_hash("b")}})
+        reloaded = self.settle(loader, clock).auth
+        assert reloaded is not None
+        assert reloaded is not auth
+        assert reloaded.cached(basic("a", "a")) is True
+        assert reloaded.cached(basic("b", "b")) is None
 
     def test_nothing_changed_nothing_reloaded(self, tmp_path: Path) -> None:
         """The same object is served while the files are as they were."""
@@ -522,10 +726,8 @@ class TestLoader:
         loader = self.loader(path, clock)
         self.write(path, {"basic_auth_users": {"a": "oops"}, "extra": 1})
         with structlog.testing.capture_logs() as logs:
-            clock.now += 1
-            assert set(loader.current().config.users) == {"a"}
-            clock.now += 1
-            loader.current()
+            assert set(self.settle(loader, clock).config.users) == {"a"}
+            self.settle(loader, clock)
         (event,) = logs
         assert event["event"] == "web_config_reload_failed"
         assert event["log_level"] == "error"
@@ -533,8 +735,7 @@ class TestLoader:
         assert loader.reloads == {"success": 0, "failure": 1}
         assert not loader.last_reload_successful
         self.write(path, {"basic_auth_users": {"c": bcrypt_hash("c")}})
-        clock.now += 1
-        assert set(loader.current().config.users) == {"c"}
+        assert set(self.settle(loader, clock).config.users) == {"c"}
         assert loader.last_reload_successful
 
     def test_an_empty_file_on_reload_is_refused(self, tmp_path: Path) -> None:
@@ -543,9 +744,8 @@ class TestLoader:
         self.write(path, {"basic_auth_users": {"a": bcrypt_hash("a")}})
         loader = self.loader(path, clock)
         path.write_text("")
-        clock.now += 1
         with structlog.testing.capture_logs() as logs:
-            assert loader.current().auth is not None
+            assert self.settle(loader, clock).auth is not None
         assert logs[0]["problems"][0].startswith("empty; refused on a reload")
         assert loader.reloads == {"success": 0, "failure": 1}
 
@@ -559,8 +759,7 @@ class TestLoader:
         loader = self.loader(path, clock)
         before = loader.current().ssl_context
         write_pair(ca, tmp_path)
-        clock.now += 1
-        assert loader.current().ssl_context is not before
+        assert self.settle(loader, clock).ssl_context is not before
         assert loader.reloads["success"] == 1
 
     def test_turning_tls_off_takes_a_restart(self, ca: trustme.CA, tmp_path: Path) -> None:
@@ -572,9 +771,8 @@ class TestLoader:
         )
         loader = self.loader(path, clock)
         self.write(path, {"basic_auth_users": {}})
-        clock.now += 1
         with structlog.testing.capture_logs() as logs:
-            assert loader.current().ssl_context is not None
+            assert self.settle(loader, clock).ssl_context is not None
         assert "restart" in logs[0]["problems"][0]
 
     def test_a_missing_certificate_after_a_change_is_a_failed_reload(
@@ -589,12 +787,10 @@ class TestLoader:
         loader = self.loader(path, clock)
         before = loader.current().ssl_context
         key.unlink()
-        clock.now += 1
         with structlog.testing.capture_logs():
-            assert loader.current().ssl_context is before
+            assert self.settle(loader, clock).ssl_context is before
         write_pair(ca, tmp_path)
-        clock.now += 1
-        assert loader.current().ssl_context is not before
+        assert self.settle(loader, clock).ssl_context is not before
         assert loader.reloads == {"success": 1, "failure": 1}
 
 
@@ -602,7 +798,7 @@ class TestCollector:
     """The reload counters and the last result as metrics."""
 
     def test_reloads_by_result_and_the_last_outcome(self, tmp_path: Path) -> None:
-        """Both results are always exported; the gauge follows the last reload."""
+        """Both results are always exported; the gauge follows the last reload; refusals count."""
         path = tmp_path / "web.yml"
         path.write_text("{}\n")
         loader = WebConfigLoader(path, load_web_config(path), monotonic=FakeClock())
@@ -615,6 +811,9 @@ class TestCollector:
         loader.last_reload_successful = False
         assert value("prefect_exporter_web_config_reloads_total", {"result": "failure"}) == 2
         assert value("prefect_exporter_web_config_last_reload_successful") == 0
+        assert value("prefect_exporter_web_auth_checks_refused_total") == 0
+        loader.count_refused_auth_check()
+        assert value("prefect_exporter_web_auth_checks_refused_total") == 1
 
 
 @pytest.fixture
@@ -681,6 +880,250 @@ class TestServer:
             response = httpx.get(f"http://127.0.0.1:{server.port}/metrics")
         assert response.status_code == 200
         assert "X-Frame-Options" not in response.headers
+
+
+HEADERS = {"X-Frame-Options": "deny", "X-Content-Type-Options": "nosniff"}
+GUESS = (
+    "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: " + basic("prom", "guess") + "\r\n\r\n"
+).encode()
+
+
+def wait_until(condition: Callable[[], bool], what: str, deadline: float = 10.0) -> None:
+    """Poll `condition` until it holds; fails the test after `deadline` seconds."""
+    end = time.monotonic() + deadline
+    while not condition():
+        assert time.monotonic() < end, f"still not: {what}"
+        time.sleep(0.01)
+
+
+def write_web(directory: Path, document: dict[str, Any]) -> WebConfigLoader:
+    path = directory / "web.yml"
+    path.write_text(yaml.safe_dump(document))
+    return WebConfigLoader(path, load_web_config(path))
+
+
+def status_of(sock: socket.socket) -> bytes:
+    """The status line of the next response on `sock`; b"" when it was closed instead."""
+    sock.settimeout(10)
+    data = b""
+    while b"\r\n" not in data:
+        try:
+            chunk = sock.recv(4096)
+        except ConnectionResetError:
+            return b""
+        if not chunk:
+            return b""
+        data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+class TestPasswordGuessing:
+    """bcrypt checks are capped and evictable: guessing neither locks out nor slows scrapers."""
+
+    @pytest.fixture
+    def gate(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
+        """A slow verifier: wrong passwords block until the test ends; yields what was checked."""
+        real, release = bcrypt.checkpw, threading.Event()
+        checked: list[bytes] = []
+
+        def slow(password: bytes, hashed: bytes) -> bool:
+            checked.append(password)
+            if password != b"s3cret":
+                release.wait(timeout=30)
+            return real(password, hashed)
+
+        monkeypatch.setattr(bcrypt, "checkpw", slow)
+        yield checked
+        release.set()
+
+    def start(self, tmp_path: Path, **limits: Any) -> Any:
+        loader = write_web(
+            tmp_path,
+            {
+                "basic_auth_users": {"prom": bcrypt_hash("s3cret")},
+                "http_server_config": {"headers": HEADERS},
+            },
+        )
+        clock = Clock()
+        return loader, serving(make_app(make_store(clock), clock), web=loader, **limits)
+
+    def test_a_storm_beyond_the_connection_limit_leaves_scrapes_and_probes_served(
+        self, tmp_path: Path, gate: list[bytes]
+    ) -> None:
+        """Three times the limit of guessing connections; a remembered scrape and /healthz pass."""
+        loader, context = self.start(tmp_path, max_connections=8, max_pending_auth=2)
+        with context as server, httpx.Client(auth=("prom", "s3cret"), timeout=10) as prometheus:
+            url = f"http://127.0.0.1:{server.port}"
+            assert prometheus.get(f"{url}/metrics").status_code == 200  # now remembered
+            storm = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(24)]
+            try:
+                for sock in storm:
+                    sock.sendall(GUESS * 3)
+                # Every storm connection answered 429 or dropped, but the two waiting on bcrypt.
+                wait_until(
+                    lambda: len(select.select(storm, [], [], 0)[0]) >= len(storm) - 2,
+                    "the storm answered",
+                )
+                assert server.pending_auth_checks == 2
+                for _ in range(3):
+                    started = time.monotonic()
+                    assert prometheus.get(f"{url}/metrics").status_code == 200
+                    assert time.monotonic() - started < 5
+                probe = httpx.get(f"{url}/healthz", auth=("probe", "x"), timeout=10)
+                assert probe.status_code == 200
+            finally:
+                for sock in storm:
+                    sock.close()
+        assert loader.refused_auth_checks > 0
+
+    def test_new_credentials_wait_behind_at_most_the_cap(
+        self, tmp_path: Path, gate: list[bytes]
+    ) -> None:
+        """Over the cap the answer is 429 at once, with Connection: close and the headers."""
+        loader, context = self.start(tmp_path, max_pending_auth=2)
+        with context as server:
+            guessers = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+            try:
+                for sock in guessers:
+                    sock.sendall(GUESS)
+                wait_until(lambda: server.pending_auth_checks == 2, "two guesses queued")
+                started = time.monotonic()
+                response = httpx.get(
+                    f"http://127.0.0.1:{server.port}/metrics", auth=("prom", "s3cret"), timeout=10
+                )
+                assert time.monotonic() - started < 5
+            finally:
+                for sock in guessers:
+                    sock.close()
+        assert response.status_code == 429
+        assert response.headers["Connection"] == "close"
+        assert response.headers["X-Frame-Options"] == "deny"
+        assert b"s3cret" not in gate  # never queued
+        assert loader.refused_auth_checks == 1
+
+    def test_connections_waiting_for_bcrypt_make_room_at_the_limit(
+        self, tmp_path: Path, gate: list[bytes]
+    ) -> None:
+        """At the connection limit, all waiting on bcrypt, the oldest waiter is dropped."""
+        _, context = self.start(tmp_path, max_connections=3, max_pending_auth=8)
+        with context as server, httpx.Client(auth=("prom", "s3cret"), timeout=10) as prometheus:
+            url = f"http://127.0.0.1:{server.port}"
+            assert prometheus.get(f"{url}/metrics").status_code == 200
+            prometheus.close()  # its kept-alive connection would be the idle one evicted
+            guessers = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+            try:
+                for sock in guessers:
+                    sock.sendall(GUESS)
+                wait_until(lambda: server.pending_auth_checks == 3, "three guesses waiting")
+                response = httpx.get(f"{url}/metrics", auth=("prom", "s3cret"), timeout=10)
+                assert response.status_code == 200
+                # The one that reached its check first (not always the first connected) made room.
+                wait_until(lambda: bool(select.select(guessers, [], [], 0)[0]), "one dropped")
+                (dropped,) = select.select(guessers, [], [], 0)[0]
+                assert status_of(dropped) == b""
+            finally:
+                for sock in guessers:
+                    sock.close()
+
+
+class TestErrorsCarryTheHeaders:
+    """Answers written without the request handler carry the configured headers too."""
+
+    def test_a_head_too_large_gets_431_with_the_headers(self, secured: str) -> None:
+        """Over 16 KiB of head."""
+        response = httpx.get(f"{secured}/metrics", headers={"X-Big": "x" * 20000})
+        assert response.status_code == 431
+        assert response.headers["X-Frame-Options"] == "deny"
+
+    def test_a_failing_route_gets_500_with_the_headers(
+        self, secured: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A bug in a route is a 500, logged, with the headers."""
+
+        def broken(self: object) -> bytes:
+            raise RuntimeError("bug")
+
+        monkeypatch.setattr("exporter.server.App.index", broken)
+        with structlog.testing.capture_logs():
+            response = httpx.get(f"{secured}/", auth=("prom", "s3cret"))
+        assert response.status_code == 500
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+class TestTlsConnections:
+    """Plain HTTP, silent and half-finished handshakes on the TLS port."""
+
+    @pytest.fixture
+    def tls_loader(self, ca: trustme.CA, tmp_path: Path) -> WebConfigLoader:
+        write_pair(ca, tmp_path)
+        return write_web(
+            tmp_path,
+            {
+                "tls_server_config": {"cert_file": "server.crt", "key_file": "server.key"},
+                "http_server_config": {"headers": HEADERS},
+            },
+        )
+
+    def test_plain_http_gets_gos_400_and_a_close(self, tls_loader: WebConfigLoader) -> None:
+        """As Go's exporter-toolkit: 400 Client sent an HTTP request to an HTTPS server."""
+        clock = Clock()
+        with serving(make_app(make_store(clock), clock), web=tls_loader) as server:
+            response = httpx.get(f"http://127.0.0.1:{server.port}/metrics", timeout=10)
+        assert response.status_code == 400
+        assert response.text == "Client sent an HTTP request to an HTTPS server.\n"
+        assert response.headers["Connection"] == "close"
+        assert response.headers["X-Frame-Options"] == "deny"
+
+    @pytest.mark.parametrize(
+        "first", [b"", b"\x16\x03\x01\x00\x10partial"], ids=["silent", "half-hello"]
+    )
+    def test_an_unfinished_handshake_is_closed_at_the_deadline(
+        self, tls_loader: WebConfigLoader, first: bytes
+    ) -> None:
+        """A client that never sends (or never finishes) its ClientHello is closed."""
+        clock = Clock()
+        app = make_app(make_store(clock), clock)
+        with (
+            serving(app, web=tls_loader, idle_timeout=0.3) as server,
+            socket.create_connection(("127.0.0.1", server.port)) as sock,
+        ):
+            sock.sendall(first)
+            started = time.monotonic()
+            sock.settimeout(10)
+            try:
+                closed = sock.recv(100)
+            except ConnectionResetError:
+                closed = b""
+            elapsed = time.monotonic() - started
+        assert closed == b""
+        assert 0.2 < elapsed < 10
+
+    @pytest.mark.parametrize(
+        "first", [b"", b"\x16\x03\x01\x00\x10partial"], ids=["silent", "half-hello"]
+    )
+    def test_unfinished_handshakes_make_room_at_the_limit(
+        self, ca: trustme.CA, tls_loader: WebConfigLoader, first: bytes
+    ) -> None:
+        """At the connection limit the longest-silent handshake is dropped for a scraper."""
+        clock = Clock()
+        app = make_app(make_store(clock), clock)
+        with serving(app, web=tls_loader, max_connections=2) as server:
+            silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+            try:
+                for sock in silent:
+                    sock.sendall(first)
+                context = ssl.create_default_context()
+                ca.configure_trust(context)
+                response = httpx.get(
+                    f"https://127.0.0.1:{server.port}/healthz", verify=context, timeout=10
+                )
+                assert response.status_code == 200
+                wait_until(lambda: bool(select.select(silent, [], [], 0)[0]), "one dropped")
+                (dropped,) = select.select(silent, [], [], 0)[0]
+                assert status_of(dropped) == b""
+            finally:
+                for sock in silent:
+                    sock.close()
 
 
 class TestExample:
