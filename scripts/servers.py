@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 CACHE = Path(os.environ.get("PREFECT_EXPORTER_CACHE", Path.home() / ".cache" / "prefect-exporter"))
@@ -70,12 +71,14 @@ MATRIX = ("3.0.11", "3.4.25")
 # in .venv). The exporter itself is not installed into them: tests run it from the checkout
 # with PYTHONPATH, so one cached environment serves every clone.
 CLIENTS: dict[str, tuple[str, ...]] = {"3.6.0": ()}
-EXPORTER_REQUIREMENTS = (
-    "prometheus-client>=0.20",
-    "httpx>=0.27",
-    "structlog>=24.1",
-    "pyyaml>=6.0",
-    "websockets>=13",
+# The exporter's other runtime dependencies, as pyproject.toml declares them (one place: a new
+# dependency there reaches the old-client environment, which is then rebuilt).
+EXPORTER_REQUIREMENTS = tuple(
+    dependency
+    for dependency in tomllib.loads(
+        (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    )["project"]["dependencies"]
+    if not dependency.startswith("prefect-client")
 )
 
 # Imports that fail when a dependency is too new for the version (checked before the rename).

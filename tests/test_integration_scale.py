@@ -78,8 +78,9 @@ def workspace(prefect_server: PrefectServer) -> Iterator[Workspace]:
     admin.create_runs(future, 15, scheduled=datetime.now(UTC) + timedelta(days=2))
     exporter = ExporterProcess(
         prefect_server.api_url,
-        # 5 s: a poll of 201 queues and its slow round must fit its deadline on a busy machine.
-        "--poll.interval=5s",
+        # 8 s (the poll's deadline too): a poll of 201 queues and its slow round must fit it on
+        # a busy machine.
+        "--poll.interval=8s",
         "--prefect.requests-per-minute=6000",
         "--poll.mode=run-centric",
         "--no-events.enabled",
@@ -105,7 +106,7 @@ class TestExactInRunCentricMode:
         self, workspace: Workspace
     ) -> None:
         """warm (listed in full) and hot (more than a page: read per queue) are both exact."""
-        wait_for(lambda: backlog(workspace, "hot") == 250, 60, "hot backlog 250")
+        wait_for(lambda: backlog(workspace, "hot") == 250, 120, "hot backlog 250")
         assert backlog(workspace, "warm") == 20
         ids = queue_ids(workspace.admin)
         for queue in ("hot", "warm"):
@@ -138,13 +139,13 @@ class TestExactInRunCentricMode:
                 )
                 == 15
             ),
-            60,
+            120,
             "15 far-ahead runs counted",
         )
         assert backlog(workspace, "future") == 0
         wait_for(
             lambda: workspace.exporter.value("prefect_exporter_far_counts_missing_queues") == 0,
-            60,
+            120,
             "every queue's far-ahead counts read",
         )
 
@@ -162,7 +163,7 @@ class TestExactInRunCentricMode:
                 )
                 == expected
             ),
-            60,
+            120,
             "the pending run's own timestamp",
         )
 
@@ -174,28 +175,28 @@ class TestCostFollowsRunsNotQueues:
         self, workspace: Workspace
     ) -> None:
         """250 and 550 due runs in `hot` cost the same requests per poll."""
-        wait_for(lambda: backlog(workspace, "hot") == 250, 60, "hot backlog 250")
+        wait_for(lambda: backlog(workspace, "hot") == 250, 120, "hot backlog 250")
         before = settle(workspace)["core_requests"]
         workspace.admin.create_runs(workspace.hot, 300, scheduled=past(300))
-        wait_for(lambda: backlog(workspace, "hot") == 550, 60, "hot backlog 550")
+        wait_for(lambda: backlog(workspace, "hot") == 550, 120, "hot backlog 550")
         assert settle(workspace)["core_requests"] == before
 
     def test_two_hundred_queues_cost_one_more_page_than_eleven(self, workspace: Workspace) -> None:
         """Adding 190 idle queues adds the queue list's second page, and nothing per queue."""
         wait_for(
             lambda: workspace.exporter.value("prefect_exporter_far_counts_missing_queues") == 0,
-            60,
+            120,
             "every queue's far-ahead counts read",
         )
         before = settle(workspace)
         assert before["work_queues"] == 11  # the pool's default queue and ten more
         for i in range(190):
             workspace.admin.create_queue(POOL, f"more-{i}")
-        wait_for(lambda: last_poll(workspace)["work_queues"] == 201, 60, "201 queues polled")
+        wait_for(lambda: last_poll(workspace)["work_queues"] == 201, 120, "201 queues polled")
         # The new queues' far-ahead counts are read once (a one-off, paid from spare budget).
         wait_for(
             lambda: workspace.exporter.value("prefect_exporter_far_counts_missing_queues") == 0,
-            60,
+            120,
             "the new queues' far-ahead counts read",
         )
         after = settle(workspace)
