@@ -8,10 +8,17 @@ Cost follows neither the number of runs nor (up to 200) the number of deployment
   the deployments not yet found only (each page finds at least one), and afterwards by one
   listing of the runs that ended since the last read: one request a poll while fewer than 200
   runs of the selected deployments end between two polls;
-- the next upcoming run of every selected deployment (the next two for cron and rrule schedules,
-  whose gap stands for their interval) comes from one listing of Scheduled runs, earliest first,
-  dropping deployments as they are found (one request a poll, a few more while some deployments
-  schedule far more often than others).
+- the next upcoming run of every selected deployment (the next three for cron and rrule
+  schedules, whose largest gap is shown as their informational interval) comes from one listing
+  of Scheduled runs, earliest first, dropping deployments as they are found (one request a poll,
+  a few more while some deployments schedule far more often than others);
+- the latest due run of every selected deployment (the expected start of its newest
+  auto-scheduled run whose expected start has passed, in any state) comes from one listing of
+  auto-scheduled runs, latest expected start first, asking each further page only for the
+  deployments not found yet (one request a poll, one more per deployment that schedules far
+  less often than the others). It is read afresh every poll: Prefect deletes a paused
+  deployment's Scheduled runs, due ones included, so a remembered value could be a run that no
+  longer exists.
 
 Every listing stops after MAX_PAGES pages a poll; a search that did not finish goes on at the
 next poll. State changes only once every request of the read succeeded.
@@ -30,6 +37,7 @@ from exporter.records import (
     DeploymentHealth,
     DeploymentRecord,
     DeploymentSelector,
+    DueRun,
     EndedRun,
     StateType,
     UpcomingRun,
@@ -44,6 +52,9 @@ MAX_PAGES = 5
 # state (the flow-run process, or the worker for Crashed) and stored a moment later: each read
 # looks this far back before the previous one, so a run stored late is not missed.
 END_OVERLAP_SECONDS = 120.0
+# Upcoming runs read for a cron or rrule deployment (Prefect's scheduler keeps at least three
+# ahead: PREFECT_API_SERVICES_SCHEDULER_MIN_RUNS): their largest gap is the shown interval.
+CALENDAR_UPCOMING = 3
 # The outcomes a deployment's last end is kept for.
 OUTCOMES = (StateType.COMPLETED, *FAILURE_STATE_TYPES)
 
@@ -62,6 +73,9 @@ class DeploymentsApi(Protocol):
     async def upcoming_runs_page(
         self, deployment_ids: Sequence[str], after: UnixTime, deadline: Deadline
     ) -> list[UpcomingRun]: ...
+    async def due_runs_page(
+        self, deployment_ids: Sequence[str], before: UnixTime, deadline: Deadline
+    ) -> list[DueRun]: ...
 
 
 class DeploymentsReader:
@@ -93,6 +107,10 @@ class DeploymentsReader:
         # Ends at or after this time are still to be read for the searched deployments.
         self._ends_since: float | None = None
         self._upcoming: dict[str, tuple[float, ...]] = {}
+        self._last_due: dict[str, float] = {}
+        # Deployments whose latest due run the last poll's search did not reach.
+        self._due_pending: frozenset[str] = frozenset()
+        self._due_pending_next: frozenset[str] = frozenset()
 
     def counts(self, deployment: str) -> bool:
         """True when finished runs of `deployment` (`flow/deployment`) are to be counted."""
@@ -124,6 +142,7 @@ class DeploymentsReader:
             searched[outcome] = searched[outcome] | finished
         ends_since = await self._recent_ends(searched, last_end, now, deadline)
         upcoming = await self._next_runs(deployments, now, deadline)
+        last_due = await self._last_due_runs(ids, now, deadline)
         # Every request succeeded: only now does the reader's state move.
         if matching > len(deployments) and (
             matching != self._matching or len(deployments) != len(self._deployments)
@@ -137,13 +156,52 @@ class DeploymentsReader:
         self._listed_at, self._deployments, self._matching = listed_at, deployments, matching
         self._exported = frozenset(d.name for d in deployments)
         self._last_end, self._searched, self._ends_since = last_end, searched, ends_since
-        self._upcoming = upcoming
+        self._upcoming, self._last_due = upcoming, last_due
+        self._due_pending = self._due_pending_next
         return DeploymentHealth(
             deployments=deployments,
             matching=matching,
             last_end={i: dict(ends) for i, ends in last_end.items()},
             upcoming=dict(upcoming),
+            last_due=dict(last_due),
         )
+
+    async def _last_due_runs(
+        self, deployment_ids: Sequence[str], now: UnixTime, deadline: Deadline
+    ) -> dict[str, float]:
+        """Each deployment's latest due run: the expected start (Unix seconds) of its newest
+        auto-scheduled run whose expected start is at `now` or earlier, whatever its state.
+
+        Manual and triggered runs are left out (Prefect's `auto_scheduled` flag): they do not
+        say when the schedule expected a run. Each page asks only for the deployments not found
+        yet, so a deployment scheduled every minute cannot hide a daily one. A deployment whose
+        search does not finish within MAX_PAGES keeps its last known value.
+        """
+        found: dict[str, float] = {}
+        unresolved: set[str] = set()
+        pages = 0
+        # Those the last poll did not reach go first, so a search longer than MAX_PAGES
+        # progresses from poll to poll instead of starting over.
+        pending = self._due_pending & set(deployment_ids)
+        for group in (pending, set(deployment_ids) - pending):
+            remaining = set(group)
+            while remaining and pages < MAX_PAGES:
+                pages += 1
+                runs = await self._api.due_runs_page(sorted(remaining), now, deadline)
+                for run in runs:  # latest first: a deployment's first flagged run is its latest
+                    if run.auto_scheduled and run.deployment_id in remaining:
+                        found[run.deployment_id] = run.expected_start
+                        remaining.discard(run.deployment_id)
+                if len(runs) < PAGE_SIZE:
+                    remaining.clear()  # the rest have no due run
+                elif not any(r.auto_scheduled for r in runs):
+                    break  # a full page of runs tagged by hand: the same page would come back
+            unresolved |= remaining
+        for deployment_id in unresolved:
+            if deployment_id in self._last_due:
+                found[deployment_id] = self._last_due[deployment_id]
+        self._due_pending_next = frozenset(unresolved)
+        return found
 
     async def _recent_ends(
         self,
@@ -214,15 +272,15 @@ class DeploymentsReader:
     async def _next_runs(
         self, deployments: Sequence[DeploymentRecord], now: UnixTime, deadline: Deadline
     ) -> dict[str, tuple[float, ...]]:
-        """The next scheduled starts of each deployment: two for those with a cron or rrule
-        schedule (their interval is the gap), one for the others.
+        """The next scheduled starts of each deployment: CALENDAR_UPCOMING for those with a cron
+        or rrule schedule (their largest gap is shown as an interval), one for the others.
 
         Earliest first; a deployment leaves the listing once it has what it needs, and the
         listing moves on from the last start read, so a deployment that schedules every minute
         cannot crowd out one that runs daily. A search that does not finish within MAX_PAGES
         keeps the starts already known (carried over from the last poll when none).
         """
-        wanted = {d.id: 2 if d.calendar_schedules else 1 for d in deployments}
+        wanted = {d.id: CALENDAR_UPCOMING if d.calendar_schedules else 1 for d in deployments}
         starts: dict[str, list[UpcomingRun]] = {i: [] for i in wanted}
         remaining = set(wanted)
         after = now
@@ -244,5 +302,7 @@ class DeploymentsReader:
                 after = UnixTime(runs[-1].start)  # inclusive; runs already read are skipped
         result = {i: tuple(r.start for r in runs) for i, runs in starts.items() if runs}
         for deployment_id in remaining:
-            result.setdefault(deployment_id, self._upcoming.get(deployment_id, ()))
+            # A start already passed is no longer upcoming: never carry it over.
+            carried = tuple(t for t in self._upcoming.get(deployment_id, ()) if t >= now)
+            result.setdefault(deployment_id, carried)
         return {i: s for i, s in result.items() if s}

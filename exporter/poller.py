@@ -141,6 +141,15 @@ class PollMetrics:
             "back-off cap (clamped to it) or not a valid finite delay (ignored).",
             registry=registry,
         )
+        self.deployments_errors = Counter(
+            "prefect_exporter_deployments_read_errors",
+            "Failed reads of the opt-in deployment health by reason "
+            f"({', '.join(ERROR_REASONS)}): the poll goes on and the last values are served.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ERROR_REASONS:
+            self.deployments_errors.labels(reason)
         self.gone = Counter(
             "prefect_exporter_objects_gone",
             "Objects left out of a poll because they were deleted between two of its requests "
@@ -238,6 +247,7 @@ class Poller:
             else None
         )
         self._last_health: DeploymentHealth | None = None
+        self._deployments_failing = False  # logged once per run of failed reads
         if cursor_file is None and settings.events_state_file is not None:
             cursor_file = StateFile(settings.events_state_file, "events", log)
         self._events = EventsReader(
@@ -260,6 +270,30 @@ class Poller:
                 raise
             self._features.degrade(feature, exc, self._polls)
             return None
+
+    async def _read_deployments(self, now: UnixTime, deadline: Deadline) -> DeploymentHealth | None:
+        """The opt-in deployment health, or the last one when its read failed.
+
+        An expected API failure of this read must not fail the whole poll (pools, queues and
+        workers would go stale for a feature the user opted into): it is counted by reason,
+        logged once when it starts and once when it ends, and the last values are served.
+        Throttling (429, 503) still fails the poll, so that the poller backs off.
+        """
+        assert self._deployments is not None
+        try:
+            health = await self._deployments.read(now, deadline)
+        except PrefectApiError as exc:
+            if isinstance(exc, ApiStatusError) and exc.throttled:
+                raise
+            self._metrics.deployments_errors.labels(exc.reason).inc()
+            if not self._deployments_failing:
+                self._log.warning("deployments_read_failed", reason=exc.reason, error=str(exc))
+            self._deployments_failing = True
+            return self._last_health
+        if self._deployments_failing:
+            self._log.info("deployments_read_recovered")
+        self._deployments_failing = False
+        return health
 
     @property
     def budget(self) -> RequestBudget | None:
@@ -403,7 +437,7 @@ class Poller:
                 limits, holders = read if read is not None else ((), None)
             health = self._last_health
             if full and self._deployments is not None:
-                health = await self._deployments.read(now, deadline)
+                health = await self._read_deployments(now, deadline)
             latency: LatencyStats | None = None
             if self._settings.events_enabled and self._available(Feature.EVENTS):
                 if full:

@@ -21,6 +21,7 @@ from exporter.prefect_parse import (
     page,
     page_token,
     parse_deployment,
+    parse_due_run,
     parse_ended_run,
     parse_event,
     parse_history,
@@ -35,11 +36,13 @@ from exporter.prefect_parse import (
     to_timestamp,
 )
 from exporter.records import (
+    AUTO_SCHEDULED_TAG,
     AWAITING_CONCURRENCY_SLOT,
     SLOT_HOLDING_STATE_TYPES,
     TERMINAL_STATE_TYPES,
     ConcurrencyLimitRecord,
     DeploymentRecord,
+    DueRun,
     EndedRun,
     FlowRunEvent,
     PoolRecord,
@@ -498,8 +501,11 @@ class PrefectApi:
             "deployment_id": {"any_": list(deployment_ids)},
             "state": {"type": {"any_": sorted(state_types)}},
         }
+        # A terminal run without an end time (a forced state, an old server) cannot date an
+        # outcome; Prefect's END_TIME_DESC sort would also put such rows first.
+        runs_filter["end_time"] = {"is_null_": False}
         if after is not None:
-            runs_filter["end_time"] = {"after_": iso(after)}
+            runs_filter["end_time"]["after_"] = iso(after)
         rows = await self._runs({"flow_runs": runs_filter}, "END_TIME_DESC", PAGE_SIZE, deadline)
         runs = [parse_ended_run(row) for row in rows]
         self._check_deployments("ended", runs, deployment_ids)
@@ -526,9 +532,28 @@ class PrefectApi:
         self._check_deployments("upcoming", runs, deployment_ids)
         return runs
 
+    async def due_runs_page(
+        self, deployment_ids: Sequence[str], before: UnixTime, deadline: Deadline
+    ) -> list[DueRun]:
+        """The first page (latest expected start first) of the deployments' runs tagged
+        auto-scheduled whose expected start is at `before` or earlier, in any state. One
+        request, 200 runs at most; the caller keeps only those Prefect flags `auto_scheduled`
+        (a person may tag a manual run so)."""
+        runs_filter = {
+            "deployment_id": {"any_": list(deployment_ids)},
+            "tags": {"all_": [AUTO_SCHEDULED_TAG]},
+            "expected_start_time": {"before_": iso(before)},
+        }
+        rows = await self._runs(
+            {"flow_runs": runs_filter}, "EXPECTED_START_TIME_DESC", PAGE_SIZE, deadline
+        )
+        runs = [parse_due_run(row) for row in rows]
+        self._check_deployments("due", runs, deployment_ids)
+        return runs
+
     @staticmethod
     def _check_deployments(
-        what: str, runs: Sequence[EndedRun | UpcomingRun], deployment_ids: Sequence[str]
+        what: str, runs: Sequence[EndedRun | UpcomingRun | DueRun], deployment_ids: Sequence[str]
     ) -> None:
         # A filter the server ignored would answer other deployments' runs, and the reader
         # would page on without end.

@@ -7,12 +7,13 @@ from typing import Any
 
 import pytest
 import structlog
+import structlog.testing
 from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.clock import Deadline, UnixTime
 from exporter.collector import SnapshotCollector
 from exporter.config import ConfigError, load_settings
-from exporter.errors import MalformedResponse
+from exporter.errors import ApiStatusError, MalformedResponse
 from exporter.poller import Poller, PollMetrics, PollSettings
 from exporter.prefect_parse import (
     iso,
@@ -182,9 +183,9 @@ class TestSnapshot:
         record = DeploymentRecord("d1", "etl/nightly", False, 1, 3600.0, 0)
         assert schedule_interval(record, ()) == 3600.0
 
-    def test_cron_interval_is_the_gap_between_the_next_two_runs(self) -> None:
-        """A weekday cron on Friday gives three days; one upcoming run is not enough."""
-        assert schedule_interval(calendar(), (NOW, NOW + 3 * DAY)) == 3 * DAY
+    def test_cron_interval_is_the_largest_gap_between_upcoming_runs(self) -> None:
+        """A weekday cron's largest gap is the weekend; one upcoming run is not enough."""
+        assert schedule_interval(calendar(), (NOW, NOW + DAY, NOW + 4 * DAY)) == 3 * DAY
         assert schedule_interval(calendar(), (NOW,)) is None
         assert schedule_interval(calendar(2, 3600.0), (NOW, NOW + DAY)) == 3600.0
         assert schedule_interval(DeploymentRecord("d1", "x/y", False, 0, None, 0), ()) is None
@@ -196,6 +197,7 @@ class TestSnapshot:
             matching=3,
             last_end={"d1": {StateType.COMPLETED: NOW - 10, StateType.CRASHED: NOW - 5}},
             upcoming={"d1": (NOW + 100, NOW + DAY + 100)},
+            last_due={"d1": NOW - 50},
         )
         view = build_snapshot(PollRecords(NOW, (), (), (), deployment_health=health))
         assert view.deployment_health is not None
@@ -203,6 +205,7 @@ class TestSnapshot:
         (row,) = view.deployment_health.deployments
         assert (row.last_success, row.last_failures) == (NOW - 10, (("Crashed", NOW - 5),))
         assert (row.next_run, row.schedule_interval) == (NOW + 100, DAY)
+        assert row.last_due == NOW - 50
 
 
 class TestExposition:
@@ -220,6 +223,7 @@ class TestExposition:
             matching=1,
             last_end={"d1": {StateType.COMPLETED: 1e9, StateType.FAILED: 2e9}},
             upcoming={"d1": (1.5e9,)},
+            last_due={"d1": 1.2e9},
         )
         latency = LatencyStats(finished={("etl/nightly", "Failed"): 2, ("other/x", "Failed"): 9})
         text = self.scrape(PollRecords(NOW, (), (), (), deployment_health=health), latency)
@@ -229,6 +233,7 @@ class TestExposition:
             'state="Failed"} 2e+09',
             'prefect_deployment_next_scheduled_run_timestamp_seconds{deployment="etl/nightly"}'
             " 1.5e+09",
+            'prefect_deployment_last_due_run_timestamp_seconds{deployment="etl/nightly"} 1.2e+09',
             'prefect_deployment_paused{deployment="etl/nightly"} 1.0',
             'prefect_deployment_active_schedules{deployment="etl/nightly"} 1.0',
             'prefect_deployment_schedule_interval_seconds{deployment="etl/nightly"} 3600.0',
@@ -287,19 +292,30 @@ class TestAdapter:
         assert fake.bodies("flows/filter")[0]["flows"] == {"id": {"any_": ["f1"]}}
 
     def test_ended_and_upcoming_listings_filter_by_deployment_state_and_time(self) -> None:
-        """Latest end first since a time; earliest Scheduled start first after a time."""
+        """Latest end first since a time (rows without an end left out); earliest Scheduled
+        start first after a time; latest auto-scheduled expected start first before a time."""
         fake = FakePrefect()
         fake.on("POST", "flow_runs/filter", [])
         api = make_api(fake)
         types = (StateType.COMPLETED, StateType.FAILED)
         asyncio.run(api.ended_runs_page(["d1"], types, UnixTime(NOW), FAR))
         asyncio.run(api.upcoming_runs_page(["d1"], UnixTime(NOW), FAR))
-        ended_body, upcoming_body = fake.bodies("flow_runs/filter")
+        asyncio.run(api.due_runs_page(["d1"], UnixTime(NOW), FAR))
+        ended_body, upcoming_body, due_body = fake.bodies("flow_runs/filter")
+        assert due_body == {
+            "flow_runs": {
+                "deployment_id": {"any_": ["d1"]},
+                "tags": {"all_": ["auto-scheduled"]},
+                "expected_start_time": {"before_": "2027-01-15T08:00:00Z"},
+            },
+            "sort": "EXPECTED_START_TIME_DESC",
+            "limit": 200,
+        }
         assert ended_body == {
             "flow_runs": {
                 "deployment_id": {"any_": ["d1"]},
                 "state": {"type": {"any_": ["COMPLETED", "FAILED"]}},
-                "end_time": {"after_": "2027-01-15T08:00:00Z"},
+                "end_time": {"is_null_": False, "after_": "2027-01-15T08:00:00Z"},
             },
             "sort": "END_TIME_DESC",
             "limit": 200,
@@ -329,7 +345,9 @@ class TestAdapter:
 class TestPoller:
     """The poller reads deployment health on full polls and carries it over on short ones."""
 
-    def make(self, events: list[FlowRunEvent]) -> tuple[Poller, FakeDeploymentsApi]:
+    def make(
+        self, events: list[FlowRunEvent], registry: CollectorRegistry | None = None
+    ) -> tuple[Poller, FakeDeploymentsApi]:
         api = FakeApi()
         api.events = events
         health_api = FakeDeploymentsApi(listed=[DeploymentRecord("d1", "etl/nightly", False)])
@@ -346,7 +364,7 @@ class TestPoller:
             api,
             FakeStore(),
             settings,
-            PollMetrics(CollectorRegistry()),
+            PollMetrics(registry or CollectorRegistry()),
             structlog.get_logger(),
             clock=lambda: clock[0],
             deployments_api=health_api,
@@ -364,6 +382,37 @@ class TestPoller:
         assert full.deployment_health is not None
         assert short.deployment_health == full.deployment_health
         assert [d.name for d in full.deployment_health.deployments] == ["etl/nightly"]
+
+    def test_a_failed_deployment_read_keeps_the_poll_and_the_last_values(self) -> None:
+        """The rest of the poll is published; the error is counted by reason and logged once."""
+        registry = CollectorRegistry()
+        poller, health_api = self.make([], registry)
+        first = asyncio.run(poller.poll_once(full=True))
+        health_api.fail_on = "ended"
+        with structlog.testing.capture_logs() as logs:
+            second = asyncio.run(poller.poll_once(full=True))
+            third = asyncio.run(poller.poll_once(full=True))
+        assert second.deployment_health == third.deployment_health == first.deployment_health
+        errors = "prefect_exporter_deployments_read_errors_total"
+        assert registry.get_sample_value(errors, {"reason": "http_status"}) == 2
+        assert registry.get_sample_value(errors, {"reason": "timeout"}) == 0
+        assert [e["event"] for e in logs if e["event"].startswith("deployments_")] == [
+            "deployments_read_failed"
+        ]
+        health_api.fail_on = None
+        with structlog.testing.capture_logs() as logs:
+            asyncio.run(poller.poll_once(full=True))
+        assert [e["event"] for e in logs if e["event"].startswith("deployments_")] == [
+            "deployments_read_recovered"
+        ]
+
+    def test_throttling_of_the_deployment_read_still_fails_the_poll(self) -> None:
+        """A 429 must reach the poller's back-off: it is not swallowed."""
+        poller, health_api = self.make([])
+        health_api.fail_on = "ended"
+        health_api.fail_status = 429
+        with pytest.raises(ApiStatusError):
+            asyncio.run(poller.poll_once(full=True))
 
     def test_finished_runs_of_selected_deployments_are_counted_from_events(self) -> None:
         """Selected by name through the reader; other deployments' events are not counted."""

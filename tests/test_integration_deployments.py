@@ -53,7 +53,8 @@ POOL = "health"  # served by a process worker
 IDLE = "idle"  # no worker: scheduled runs there only pile up
 FLOW = "quick"
 HOUR, DAY = 3600.0, 86400.0
-STALE_INTERVAL = 10.0  # seconds: a success older than two of these is overdue at once
+# The grace of PrefectDeploymentNoRecentSuccess in the end-to-end test: seconds.
+E2E_GRACE = 5
 EXPORTER_ARGS = (
     "--poll.interval=2s",
     "--prefect.requests-per-minute=6000",
@@ -115,6 +116,21 @@ def deploy(
     return str(deployment["id"])
 
 
+def schedule_after(admin: PrefectAdmin, deployment_id: str, end_time: str) -> None:
+    """An hourly schedule whose first run falls due one second after `end_time`, created by
+    Prefect's own scheduler code (a backfill from `end_time`): a due run, idle, with no success
+    since."""
+    first = to_timestamp(end_time, "end_time")
+    assert first is not None
+    anchor = iso(datetime.fromtimestamp(first + 1, UTC))
+    admin.request(
+        "POST",
+        f"deployments/{deployment_id}/schedules",
+        [{"schedule": {"interval": HOUR, "anchor_date": anchor}, "active": True}],
+    )
+    admin.request("POST", f"deployments/{deployment_id}/schedule", {"start_time": end_time})
+
+
 def create_in_states(admin: PrefectAdmin, deployment_id: str, states: list[dict[str, Any]]) -> None:
     """Runs of the deployment created in these states, re-submitting those SQLite refused."""
     while states:
@@ -155,7 +171,8 @@ def stack(prefect_server: PrefectServer) -> Iterator[Stack]:
             IDLE,
             [{"schedule": {"rrule": "DTSTART:20200101T000000\nRRULE:FREQ=DAILY;COUNT=1"}}],
         ),
-        "stale": deploy(admin, "stale", IDLE, [interval(STALE_INTERVAL)]),
+        # Its schedule is added once its only success has ended (see `schedule_after`).
+        "stale": deploy(admin, "stale", IDLE),
         "paused": deploy(admin, "paused", IDLE, [interval(HOUR)], paused=True),
         "excluded": deploy(admin, "excluded", IDLE, [interval(HOUR)]),
     }
@@ -187,6 +204,7 @@ def stack(prefect_server: PrefectServer) -> Iterator[Stack]:
     try:
         (stale_run,) = admin.create_runs(ids["stale"], 1, scheduled=past(60))
         admin.force_state(stale_run, "COMPLETED")
+        schedule_after(admin, ids["stale"], run(admin, stale_run)["end_time"])
         runs = {
             "nightly": admin.create_runs(ids["nightly"], 1)[0],
             # time.sleep(-1) raises: a flow that really fails, in the real worker.
@@ -271,7 +289,8 @@ class TestTimestamps:
         assert e.value(success, deployment=deployment("crashing")) is None
 
     def test_next_run_interval_pause_and_schedules(self, stack: Stack) -> None:
-        """The earliest upcoming run, the interval (cron: the gap of the next two), the flags."""
+        """The earliest upcoming run, the interval (cron: the largest gap of the next ones),
+        the flags."""
         e = stack.exporter
         wait_for(
             lambda: (
@@ -292,7 +311,8 @@ class TestTimestamps:
             )
             == cron[0]
         )
-        interval_of = {"nightly": HOUR, "cron": cron[1] - cron[0], "stale": STALE_INTERVAL}
+        # A daily cron: its next runs, created by Prefect's scheduler, are a day apart.
+        interval_of = {"nightly": HOUR, "cron": cron[1] - cron[0], "stale": HOUR}
         assert interval_of["cron"] == DAY
         for name, seconds in interval_of.items():
             labels = {"deployment": deployment(name)}
@@ -307,6 +327,21 @@ class TestTimestamps:
         assert e.value("prefect_deployment_active_schedules", deployment=deployment("failing")) == 0
         assert e.value("prefect_deployment_paused", deployment=deployment("paused")) == 1
         assert e.value("prefect_deployment_paused", deployment=deployment("nightly")) == 0
+
+    def test_last_due_run_is_the_latest_auto_scheduled_run_already_due(self, stack: Stack) -> None:
+        """stale: its backfilled run one second after its success; manual runs never count."""
+        e = stack.exporter
+        stale_end = end_time(stack, "stale")
+        assert stale_end is not None
+        due = "prefect_deployment_last_due_run_timestamp_seconds"
+        wait_for(
+            lambda: e.value(due, deployment=deployment("stale")) == stale_end + 1,
+            60,
+            "the due run of stale",
+        )
+        # Only manual runs (nightly, failing, crashing) or nothing due yet (cron, paused).
+        for name in ("nightly", "failing", "crashing", "cron", "paused"):
+            assert e.value(due, deployment=deployment(name)) is None, name
 
     def test_only_selected_deployments_have_series(self, stack: Stack) -> None:
         """The exclude glob wins; nothing is capped under the default maximum."""
@@ -387,11 +422,18 @@ class TestPrometheusEndToEnd:
     def test_the_deployment_alerts_become_active_for_the_right_deployments(
         self, stack: Stack, tmp_path: Path
     ) -> None:
-        """No recent success (stale), last run failed (failing, crashing), no upcoming run
-        (ended); none of them for the healthy or paused deployments."""
+        """No success since a due run (stale), last run failed (failing, crashing), no upcoming
+        run (ended); none of them for the healthy or paused deployments."""
         rules = tmp_path / "rules.yml"
         generated = subprocess.run(
-            [sys.executable, str(ROOT / "alerts" / "generate.py"), "--out", str(rules)],
+            [
+                sys.executable,
+                str(ROOT / "alerts" / "generate.py"),
+                "--out",
+                str(rules),
+                "--set",
+                f"deployment_due_grace_seconds={E2E_GRACE}",
+            ],
             capture_output=True,
             text=True,
             timeout=60,
@@ -494,5 +536,6 @@ class TestCost:
 
         # bulk/d-00? is ten of the hundred bulk/* deployments.
         ten, hundred = measure("bulk/d-00?"), measure("bulk/*")
-        # First read: list and flow names, one search per outcome, one upcoming listing.
-        assert ten == hundred == (6, 2, 4), (ten, hundred)
+        # First read: list and flow names, one search per outcome, one upcoming listing, one
+        # due listing; then ends since, upcoming and due a poll, plus the list every 5 minutes.
+        assert ten == hundred == (7, 3, 5), (ten, hundred)
