@@ -295,12 +295,13 @@ def alerts(s: dict[str, Any]) -> list[dict[str, Any]]:
             # succeeded (never succeeded counts as not since), or no run is scheduled any more
             # (the scheduler stopped). Judged on due runs, not on an interval: a weekday cron
             # is quiet over the weekend, and a failed run is judged again by the next one.
-            "expr": f"(time() - {last_due} > {grace} "
-            f"and on ({DEPLOYMENT}) ("
-            f"{last_due} > on ({DEPLOYMENT}) {last_success} "
-            f"or {last_due} unless on ({DEPLOYMENT}) {last_success} "
-            f"or on ({DEPLOYMENT}) ({active} > 0 unless on ({DEPLOYMENT}) {next_run})"
-            f")) unless on ({DEPLOYMENT}) {paused_deployment}",
+            # Spelled as "past the grace, unless a success ended since and runs are still
+            # scheduled": each series once or twice, so the rule stays one line under any
+            # selector (deploy/kubernetes compares the overlays' text with this file's).
+            "expr": f"time() - {last_due} > {grace} "
+            f"unless on ({DEPLOYMENT}) ({last_success} >= on ({DEPLOYMENT}) {last_due} "
+            f"unless on ({DEPLOYMENT}) ({active} > 0 unless on ({DEPLOYMENT}) {next_run})) "
+            f"unless on ({DEPLOYMENT}) {paused_deployment}",
             # The grace already waits for the run; `for` rides out a poll and a success that
             # is being read.
             "for": "10m",

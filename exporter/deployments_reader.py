@@ -4,10 +4,11 @@ Cost follows neither the number of runs nor (up to 200) the number of deployment
 
 - the deployment list (names, pause flag, schedules) is slow-changing and read every
   LIST_REFRESH_SECONDS: one page of 200 deployments and one request for their flows' names;
-- the last end per deployment and outcome is found once by listing ended runs latest first, for
-  the deployments not yet found only (each page finds at least one), and afterwards by one
-  listing of the runs that ended since the last read: one request a poll while fewer than 200
-  runs of the selected deployments end between two polls;
+- the last end per deployment and outcome is found by listing ended runs latest first, for
+  the deployments not yet found only (each page finds at least one), at the first poll and
+  again at each list refresh (a run forced from one final state to another keeps its end time);
+  in between by one listing of the runs that ended since the newest end seen: one request a
+  poll while fewer than 200 runs of the selected deployments end between two polls;
 - the next upcoming run of every selected deployment (the next three for cron and rrule
   schedules, whose largest gap is shown as their informational interval) comes from one listing
   of Scheduled runs, earliest first, dropping deployments as they are found (one request a poll,
@@ -69,6 +70,7 @@ class DeploymentsApi(Protocol):
         state_types: Sequence[StateType],
         after: UnixTime | None,
         deadline: Deadline,
+        exclude_ids: Sequence[str] = (),
     ) -> list[EndedRun]: ...
     async def upcoming_runs_page(
         self, deployment_ids: Sequence[str], after: UnixTime, deadline: Deadline
@@ -104,8 +106,14 @@ class DeploymentsReader:
         # first search (all their history) is finished, per outcome.
         self._last_end: dict[str, dict[str, float]] = {}
         self._searched: dict[StateType, frozenset[str]] = {t: frozenset() for t in OUTCOMES}
-        # Ends at or after this time are still to be read for the searched deployments.
+        # The newest end time seen (Unix seconds, server clock): later listings of ends start
+        # END_OVERLAP_SECONDS before it. None while no end was seen.
         self._ends_since: float | None = None
+        self._read_once = False
+        # Ids and end times of the runs read within the overlap of the window (at most
+        # MAX_PAGES pages of them): left out of the next listing.
+        self._seen_ends: dict[str, float] = {}
+        self._seen_ends_next: dict[str, float] = {}
         self._upcoming: dict[str, tuple[float, ...]] = {}
         self._last_due: dict[str, float] = {}
         # Deployments whose latest due run the last poll's search did not reach.
@@ -123,7 +131,8 @@ class DeploymentsReader:
         """The selected deployments' health as of `now`; raises PrefectApiError."""
         listed_at, deployments, matching = self._listed_at, self._deployments, self._matching
         # Wall-clock time (the poll's `now`): a clock stepped back re-reads the list at once.
-        if listed_at is None or not 0 <= now - listed_at < self._refresh_seconds:
+        refresh = listed_at is None or not 0 <= now - listed_at < self._refresh_seconds
+        if refresh:
             everything = await self._api.deployments(deadline)
             chosen = sorted(
                 (d for d in everything if self._selector.selects(d.name)), key=lambda d: d.name
@@ -132,13 +141,19 @@ class DeploymentsReader:
             deployments = tuple(chosen[: self._selector.max])
         ids = [d.id for d in deployments]
         last_end = {i: dict(self._last_end.get(i, {})) for i in ids}
-        searched = {t: self._searched[t] & set(ids) for t in OUTCOMES}
+        # At each list refresh the history searches run again: a run forced from one final
+        # state to another keeps its old end_time (Prefect's SetEndTime rule), so the
+        # incremental listing by end time never sees it; a few requests every 5 minutes do.
+        searched = {t: frozenset() if refresh else self._searched[t] & set(ids) for t in OUTCOMES}
         for outcome in OUTCOMES:
-            # First searches: the whole history, latest first, for deployments not yet found.
+            # The whole history, latest first, for deployments not searched yet.
             todo = [i for i in ids if i not in searched[outcome]]
             found, finished = await self._latest(todo, (outcome,), None, deadline)
-            for deployment_id, run in found.items():
-                last_end[deployment_id][outcome] = run.end_time
+            for deployment_id in finished:  # the search's answer replaces what was known
+                if deployment_id in found:
+                    last_end[deployment_id][outcome] = found[deployment_id].end_time
+                else:
+                    last_end[deployment_id].pop(outcome, None)
             searched[outcome] = searched[outcome] | finished
         ends_since = await self._recent_ends(searched, last_end, now, deadline)
         upcoming = await self._next_runs(deployments, now, deadline)
@@ -156,6 +171,8 @@ class DeploymentsReader:
         self._listed_at, self._deployments, self._matching = listed_at, deployments, matching
         self._exported = frozenset(d.name for d in deployments)
         self._last_end, self._searched, self._ends_since = last_end, searched, ends_since
+        self._read_once = True
+        self._seen_ends = self._seen_ends_next
         self._upcoming, self._last_due = upcoming, last_due
         self._due_pending = self._due_pending_next
         return DeploymentHealth(
@@ -210,23 +227,41 @@ class DeploymentsReader:
         now: UnixTime,
         deadline: Deadline,
     ) -> float | None:
-        """Runs of searched deployments that ended since the last read; returns the new start.
+        """Runs of searched deployments that ended since the last read; returns the new anchor.
 
-        One listing of every outcome while it fits a page; otherwise one search per outcome
-        (latest first, deployments dropped as found). The start moves to `now` only when every
-        such search finished.
+        The window starts END_OVERLAP_SECONDS before the anchor: the newest end time seen
+        (the server's clock, not the exporter's, so a skewed exporter clock misses nothing);
+        None while no run has been seen to end (then the listing has no lower bound, and holds
+        only runs that ended since). One listing of every outcome while it fits a page;
+        otherwise one search per outcome (latest first, deployments dropped as found). The
+        anchor moves only when every such search finished.
         """
-        if self._ends_since is None:
-            return now  # nothing searched before this poll: the first searches reached `now`
-        after = UnixTime(self._ends_since - END_OVERLAP_SECONDS)
+        anchor = self._ends_since
+        if not self._read_once:
+            return self._newest(anchor, last_end)  # the first searches covered every end
+        after = None if anchor is None else UnixTime(anchor - END_OVERLAP_SECONDS)
         ids = sorted(set().union(*searched.values()))
         if not ids:
-            return now
-        runs = await self._api.ended_runs_page(ids, OUTCOMES, after, deadline)
-        if len(runs) < PAGE_SIZE:
+            return self._newest(anchor, last_end)
+        # Runs already read within the overlap are left out (by id), so a burst of ends is
+        # read once, page by page, and not again at every poll while it lies in the overlap.
+        seen = {i: e for i, e in self._seen_ends.items() if after is None or e >= after}
+        for _ in range(MAX_PAGES):
+            runs = await self._api.ended_runs_page(
+                ids, OUTCOMES, after, deadline, exclude_ids=sorted(seen)
+            )
             for run in runs:
                 self._keep(last_end, run)
-            return now
+                seen[run.id] = run.end_time
+            if len(runs) < PAGE_SIZE:
+                newest = self._newest(anchor, last_end)
+                floor = None if newest is None else newest - END_OVERLAP_SECONDS
+                self._seen_ends_next = {
+                    i: e for i, e in seen.items() if floor is None or e >= floor
+                }
+                return newest
+        # More than MAX_PAGES pages ended since: each deployment's latest per outcome instead.
+        self._seen_ends_next = {}
         complete = True
         for outcome in OUTCOMES:
             todo = sorted(searched[outcome])
@@ -234,7 +269,15 @@ class DeploymentsReader:
             for run in found.values():
                 self._keep(last_end, run)
             complete = complete and finished == set(todo)
-        return now if complete else self._ends_since
+        return self._newest(anchor, last_end) if complete else anchor
+
+    @staticmethod
+    def _newest(anchor: float | None, last_end: Mapping[str, Mapping[str, float]]) -> float | None:
+        """The newest end time known: never earlier than the previous anchor."""
+        ends = [e for by_outcome in last_end.values() for e in by_outcome.values()]
+        if anchor is not None:
+            ends.append(anchor)
+        return max(ends, default=None)
 
     @staticmethod
     def _keep(last_end: dict[str, dict[str, float]], run: EndedRun) -> None:

@@ -481,6 +481,32 @@ class PrefectApi:
         rows = await self._paged(
             "/deployments/filter", "deployments/filter", {"sort": "NAME_ASC"}, deadline
         )
+        by_id = {required(row, "id", str, "deployment"): row for row in rows}
+        if len(rows) >= PAGE_SIZE:
+            # Names repeat across flows and the server sorts by name alone
+            # (server/schemas/sorting.py DeploymentSort), so offset pages may repeat or skip a
+            # deployment between two requests: dedupe by id, and fetch what the count says is
+            # missing by excluding the ids already read.
+            total = await self._count_of("/deployments/count", "deployments/count", deadline)
+            for _ in range(MAX_PAGES):
+                if len(by_id) >= total:
+                    break
+                payload = await self._http.call(
+                    "POST",
+                    "/deployments/filter",
+                    "deployments/filter",
+                    {
+                        "deployments": {"id": {"not_any_": sorted(by_id)}},
+                        "sort": "NAME_ASC",
+                        "limit": PAGE_SIZE,
+                    },
+                    deadline,
+                )
+                missing = page(payload, "/deployments/filter", PAGE_SIZE)
+                if not missing:
+                    break  # deleted since the count
+                by_id.update((required(row, "id", str, "deployment"), row) for row in missing)
+        rows = list(by_id.values())
         flow_ids = sorted({required(row, "flow_id", str, "deployment") for row in rows})
         flows = await self._by_ids("/flows/filter", "flows/filter", "flows", flow_ids, deadline)
         flow_names = {
@@ -494,9 +520,11 @@ class PrefectApi:
         state_types: Sequence[StateType],
         after: UnixTime | None,
         deadline: Deadline,
+        exclude_ids: Sequence[str] = (),
     ) -> list[EndedRun]:
         """The first page (latest end first) of the deployments' runs that ended in one of
-        `state_types`, at `after` or later when given. One request, 200 runs at most."""
+        `state_types`, at `after` or later when given, leaving out the runs `exclude_ids`
+        (already read). One request, 200 runs at most."""
         runs_filter: dict[str, Any] = {
             "deployment_id": {"any_": list(deployment_ids)},
             "state": {"type": {"any_": sorted(state_types)}},
@@ -506,6 +534,8 @@ class PrefectApi:
         runs_filter["end_time"] = {"is_null_": False}
         if after is not None:
             runs_filter["end_time"]["after_"] = iso(after)
+        if exclude_ids:
+            runs_filter["id"] = {"not_any_": list(exclude_ids)}
         rows = await self._runs({"flow_runs": runs_filter}, "END_TIME_DESC", PAGE_SIZE, deadline)
         runs = [parse_ended_run(row) for row in rows]
         self._check_deployments("ended", runs, deployment_ids)
@@ -665,13 +695,23 @@ class PrefectApi:
         return to_timestamp(state.get("timestamp"), "flow_run.state.timestamp")
 
     async def _count(self, body: Mapping[str, Any], deadline: Deadline) -> int:
-        value = await self._http.call("POST", "/flow_runs/count", "flow_runs/count", body, deadline)
+        return await self._count_of("/flow_runs/count", "flow_runs/count", deadline, body)
+
+    async def _count_of(
+        self,
+        endpoint: str,
+        path: str,
+        deadline: Deadline,
+        body: Mapping[str, Any] | None = None,
+    ) -> int:
+        """A `/count` endpoint's answer; raises MalformedResponse unless a plausible integer."""
+        value = await self._http.call("POST", endpoint, path, dict(body or {}), deadline)
         if (
             not isinstance(value, int)
             or isinstance(value, bool)
             or not 0 <= value <= MAX_PLAUSIBLE_COUNT
         ):
-            raise MalformedResponse("flow_runs/count: expected a non-negative integer")
+            raise MalformedResponse(f"{path}: expected a non-negative integer")
         return value
 
     async def _runs(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
+import httpx
 import pytest
 import structlog
 import structlog.testing
@@ -170,6 +172,32 @@ class TestFinishedCounter:
         tracker.consume([event], {})
         assert tracker.stats(NOW, False).finished == {}
 
+    def test_a_deployment_no_longer_exported_loses_its_counters(self) -> None:
+        """Deselected (or capped out at a list refresh): its counters are dropped, not kept."""
+        event = parse_event(event_json("COMPLETED", "Completed", RELATED))
+        assert event is not None
+        tracker = TransitionTracker(Cursor(0))
+        tracker.consume([event], {}, lambda pool: False, lambda d: d == "etl/nightly")
+        assert tracker.stats(NOW, False).finished == {("etl/nightly", "Completed"): 1}
+        tracker.consume([], {}, lambda pool: False, lambda d: False)
+        assert tracker.stats(NOW, False).finished == {}
+
+    def test_a_forced_final_to_final_change_counts_both_transitions(self) -> None:
+        """Failed forced to Completed by hand: two terminal transitions of one run, as
+        documented (the counter counts transitions, not runs)."""
+        failed = parse_event(event_json("FAILED", "Failed", RELATED))
+        completed = parse_event(
+            {**event_json("COMPLETED", "Completed", RELATED), "occurred": "2027-01-15T08:01:00Z"}
+        )
+        assert failed is not None
+        assert completed is not None
+        tracker = TransitionTracker(Cursor(0))
+        tracker.consume([failed, completed], {}, lambda pool: False, lambda d: True)
+        assert tracker.stats(NOW, False).finished == {
+            ("etl/nightly", "Failed"): 1,
+            ("etl/nightly", "Completed"): 1,
+        }
+
 
 def calendar(active: int = 1, interval: float | None = None) -> DeploymentRecord:
     return DeploymentRecord("d1", "etl/nightly", False, active, interval, 1)
@@ -290,6 +318,36 @@ class TestAdapter:
         (listing,) = fake.bodies("deployments/filter")
         assert (listing["sort"], listing["limit"], listing["offset"]) == ("NAME_ASC", 200, 0)
         assert fake.bodies("flows/filter")[0]["flows"] == {"id": {"any_": ["f1"]}}
+
+    def test_offset_pages_that_repeat_and_skip_on_tied_names_are_completed(self) -> None:
+        """250 deployments all named `default`: the second page repeats ten of the first and
+        skips ten; the count and an id-excluding request fill the gap, each deployment once."""
+        rows = [{**deployment_json([]), "id": f"d{n:03}", "name": "default"} for n in range(250)]
+        served = [*rows[:200], *rows[190:200], *rows[210:250]]  # d200..d209 never offset-served
+
+        def listing(request: httpx.Request) -> list[dict[str, Any]]:
+            body = json.loads(request.content)
+            excluded = body.get("deployments", {}).get("id", {}).get("not_any_")
+            if excluded is not None:
+                return [r for r in rows if r["id"] not in excluded][: body["limit"]]
+            return served[body["offset"] : body["offset"] + body["limit"]]
+
+        fake = FakePrefect()
+        fake.on("POST", "deployments/filter", listing)
+        fake.on("POST", "deployments/count", 250)
+        fake.on("POST", "flows/filter", [{"id": "f1", "name": "etl"}])
+        records = asyncio.run(make_api(fake).deployments(FAR))
+        assert sorted(r.id for r in records) == [r["id"] for r in rows]
+        assert len(fake.bodies("deployments/filter")) == 3
+
+    def test_one_page_needs_no_count(self) -> None:
+        """Under 200 deployments the single page is complete: no count request."""
+        fake = FakePrefect()
+        fake.on("POST", "deployments/filter", [deployment_json([])])
+        fake.on("POST", "flows/filter", [{"id": "f1", "name": "etl"}])
+        asyncio.run(make_api(fake).deployments(FAR))
+        assert not fake.bodies("deployments/count")
+        assert all("count" not in r.url.path for r in fake.requests)
 
     def test_ended_and_upcoming_listings_filter_by_deployment_state_and_time(self) -> None:
         """Latest end first since a time (rows without an end left out); earliest Scheduled

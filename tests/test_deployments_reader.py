@@ -55,14 +55,17 @@ class FakeDeploymentsApi:
         state_types: Sequence[StateType],
         after: UnixTime | None,
         deadline: Deadline,
+        exclude_ids: Sequence[str] = (),
     ) -> list[EndedRun]:
         self._call("ended")
+        excluded = set(exclude_ids)
         rows = [
             r
             for r in self.ended
             if r.deployment_id in deployment_ids
             and r.state_type in state_types
             and (after is None or r.end_time >= after)
+            and r.id not in excluded
         ]
         return sorted(rows, key=lambda r: -r.end_time)[:PAGE_SIZE]
 
@@ -212,8 +215,9 @@ class TestLastEnds:
         health = read(reader, NOW + 30)
         assert health.last_end["d1"] == {StateType.CRASHED: NOW - END_OVERLAP_SECONDS / 2}
 
-    def test_a_burst_of_ends_falls_back_to_one_search_per_outcome(self) -> None:
-        """More than a page of ends between two polls: still each deployment's latest."""
+    def test_a_burst_of_ends_is_read_page_by_page(self) -> None:
+        """More than a page of ends between two polls: the listing goes on past the runs
+        already read, and still finds each deployment's latest."""
         api = FakeDeploymentsApi(listed=[deployment(1), deployment(2)])
         reader = reader_for(api)
         read(reader)
@@ -223,7 +227,59 @@ class TestLastEnds:
         health = read(reader, NOW + 30)
         assert health.last_end["d2"] == {StateType.COMPLETED: NOW + 1}
         assert health.last_end["d1"] == {StateType.COMPLETED: NOW + 10 + 299 / 100}
-        assert api.requests.count("ended") == 1 + 2 + 1 + 1
+        assert api.requests.count("ended") == 2
+
+    def test_a_burst_beyond_the_page_limit_falls_back_to_one_search_per_outcome(self) -> None:
+        """Over MAX_PAGES pages of ends: each deployment's latest per outcome instead."""
+        api = FakeDeploymentsApi(listed=[deployment(1), deployment(2)])
+        reader = reader_for(api)
+        read(reader)
+        api.ended += [ended("d1", StateType.FAILED, NOW + 1 + i / 1000, i) for i in range(1200)]
+        api.ended.append(ended("d2", StateType.CRASHED, NOW + 0.5))
+        api.requests.clear()
+        health = read(reader, NOW + 30)
+        assert health.last_end["d2"] == {StateType.CRASHED: NOW + 0.5}
+        assert health.last_end["d1"] == {StateType.FAILED: NOW + 1 + 1199 / 1000}
+        # 5 listing pages, then Completed 1, Failed 2 (d1, then d2), Crashed 1
+        assert api.requests.count("ended") == 5 + 1 + 2 + 1
+
+    def test_a_burst_costs_once_not_every_poll(self) -> None:
+        """After the poll that read a burst, the next poll is back to one listing of ends."""
+        api = FakeDeploymentsApi(listed=[deployment(1), deployment(2)])
+        reader = reader_for(api)
+        read(reader)
+        api.ended += [ended("d1", StateType.FAILED, NOW + 10 + i / 100, i) for i in range(500)]
+        read(reader, NOW + 30)
+        api.requests.clear()
+        read(reader, NOW + 60)
+        assert api.requests.count("ended") == 1
+
+    def test_a_forced_final_to_final_change_is_seen_at_the_next_list_refresh(self) -> None:
+        """Failed forced to Completed keeps its old end_time: the re-search at the refresh
+        dates the success and forgets the failure."""
+        later = ended("d2", StateType.COMPLETED, NOW - 60)
+        api = FakeDeploymentsApi(
+            listed=[deployment(1), deployment(2)],
+            ended=[ended("d1", StateType.FAILED, NOW - 3600), later],
+        )
+        reader = reader_for(api)
+        assert read(reader).last_end["d1"] == {StateType.FAILED: NOW - 3600}
+        api.ended = [ended("d1", StateType.COMPLETED, NOW - 3600), later]
+        # A steady poll's window starts at the newest end seen, minus the overlap: not there.
+        assert read(reader, NOW + 30).last_end["d1"] == {StateType.FAILED: NOW - 3600}
+        health = read(reader, NOW + 300)
+        assert health.last_end["d1"] == {StateType.COMPLETED: NOW - 3600}
+
+    def test_the_window_follows_the_servers_end_times_not_the_exporters_clock(self) -> None:
+        """An exporter clock an hour ahead of the server still sees a run that just ended."""
+        api = FakeDeploymentsApi(
+            listed=[deployment(1)], ended=[ended("d1", StateType.COMPLETED, NOW - 7200)]
+        )
+        reader = reader_for(api)
+        read(reader, NOW + 3600)
+        api.ended.append(ended("d1", StateType.FAILED, NOW - 30))  # the server's "now"
+        health = read(reader, NOW + 3630)
+        assert health.last_end["d1"][StateType.FAILED] == NOW - 30
 
     def test_cost_does_not_grow_with_runs_or_deployments(self) -> None:
         """10 and 100 deployments with 50 runs each: the same requests on a steady poll."""
