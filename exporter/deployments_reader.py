@@ -61,7 +61,14 @@ OUTCOMES = (StateType.COMPLETED, *FAILURE_STATE_TYPES)
 
 
 class DeploymentsApi(Protocol):
-    """The reads the deployments reader needs (prefect_api.PrefectApi has them)."""
+    """The reads the deployments reader needs (prefect_api.PrefectApi has them).
+
+    `rows_skipped` counts malformed rows of the run listings left out, by listing, since the
+    start (the poller exports and logs it).
+    """
+
+    @property
+    def rows_skipped(self) -> Mapping[str, int]: ...
 
     async def deployments(self, deadline: Deadline) -> list[DeploymentRecord]: ...
     async def ended_runs_page(
@@ -73,7 +80,11 @@ class DeploymentsApi(Protocol):
         exclude_ids: Sequence[str] = (),
     ) -> list[EndedRun]: ...
     async def upcoming_runs_page(
-        self, deployment_ids: Sequence[str], after: UnixTime, deadline: Deadline
+        self,
+        deployment_ids: Sequence[str],
+        after: UnixTime,
+        deadline: Deadline,
+        exclude_ids: Sequence[str] = (),
     ) -> list[UpcomingRun]: ...
     async def due_runs_page(
         self, deployment_ids: Sequence[str], before: UnixTime, deadline: Deadline
@@ -327,10 +338,13 @@ class DeploymentsReader:
         starts: dict[str, list[UpcomingRun]] = {i: [] for i in wanted}
         remaining = set(wanted)
         after = now
+        at_after: list[str] = []  # runs already read whose start is `after` (ties)
         for _ in range(MAX_PAGES):
             if not remaining:
                 break
-            runs = await self._api.upcoming_runs_page(sorted(remaining), after, deadline)
+            runs = await self._api.upcoming_runs_page(
+                sorted(remaining), after, deadline, exclude_ids=at_after
+            )
             for run in runs:
                 known = starts[run.deployment_id]
                 if run.deployment_id in remaining and all(r.id != run.id for r in known):
@@ -339,10 +353,14 @@ class DeploymentsReader:
                         remaining.discard(run.deployment_id)
             if len(runs) < PAGE_SIZE:
                 remaining.clear()  # no more upcoming runs for the others
-            elif runs[0].start == runs[-1].start:
-                break  # a full page at one instant: the listing cannot move on
             else:
-                after = UnixTime(runs[-1].start)  # inclusive; runs already read are skipped
+                # Keyset on (start, id): the next page starts at the last start read (the
+                # filter is inclusive) and leaves out the runs already read at that instant, so
+                # a full page at one instant moves on instead of coming back.
+                last = runs[-1].start
+                ties = [r.id for r in runs if r.start == last]
+                at_after = [*at_after, *ties] if last == after else ties
+                after = UnixTime(last)
         result = {i: tuple(r.start for r in runs) for i, runs in starts.items() if runs}
         for deployment_id in remaining:
             # A start already passed is no longer upcoming: never carry it over.

@@ -23,6 +23,7 @@ from exporter.features import Feature, FeatureGate
 from exporter.gather import gather_bounded
 from exporter.limits_reader import LimitsApi, LimitsReader
 from exporter.records import (
+    DEPLOYMENT_RUN_LISTINGS,
     ConcurrencyLimitRecord,
     DeploymentHealth,
     DeploymentSelector,
@@ -150,6 +151,15 @@ class PollMetrics:
         )
         for reason in ERROR_REASONS:
             self.deployments_errors.labels(reason)
+        self.deployments_rows_skipped = Counter(
+            "prefect_exporter_deployment_runs_skipped",
+            "Malformed runs left out of the deployment health listings (ended, upcoming, due): "
+            "the rest of the read goes on.",
+            ["listing"],
+            registry=registry,
+        )
+        for listing in DEPLOYMENT_RUN_LISTINGS:
+            self.deployments_rows_skipped.labels(listing)
         self.gone = Counter(
             "prefect_exporter_objects_gone",
             "Objects left out of a poll because they were deleted between two of its requests "
@@ -248,6 +258,8 @@ class Poller:
         )
         self._last_health: DeploymentHealth | None = None
         self._deployments_failing = False  # logged once per run of failed reads
+        self._deployments_api = deployments_api
+        self._rows_skipped: dict[str, int] = {}
         if cursor_file is None and settings.events_state_file is not None:
             cursor_file = StateFile(settings.events_state_file, "events", log)
         self._events = EventsReader(
@@ -293,6 +305,15 @@ class Poller:
         if self._deployments_failing:
             self._log.info("deployments_read_recovered")
         self._deployments_failing = False
+        assert self._deployments_api is not None
+        skipped = self._deployments_api.rows_skipped
+        new = {k: n - self._rows_skipped.get(k, 0) for k, n in skipped.items()}
+        new = {k: n for k, n in new.items() if n > 0}
+        for listing, count in new.items():
+            self._metrics.deployments_rows_skipped.labels(listing).inc(count)
+        if new:
+            self._log.warning("deployment_runs_skipped", malformed_rows=new)
+        self._rows_skipped = dict(skipped)
         return health
 
     @property

@@ -7,9 +7,9 @@ transport (prefect_http), which budgets, bounds and counts it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 from exporter.clock import Deadline, UnixTime
@@ -38,6 +38,7 @@ from exporter.prefect_parse import (
 from exporter.records import (
     AUTO_SCHEDULED_TAG,
     AWAITING_CONCURRENCY_SLOT,
+    DEPLOYMENT_RUN_LISTINGS,
     SLOT_HOLDING_STATE_TYPES,
     TERMINAL_STATE_TYPES,
     ConcurrencyLimitRecord,
@@ -59,6 +60,7 @@ from exporter.records import (
 )
 
 PAGE_SIZE = 200  # the server's maximum page size
+T = TypeVar("T")
 MAX_PAGES = 100  # a list this long is a misbehaving server, not a Prefect installation
 # Pending runs sampled per queue to find the one waiting longest: the API cannot sort by state
 # timestamp, so we take the earliest-due few (claim order follows due order) and compare.
@@ -105,6 +107,24 @@ class PrefectApi:
 
     def __init__(self, http: Transport) -> None:
         self._http = http
+        self._rows_skipped: dict[str, int] = {listing: 0 for listing in DEPLOYMENT_RUN_LISTINGS}
+
+    @property
+    def rows_skipped(self) -> Mapping[str, int]:
+        """Rows of the deployment-health run listings left out as malformed since the start,
+        by listing (`ended`, `upcoming`, `due`): one bad run must not blind the whole read."""
+        return dict(self._rows_skipped)
+
+    def _parse_rows(
+        self, listing: str, rows: Sequence[Mapping[str, Any]], parse: Callable[[Any], T]
+    ) -> list[T]:
+        parsed = []
+        for row in rows:
+            try:
+                parsed.append(parse(row))
+            except MalformedResponse:
+                self._rows_skipped[listing] += 1
+        return parsed
 
     @property
     def requests_sent(self) -> int:
@@ -537,17 +557,22 @@ class PrefectApi:
         if exclude_ids:
             runs_filter["id"] = {"not_any_": list(exclude_ids)}
         rows = await self._runs({"flow_runs": runs_filter}, "END_TIME_DESC", PAGE_SIZE, deadline)
-        runs = [parse_ended_run(row) for row in rows]
+        runs = self._parse_rows("ended", rows, parse_ended_run)
         self._check_deployments("ended", runs, deployment_ids)
         return runs
 
     async def upcoming_runs_page(
-        self, deployment_ids: Sequence[str], after: UnixTime, deadline: Deadline
+        self,
+        deployment_ids: Sequence[str],
+        after: UnixTime,
+        deadline: Deadline,
+        exclude_ids: Sequence[str] = (),
     ) -> list[UpcomingRun]:
         """The first page (earliest first) of the deployments' Scheduled runs due at `after` or
-        later. One request, 200 runs at most; Late, AwaitingRetry and AwaitingConcurrencySlot
-        runs are not upcoming runs of a schedule."""
-        runs_filter = {
+        later, leaving out the runs `exclude_ids` (already read). One request, 200 runs at most;
+        Late, AwaitingRetry and AwaitingConcurrencySlot runs are not upcoming runs of a
+        schedule."""
+        runs_filter: dict[str, Any] = {
             "deployment_id": {"any_": list(deployment_ids)},
             "state": {
                 "type": {"any_": [StateType.SCHEDULED.value]},
@@ -555,10 +580,12 @@ class PrefectApi:
             },
             "next_scheduled_start_time": {"after_": iso(after)},
         }
+        if exclude_ids:
+            runs_filter["id"] = {"not_any_": list(exclude_ids)}
         rows = await self._runs(
             {"flow_runs": runs_filter}, "NEXT_SCHEDULED_START_TIME_ASC", PAGE_SIZE, deadline
         )
-        runs = [parse_upcoming_run(row) for row in rows]
+        runs = self._parse_rows("upcoming", rows, parse_upcoming_run)
         self._check_deployments("upcoming", runs, deployment_ids)
         return runs
 
@@ -577,7 +604,7 @@ class PrefectApi:
         rows = await self._runs(
             {"flow_runs": runs_filter}, "EXPECTED_START_TIME_DESC", PAGE_SIZE, deadline
         )
-        runs = [parse_due_run(row) for row in rows]
+        runs = self._parse_rows("due", rows, parse_due_run)
         self._check_deployments("due", runs, deployment_ids)
         return runs
 

@@ -212,6 +212,8 @@ class UpcomingRun:
     start: float
 
 
+# The run listings of deployment health; a malformed row of one is skipped and counted by it.
+DEPLOYMENT_RUN_LISTINGS = ("ended", "upcoming", "due")
 # Prefect's scheduler tags every run it creates from a deployment schedule so
 # (server/models/deployments.py, _generate_scheduled_flow_runs): a filter every Prefect 3 server
 # understands, unlike the newer `created_by` filter.

@@ -387,6 +387,23 @@ class TestAdapter:
             "after_": "2027-01-15T08:00:00Z"
         }
 
+    def test_a_malformed_run_is_skipped_and_counted_not_fatal(self) -> None:
+        """A run without an end time (or an id) is left out of its listing and counted."""
+        fake = FakePrefect()
+        good = {
+            "id": "r1",
+            "deployment_id": "d1",
+            "end_time": "2027-01-15T08:00:00Z",
+            "state_type": "COMPLETED",
+        }
+        fake.on(
+            "POST", "flow_runs/filter", [good, {**good, "id": None}, {**good, "end_time": None}]
+        )
+        api = make_api(fake)
+        runs = asyncio.run(api.ended_runs_page(["d1"], (StateType.COMPLETED,), None, FAR))
+        assert [r.id for r in runs] == ["r1"]
+        assert api.rows_skipped == {"ended": 2, "upcoming": 0, "due": 0}
+
     def test_a_run_of_another_deployment_means_the_filter_failed(self) -> None:
         """An ignored filter would page on without end: the answer is malformed."""
         fake = FakePrefect()
@@ -463,6 +480,23 @@ class TestPoller:
         assert [e["event"] for e in logs if e["event"].startswith("deployments_")] == [
             "deployments_read_recovered"
         ]
+
+    def test_skipped_rows_are_counted_and_logged_by_the_poller(self) -> None:
+        """The adapter's skips since the last poll become the counter and one log line."""
+        registry = CollectorRegistry()
+        poller, health_api = self.make([], registry)
+        health_api.rows_skipped = {"ended": 0, "upcoming": 0, "due": 0}
+        asyncio.run(poller.poll_once(full=True))
+        health_api.rows_skipped = {"ended": 3, "upcoming": 0, "due": 1}
+        with structlog.testing.capture_logs() as logs:
+            asyncio.run(poller.poll_once(full=True))
+            asyncio.run(poller.poll_once(full=True))
+        skipped = "prefect_exporter_deployment_runs_skipped_total"
+        assert registry.get_sample_value(skipped, {"listing": "ended"}) == 3
+        assert registry.get_sample_value(skipped, {"listing": "due"}) == 1
+        assert registry.get_sample_value(skipped, {"listing": "upcoming"}) == 0
+        warnings = [e for e in logs if e["event"] == "deployment_runs_skipped"]
+        assert [w["malformed_rows"] for w in warnings] == [{"ended": 3, "due": 1}]
 
     def test_throttling_of_the_deployment_read_still_fails_the_poll(self) -> None:
         """A 429 must reach the poller's back-off: it is not swallowed."""

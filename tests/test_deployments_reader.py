@@ -11,7 +11,12 @@ import structlog
 import structlog.testing
 
 from exporter.clock import Deadline, UnixTime
-from exporter.deployments_reader import END_OVERLAP_SECONDS, PAGE_SIZE, DeploymentsReader
+from exporter.deployments_reader import (
+    END_OVERLAP_SECONDS,
+    MAX_PAGES,
+    PAGE_SIZE,
+    DeploymentsReader,
+)
 from exporter.errors import ApiStatusError
 from exporter.records import (
     DeploymentHealth,
@@ -39,6 +44,7 @@ class FakeDeploymentsApi:
     requests: list[str] = field(default_factory=list)
     fail_on: str | None = None
     fail_status: int = 500
+    rows_skipped: dict[str, int] = field(default_factory=dict)
 
     def _call(self, what: str) -> None:
         self.requests.append(what)
@@ -70,10 +76,19 @@ class FakeDeploymentsApi:
         return sorted(rows, key=lambda r: -r.end_time)[:PAGE_SIZE]
 
     async def upcoming_runs_page(
-        self, deployment_ids: Sequence[str], after: UnixTime, deadline: Deadline
+        self,
+        deployment_ids: Sequence[str],
+        after: UnixTime,
+        deadline: Deadline,
+        exclude_ids: Sequence[str] = (),
     ) -> list[UpcomingRun]:
         self._call("upcoming")
-        rows = [r for r in self.upcoming if r.deployment_id in deployment_ids and r.start >= after]
+        excluded = set(exclude_ids)
+        rows = [
+            r
+            for r in self.upcoming
+            if r.deployment_id in deployment_ids and r.start >= after and r.id not in excluded
+        ]
         return sorted(rows, key=lambda r: r.start)[:PAGE_SIZE]
 
     async def due_runs_page(
@@ -409,6 +424,21 @@ class TestLastDue:
         assert api.requests.count("due") == 5
 
 
+class TestUpcomingTies:
+    """Many runs at one instant (many schedules, or a backfill) do not stop the search."""
+
+    def test_a_full_page_at_one_instant_moves_on_by_id(self) -> None:
+        """250 runs of one deployment at one instant, then a daily one's run: found."""
+        burst = [UpcomingRun(f"b{i:03}", "d1", NOW + 60) for i in range(250)]
+        api = FakeDeploymentsApi(
+            listed=[deployment(1, calendar=True), deployment(2)],
+            upcoming=[*burst, UpcomingRun("x", "d2", NOW + 61)],
+        )
+        health = read(reader_for(api))
+        assert health.upcoming["d2"] == (NOW + 61,)
+        assert api.requests.count("upcoming") == 2
+
+
 class TestUpcomingNotCarriedIntoThePast:
     """A next run carried over from an unfinished search never lies in the past."""
 
@@ -420,9 +450,17 @@ class TestUpcomingNotCarriedIntoThePast:
         )
         reader = reader_for(api)
         assert read(reader).upcoming["d6"] == (NOW + 60,)
-        # Now a full page at one instant comes first: the search cannot move on.
-        api.upcoming = [UpcomingRun(f"x{i}", "d0", NOW + 120) for i in range(PAGE_SIZE)]
+        # Now five deployments have a full page each before d5 and d6: the search stops
+        # after MAX_PAGES pages without reaching d6, whose old start has passed.
+        api.upcoming = [
+            UpcomingRun(f"x{n}-{i}", f"d{n}", NOW + 100 + 1000 * n + i)
+            for n in range(MAX_PAGES)
+            for i in range(PAGE_SIZE)
+        ]
+        api.upcoming.append(UpcomingRun("late", "d6", NOW + 86400))
+        api.requests.clear()
         health = read(reader, NOW + 90)
+        assert api.requests.count("upcoming") == MAX_PAGES
         assert "d6" not in health.upcoming
 
 

@@ -62,7 +62,18 @@ EXPORTER_ARGS = (
     f"--deployments.exclude={FLOW}/excluded",
 )
 # Exported by EXPORTER_ARGS, by name: all the deployments below but `excluded`.
-EXPORTED = ("crashing", "cron", "ended", "failing", "nightly", "paused", "stale")
+EXPORTED = (
+    "crashing",
+    "cron",
+    "cron-twice",
+    "cron-twohours",
+    "cron-weekday",
+    "ended",
+    "failing",
+    "nightly",
+    "paused",
+    "stale",
+)
 FLOW_IDS: dict[tuple[object, str], str] = {}  # by server and flow name: one request per flow
 TERMINAL = {"COMPLETED": "Completed", "FAILED": "Failed", "CRASHED": "Crashed"}
 
@@ -81,6 +92,10 @@ def interval(seconds: float) -> dict[str, Any]:
     # Anchored a month ahead: the scheduled runs line up with it and none is due during the test.
     anchor = iso(datetime.now(UTC) + timedelta(days=30))
     return {"schedule": {"interval": seconds, "anchor_date": anchor}, "active": True}
+
+
+def cron(expression: str) -> dict[str, Any]:
+    return {"schedule": {"cron": expression, "timezone": "UTC"}, "active": True}
 
 
 def deploy(
@@ -163,7 +178,12 @@ def stack(prefect_server: PrefectServer) -> Iterator[Stack]:
         "nightly": deploy(admin, "nightly", schedules=[interval(HOUR)]),
         "failing": deploy(admin, "failing"),
         "crashing": deploy(admin, "crashing"),
-        "cron": deploy(admin, "cron", IDLE, [{"schedule": {"cron": "0 2 * * *"}, "active": True}]),
+        "cron": deploy(admin, "cron", IDLE, [cron("0 2 * * *")]),
+        # The crons that broke an interval taken from the next two runs, scheduled by the
+        # server's own scheduler code: weekdays, two hours a day, two schedules at one instant.
+        "cron-weekday": deploy(admin, "cron-weekday", IDLE, [cron("0 2 * * 1-5")]),
+        "cron-twohours": deploy(admin, "cron-twohours", IDLE, [cron("0 2,3 * * *")]),
+        "cron-twice": deploy(admin, "cron-twice", IDLE, [cron("0 2 * * *"), cron("0 2 * * *")]),
         # An rrule whose only occurrence is long past: an active schedule with nothing ahead.
         "ended": deploy(
             admin,
@@ -318,6 +338,12 @@ class TestTimestamps:
         for name, seconds in interval_of.items():
             labels = {"deployment": deployment(name)}
             assert e.value("prefect_deployment_schedule_interval_seconds", **labels) == seconds
+        # The largest non-zero gap of the next three runs: 23 h for 02:00 and 03:00 daily,
+        # a day (not 0) for two schedules at one instant, 1 or 3 days for weekdays by the day.
+        interval = "prefect_deployment_schedule_interval_seconds"
+        assert e.value(interval, deployment=deployment("cron-twohours")) == 23 * HOUR
+        assert e.value(interval, deployment=deployment("cron-twice")) == DAY
+        assert e.value(interval, deployment=deployment("cron-weekday")) in (DAY, 3 * DAY)
         for name in ("failing", "ended"):
             labels = {"deployment": deployment(name)}
             assert e.value("prefect_deployment_schedule_interval_seconds", **labels) is None
@@ -495,21 +521,24 @@ class TestCost:
     """Requests per poll with 10 and 100 deployments, measured at a real server."""
 
     def test_ten_and_a_hundred_deployments_cost_the_same(self, stack: Stack) -> None:
-        """First read, steady poll and list refresh: the same requests for 10 as for 100."""
+        """First read, steady polls, list refresh, a burst of ends and the poll after it: the
+        same requests for 10 as for 100, but for ends that fill the first overlap."""
         admin = stack.admin
         admin.create_pool("bulk")
         ahead: dict[str, Any] = {
             "type": "SCHEDULED",
             "state_details": {"scheduled_time": iso(past(-HOUR))},
         }
+        ids = []
         for n in range(100):
             deployment_id = deploy(admin, f"d-{n:03}", "bulk", [interval(HOUR)], True, "bulk")
+            ids.append(deployment_id)
             # Two runs that ended (one completed, one failed) and two ahead.
             states: list[dict[str, Any]] = [{"type": "COMPLETED"}, {"type": "FAILED"}, ahead, ahead]
             create_in_states(admin, deployment_id, states)
 
-        def measure(include: str) -> tuple[int, int, int]:
-            async def reads() -> tuple[int, int, int]:
+        def measure(include: str, burst_id: str) -> tuple[int, ...]:
+            async def reads() -> tuple[int, ...]:
                 http = PrefectHttp(
                     Connection(stack.server.api_url),
                     ApiMetrics(CollectorRegistry()),
@@ -520,9 +549,14 @@ class TestCost:
                     api, DeploymentSelector((include,)), structlog.get_logger()
                 )
                 costs = []
-                # A first poll, a steady one and one that re-reads the list, 5 minutes after the
-                # runs ended: the runs just created are outside a steady poll's overlap then.
-                for ahead in (300.0, 330.0, 630.0):
+                # A first poll, two steady ones, one that re-reads the list (5 minutes on by
+                # the reader's clock), then a burst of 300 ends in one deployment read by the
+                # next poll, and a steady poll after it.
+                for step, ahead in enumerate((300.0, 330.0, 360.0, 660.0, 690.0, 720.0)):
+                    if step == 4:
+                        burst: list[dict[str, Any]] = [{"type": "COMPLETED"}] * 100
+                        for _ in range(3):  # the server creates 100 runs a request at most
+                            await asyncio.to_thread(create_in_states, admin, burst_id, burst)
                     before = api.requests_sent
                     now = UnixTime(time.time() + ahead)
                     health = await reader.read(now, Deadline(time.monotonic() + 60))
@@ -531,12 +565,18 @@ class TestCost:
                     missing = {i: e for i, e in health.last_end.items() if len(e) != 2}
                     assert not missing, missing
                 await api.aclose()
-                return costs[0], costs[1], costs[2]
+                return tuple(costs)
 
             return asyncio.run(reads())
 
-        # bulk/d-00? is ten of the hundred bulk/* deployments.
-        ten, hundred = measure("bulk/d-00?"), measure("bulk/*")
+        # The hundred first, its burst in bulk/d-050, which bulk/d-00? (ten of the hundred)
+        # does not select: neither measurement sees the other's burst.
+        hundred, ten = measure("bulk/*", ids[50]), measure("bulk/d-00?", ids[0])
         # First read: list and flow names, one search per outcome, one upcoming listing, one
-        # due listing; then ends since, upcoming and due a poll, plus the list every 5 minutes.
-        assert ten == hundred == (7, 3, 5), (ten, hundred)
+        # due listing (7). The first steady poll reads the ends of the 120 s overlap before the
+        # newest end once: the 200 runs that ended while the hundred were set up fill a page,
+        # so one more page (4 for 100, 3 for 10); then ends since, upcoming and due (3). At the
+        # list refresh the list, flow names and the three searches again (8). The burst of 300
+        # ends: two pages of ends (4); after it, back to 3: the burst is not read again.
+        assert hundred == (7, 4, 3, 8, 4, 3), hundred
+        assert ten == (7, 3, 3, 8, 4, 3), ten
