@@ -7,8 +7,9 @@ Cost follows neither the number of runs nor (up to 200) the number of deployment
 - the last end per deployment and outcome is found by listing ended runs latest first, for
   the deployments not yet found only (each page finds at least one), at the first poll and
   again at each list refresh (a run forced from one final state to another keeps its end time);
-  in between by one listing of the runs that ended since the newest end seen: one request a
-  poll while fewer than 200 runs of the selected deployments end between two polls;
+  in between by one listing of the runs that ended since the newest end seen (server clock),
+  leaving out by id the runs already read in its overlap: one request a poll while fewer than
+  200 runs of the selected deployments end between two polls, and a burst read once;
 - the next upcoming run of every selected deployment (the next three for cron and rrule
   schedules, whose largest gap is shown as their informational interval) comes from one listing
   of Scheduled runs, earliest first, dropping deployments as they are found (one request a poll,
@@ -53,6 +54,8 @@ MAX_PAGES = 5
 # state (the flow-run process, or the worker for Crashed) and stored a moment later: each read
 # looks this far back before the previous one, so a run stored late is not missed.
 END_OVERLAP_SECONDS = 120.0
+# Runs already read that a listing of ends leaves out by id, at most (about 75 KB of request).
+MAX_SEEN_ENDS = 2 * MAX_PAGES * PAGE_SIZE
 # Upcoming runs read for a cron or rrule deployment (Prefect's scheduler keeps at least three
 # ahead: PREFECT_API_SERVICES_SCHEDULER_MIN_RUNS): their largest gap is the shown interval.
 CALENDAR_UPCOMING = 3
@@ -266,13 +269,10 @@ class DeploymentsReader:
                 seen[run.id] = run.end_time
             if len(runs) < PAGE_SIZE:
                 newest = self._newest(anchor, last_end)
-                floor = None if newest is None else newest - END_OVERLAP_SECONDS
-                self._seen_ends_next = {
-                    i: e for i, e in seen.items() if floor is None or e >= floor
-                }
+                self._seen_ends_next = self._within_overlap(seen, newest)
                 return newest
         # More than MAX_PAGES pages ended since: each deployment's latest per outcome instead.
-        self._seen_ends_next = {}
+        # The runs read so far stay left out, so the next poll's listing goes on past them.
         complete = True
         for outcome in OUTCOMES:
             todo = sorted(searched[outcome])
@@ -280,7 +280,19 @@ class DeploymentsReader:
             for run in found.values():
                 self._keep(last_end, run)
             complete = complete and finished == set(todo)
-        return self._newest(anchor, last_end) if complete else anchor
+        newest = self._newest(anchor, last_end) if complete else anchor
+        self._seen_ends_next = self._within_overlap(seen, newest)
+        return newest
+
+    @staticmethod
+    def _within_overlap(seen: Mapping[str, float], newest: float | None) -> dict[str, float]:
+        """The runs read whose end lies in the next window's overlap, at most MAX_SEEN_ENDS
+        (the latest ends): what the next listing leaves out."""
+        floor = None if newest is None else newest - END_OVERLAP_SECONDS
+        kept = sorted(
+            ((e, i) for i, e in seen.items() if floor is None or e >= floor), reverse=True
+        )
+        return {i: e for e, i in kept[:MAX_SEEN_ENDS]}
 
     @staticmethod
     def _newest(anchor: float | None, last_end: Mapping[str, Mapping[str, float]]) -> float | None:

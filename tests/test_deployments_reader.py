@@ -245,7 +245,8 @@ class TestLastEnds:
         assert api.requests.count("ended") == 2
 
     def test_a_burst_beyond_the_page_limit_falls_back_to_one_search_per_outcome(self) -> None:
-        """Over MAX_PAGES pages of ends: each deployment's latest per outcome instead."""
+        """Over MAX_PAGES pages of ends: each deployment's latest per outcome instead, and the
+        next polls go on from the runs already read rather than starting over."""
         api = FakeDeploymentsApi(listed=[deployment(1), deployment(2)])
         reader = reader_for(api)
         read(reader)
@@ -257,6 +258,13 @@ class TestLastEnds:
         assert health.last_end["d1"] == {StateType.FAILED: NOW + 1 + 1199 / 1000}
         # 5 listing pages, then Completed 1, Failed 2 (d1, then d2), Crashed 1
         assert api.requests.count("ended") == 5 + 1 + 2 + 1
+        # The next polls go on past the 1,000 runs read: 201 left (two pages), then none.
+        api.requests.clear()
+        read(reader, NOW + 60)
+        assert api.requests.count("ended") == 2
+        api.requests.clear()
+        read(reader, NOW + 90)
+        assert api.requests.count("ended") == 1
 
     def test_a_burst_costs_once_not_every_poll(self) -> None:
         """After the poll that read a burst, the next poll is back to one listing of ends."""
