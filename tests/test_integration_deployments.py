@@ -580,3 +580,42 @@ class TestCost:
         # ends: two pages of ends (4); after it, back to 3: the burst is not read again.
         assert hundred == (7, 4, 3, 8, 4, 3), hundred
         assert ten == (7, 3, 3, 8, 4, 3), ten
+
+
+class TestForcedFinalChange:
+    """A run forced from Failed to Completed, read by the reader over the real adapter."""
+
+    def test_the_list_refresh_dates_the_success_and_forgets_the_failure(self, stack: Stack) -> None:
+        """Prefect keeps the run's first end_time; the history search at the refresh sees
+        the run as Completed and no longer Failed."""
+        admin = stack.admin
+        deployment_id = deploy(admin, "forced", IDLE, flow="forced-flow")
+        (run_id,) = admin.create_runs(deployment_id, 1)
+        admin.force_state(run_id, "FAILED")
+        failed_end = to_timestamp(run(admin, run_id)["end_time"], "end_time")
+        assert failed_end is not None
+
+        async def reads() -> list[dict[str, float]]:
+            http = PrefectHttp(
+                Connection(stack.server.api_url),
+                ApiMetrics(CollectorRegistry()),
+                RequestBudget(6000),
+            )
+            api = PrefectApi(http)
+            reader = DeploymentsReader(
+                api, DeploymentSelector(("forced-flow/*",)), structlog.get_logger()
+            )
+            start = time.time()
+            seen = []
+            for ahead in (0.0, 330.0):
+                if ahead:
+                    await asyncio.to_thread(admin.force_state, run_id, "COMPLETED")
+                health = await reader.read(UnixTime(start + ahead), Deadline(time.monotonic() + 60))
+                seen.append(dict(health.last_end[deployment_id]))
+            await api.aclose()
+            return seen
+
+        before, after = asyncio.run(reads())
+        assert before == {"FAILED": failed_end}
+        completed_end = to_timestamp(run(admin, run_id)["end_time"], "end_time")
+        assert after == {"COMPLETED": completed_end}
