@@ -218,6 +218,12 @@ class TestSnapshot:
         assert schedule_interval(calendar(2, 3600.0), (NOW, NOW + DAY)) == 3600.0
         assert schedule_interval(DeploymentRecord("d1", "x/y", False, 0, None, 0), ()) is None
 
+    def test_zero_gaps_and_uneven_crons_do_not_shrink_the_interval(self) -> None:
+        """Two schedules at one instant give a day, not 0; `0 2,3 * * *` gives 23 hours."""
+        assert schedule_interval(calendar(2), (NOW, NOW, NOW + DAY)) == DAY
+        assert schedule_interval(calendar(2), (NOW, NOW)) is None
+        assert schedule_interval(calendar(), (NOW, NOW + 3600, NOW + DAY)) == DAY - 3600
+
     def test_snapshot_rows_and_cap(self) -> None:
         """Last success, failures by state, next run; capped = matching minus exported."""
         health = DeploymentHealth(
