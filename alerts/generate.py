@@ -36,9 +36,9 @@ DEFAULTS: dict[str, Any] = {
     "cancelling_age_seconds": 900,  # Prefect itself gives up after 300 s
     "queue_poll_age_seconds": 300,  # Prefect marks a queue NOT_READY after 60 s
     "worker_429_per_second": 0.05,  # 3 throttled responses a minute
-    # A scheduled deployment pages when its last success is older than this many intervals
-    # (2: one run may be missed or late, two may not).
-    "deployment_success_intervals": 2,
+    # A scheduled deployment pages when its latest due run fell due longer ago than this and
+    # no run succeeded since: set it above your slowest deployment's normal start plus run time.
+    "deployment_due_grace_seconds": 3600,
 }
 
 POOL = "job, work_pool"
@@ -63,6 +63,10 @@ def alerts(s: dict[str, Any]) -> list[dict[str, Any]]:
     last_success = per_deployment("prefect_deployment_last_success_timestamp_seconds")
     last_failure = per_deployment("prefect_deployment_last_failure_timestamp_seconds")
     paused_deployment = f"{per_deployment('prefect_deployment_paused')} == 1"
+    last_due = per_deployment("prefect_deployment_last_due_run_timestamp_seconds")
+    next_run = per_deployment("prefect_deployment_next_scheduled_run_timestamp_seconds")
+    active = per_deployment("prefect_deployment_active_schedules")
+    grace = s["deployment_due_grace_seconds"]
     return [
         # -- blind spots -------------------------------------------------------------------
         {
@@ -287,18 +291,27 @@ def alerts(s: dict[str, Any]) -> list[dict[str, Any]]:
         # -- deployments (opt-in series: --deployments.include) ------------------------------
         {
             "alert": "PrefectDeploymentNoRecentSuccess",
-            "expr": f"time() - {last_success} > {s['deployment_success_intervals']} * "
-            f"{per_deployment('prefect_deployment_schedule_interval_seconds')} "
+            # The latest due run fell due more than the grace ago, and since then no run
+            # succeeded (never succeeded counts as not since), or no run is scheduled any more
+            # (the scheduler stopped). Judged on due runs, not on an interval: a weekday cron
+            # is quiet over the weekend, and a failed run is judged again by the next one.
+            # Spelled as "past the grace, unless a success ended since and runs are still
+            # scheduled": each series once or twice, so the rule stays one line under any
+            # selector (deploy/kubernetes compares the overlays' text with this file's).
+            "expr": f"time() - {last_due} > {grace} "
+            f"unless on ({DEPLOYMENT}) ({last_success} >= on ({DEPLOYMENT}) {last_due} "
+            f"unless on ({DEPLOYMENT}) ({active} > 0 unless on ({DEPLOYMENT}) {next_run})) "
             f"unless on ({DEPLOYMENT}) {paused_deployment}",
-            # The age threshold already spans whole schedule intervals; `for` rides out a poll
-            # and the run that is finishing right now.
+            # The grace already waits for the run; `for` rides out a poll and a success that
+            # is being read.
             "for": "10m",
             # The dead man's switch: the scheduled work is not getting done.
             "severity": "critical",
-            "summary": "A scheduled deployment has not completed a run for several intervals.",
-            "description": "The last successful run of deployment {{ $labels.deployment }} "
-            "ended {{ $value | humanizeDuration }} ago, more than "
-            f"{s['deployment_success_intervals']} schedule intervals; it is not paused.",
+            "summary": "A scheduled run of a deployment fell due and no run has succeeded since.",
+            "description": "The latest scheduled run of deployment {{ $labels.deployment }} "
+            "fell due {{ $value | humanizeDuration }} ago (grace "
+            f"{grace} s) and no run has completed since, or no further run is scheduled; "
+            "it is not paused.",
         },
         {
             "alert": "PrefectDeploymentLastRunFailed",
@@ -325,6 +338,19 @@ def alerts(s: dict[str, Any]) -> list[dict[str, Any]]:
             "summary": "A deployment with an active schedule has no upcoming run.",
             "description": "Deployment {{ $labels.deployment }} has {{ $value }} active "
             "schedule(s), is not paused, and no Scheduled run ahead: it will not run.",
+        },
+        {
+            "alert": "PrefectExporterDeploymentsCapped",
+            "expr": f"max by (job) ({m('prefect_exporter_deployments_capped')}) > 0",
+            # The selection is read every 5 minutes; a deployment created and deleted within
+            # that time is not worth a ticket.
+            "for": "15m",
+            # Capped deployments have no series, so their dead man's switches are off.
+            "severity": "warning",
+            "summary": "Deployments selected for health series are left out by the cap.",
+            "description": "{{ $value }} deployments matching --deployments.include of job "
+            "{{ $labels.job }} get no health series (--deployments.max): their alerts "
+            "cannot fire.",
         },
         # -- rate limiting --------------------------------------------------------------------
         {
@@ -395,6 +421,7 @@ DEPLOYMENT_ALERTS = {
 # runbooks give the Prefect commands instead.
 WITHOUT_DIAGNOSE = {
     "PrefectExporterDown",
+    "PrefectExporterDeploymentsCapped",
     "PrefectExporterDataStale",
     "PrefectExporterRequestBudgetExhausted",
     *DEPLOYMENT_ALERTS,

@@ -492,6 +492,15 @@ SNAPSHOT_FAMILIES: tuple[SnapshotFamily, ...] = (
         present=_has_health,
     ),
     Family(
+        name="prefect_deployment_last_due_run_timestamp_seconds",
+        help="Expected start of the deployment's newest auto-scheduled run whose expected start "
+        "has passed (in any state), Unix seconds: when the schedule last expected a run (absent "
+        "when none has fallen due).",
+        labels=("deployment",),
+        samples=_each(_health, _health_key, lambda d: d.last_due),
+        present=_has_health,
+    ),
+    Family(
         name="prefect_deployment_paused",
         help="1 if the deployment is paused (its schedules create no runs), else 0.",
         labels=("deployment",),
@@ -507,9 +516,9 @@ SNAPSHOT_FAMILIES: tuple[SnapshotFamily, ...] = (
     ),
     Family(
         name="prefect_deployment_schedule_interval_seconds",
-        help="Seconds between two scheduled runs: the interval schedule's, or for cron and "
-        "rrule schedules the gap between the next two upcoming runs (absent without an active "
-        "schedule, or a cron schedule with fewer than two upcoming runs).",
+        help="Seconds between two scheduled runs, informational: the interval schedule's own, "
+        "or for cron and rrule schedules the largest non-zero gap between the next upcoming runs "
+        "(absent without an active schedule, or with fewer than two distinct upcoming starts).",
         labels=("deployment",),
         samples=_each(_health, _health_key, lambda d: d.schedule_interval),
         present=_has_health,

@@ -544,14 +544,15 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "deployments_max",
-        "export at most this many deployments (the first by name);"
-        " `prefect_exporter_deployments_capped` counts the others",
+        "export at most this many deployments (the first by name, at most 200: one page of the"
+        " API serves every deployment's runs); `prefect_exporter_deployments_capped` counts the"
+        " others",
         _whole_number,
         "100",
         flag="--deployments.max",
         yaml_key="deployments.max",
         metavar="N",
-        check=_between(1, 10000),
+        check=_between(1, 200),
     ),
     Option(
         "worker_logs",

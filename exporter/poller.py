@@ -23,6 +23,7 @@ from exporter.features import Feature, FeatureGate
 from exporter.gather import gather_bounded
 from exporter.limits_reader import LimitsApi, LimitsReader
 from exporter.records import (
+    DEPLOYMENT_RUN_LISTINGS,
     ConcurrencyLimitRecord,
     DeploymentHealth,
     DeploymentSelector,
@@ -142,6 +143,24 @@ class PollMetrics:
             "back-off cap (clamped to it) or not a valid finite delay (ignored).",
             registry=registry,
         )
+        self.deployments_errors = Counter(
+            "prefect_exporter_deployments_read_errors",
+            "Failed reads of the opt-in deployment health by reason "
+            f"({', '.join(ERROR_REASONS)}): the poll goes on and the last values are served.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ERROR_REASONS:
+            self.deployments_errors.labels(reason)
+        self.deployments_rows_skipped = Counter(
+            "prefect_exporter_deployment_runs_skipped",
+            "Malformed runs left out of the deployment health listings (ended, upcoming, due): "
+            "the rest of the read goes on.",
+            ["listing"],
+            registry=registry,
+        )
+        for listing in DEPLOYMENT_RUN_LISTINGS:
+            self.deployments_rows_skipped.labels(listing)
         self.gone = Counter(
             "prefect_exporter_objects_gone",
             "Objects left out of a poll because they were deleted between two of its requests "
@@ -242,6 +261,9 @@ class Poller:
             else None
         )
         self._last_health: DeploymentHealth | None = None
+        self._deployments_failing = False  # logged once per run of failed reads
+        self._deployments_api = deployments_api
+        self._rows_skipped: dict[str, int] = {}
         if cursor_file is None and settings.events_state_file is not None:
             cursor_file = StateFile(settings.events_state_file, "events", log)
         self._events = EventsReader(
@@ -264,6 +286,39 @@ class Poller:
                 raise
             self._features.degrade(feature, exc, self._polls)
             return None
+
+    async def _read_deployments(self, now: UnixTime, deadline: Deadline) -> DeploymentHealth | None:
+        """The opt-in deployment health, or the last one when its read failed.
+
+        An expected API failure of this read must not fail the whole poll (pools, queues and
+        workers would go stale for a feature the user opted into): it is counted by reason,
+        logged once when it starts and once when it ends, and the last values are served.
+        Throttling (429, 503) still fails the poll, so that the poller backs off.
+        """
+        assert self._deployments is not None
+        try:
+            health = await self._deployments.read(now, deadline)
+        except PrefectApiError as exc:
+            if isinstance(exc, ApiStatusError) and exc.throttled:
+                raise
+            self._metrics.deployments_errors.labels(exc.reason).inc()
+            if not self._deployments_failing:
+                self._log.warning("deployments_read_failed", reason=exc.reason, error=str(exc))
+            self._deployments_failing = True
+            return self._last_health
+        if self._deployments_failing:
+            self._log.info("deployments_read_recovered")
+        self._deployments_failing = False
+        assert self._deployments_api is not None
+        skipped = self._deployments_api.rows_skipped
+        new = {k: n - self._rows_skipped.get(k, 0) for k, n in skipped.items()}
+        new = {k: n for k, n in new.items() if n > 0}
+        for listing, count in new.items():
+            self._metrics.deployments_rows_skipped.labels(listing).inc(count)
+        if new:
+            self._log.warning("deployment_runs_skipped", malformed_rows=new)
+        self._rows_skipped = dict(skipped)
+        return health
 
     @property
     def budget(self) -> RequestBudget | None:
@@ -412,7 +467,7 @@ class Poller:
                 limits, holders = read if read is not None else ((), None)
             health = self._last_health
             if full and self._deployments is not None:
-                health = await self._deployments.read(now, deadline)
+                health = await self._read_deployments(now, deadline)
             latency: LatencyStats | None = None
             if self._settings.events_enabled and self._available(Feature.EVENTS):
                 if full:

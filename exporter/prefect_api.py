@@ -7,9 +7,9 @@ transport (prefect_http), which budgets, bounds and counts it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 from exporter.clock import Deadline, UnixTime
@@ -21,6 +21,7 @@ from exporter.prefect_parse import (
     page,
     page_token,
     parse_deployment,
+    parse_due_run,
     parse_ended_run,
     parse_event,
     parse_history,
@@ -37,11 +38,14 @@ from exporter.prefect_parse import (
     to_timestamp,
 )
 from exporter.records import (
+    AUTO_SCHEDULED_TAG,
     AWAITING_CONCURRENCY_SLOT,
+    DEPLOYMENT_RUN_LISTINGS,
     SLOT_HOLDING_STATE_TYPES,
     TERMINAL_STATE_TYPES,
     ConcurrencyLimitRecord,
     DeploymentRecord,
+    DueRun,
     EndedRun,
     FlowRunEvent,
     PoolRecord,
@@ -58,6 +62,7 @@ from exporter.records import (
 )
 
 PAGE_SIZE = 200  # the server's maximum page size
+T = TypeVar("T")
 MAX_PAGES = 100  # a list this long is a misbehaving server, not a Prefect installation
 # Pending runs sampled per queue to find the one waiting longest: the API cannot sort by state
 # timestamp, so we take the earliest-due few (claim order follows due order) and compare.
@@ -104,6 +109,24 @@ class PrefectApi:
 
     def __init__(self, http: Transport) -> None:
         self._http = http
+        self._rows_skipped: dict[str, int] = {listing: 0 for listing in DEPLOYMENT_RUN_LISTINGS}
+
+    @property
+    def rows_skipped(self) -> Mapping[str, int]:
+        """Rows of the deployment-health run listings left out as malformed since the start,
+        by listing (`ended`, `upcoming`, `due`): one bad run must not blind the whole read."""
+        return dict(self._rows_skipped)
+
+    def _parse_rows(
+        self, listing: str, rows: Sequence[Mapping[str, Any]], parse: Callable[[Any], T]
+    ) -> list[T]:
+        parsed = []
+        for row in rows:
+            try:
+                parsed.append(parse(row))
+            except MalformedResponse:
+                self._rows_skipped[listing] += 1
+        return parsed
 
     @property
     def requests_sent(self) -> int:
@@ -495,6 +518,32 @@ class PrefectApi:
         rows = await self._paged(
             "/deployments/filter", "deployments/filter", {"sort": "NAME_ASC"}, deadline
         )
+        by_id = {required(row, "id", str, "deployment"): row for row in rows}
+        if len(rows) >= PAGE_SIZE:
+            # Names repeat across flows and the server sorts by name alone
+            # (server/schemas/sorting.py DeploymentSort), so offset pages may repeat or skip a
+            # deployment between two requests: dedupe by id, and fetch what the count says is
+            # missing by excluding the ids already read.
+            total = await self._count_of("/deployments/count", "deployments/count", deadline)
+            for _ in range(MAX_PAGES):
+                if len(by_id) >= total:
+                    break
+                payload = await self._http.call(
+                    "POST",
+                    "/deployments/filter",
+                    "deployments/filter",
+                    {
+                        "deployments": {"id": {"not_any_": sorted(by_id)}},
+                        "sort": "NAME_ASC",
+                        "limit": PAGE_SIZE,
+                    },
+                    deadline,
+                )
+                missing = page(payload, "/deployments/filter", PAGE_SIZE)
+                if not missing:
+                    break  # deleted since the count
+                by_id.update((required(row, "id", str, "deployment"), row) for row in missing)
+        rows = list(by_id.values())
         flow_ids = sorted({required(row, "flow_id", str, "deployment") for row in rows})
         flows = await self._by_ids("/flows/filter", "flows/filter", "flows", flow_ids, deadline)
         flow_names = {
@@ -508,27 +557,39 @@ class PrefectApi:
         state_types: Sequence[StateType],
         after: UnixTime | None,
         deadline: Deadline,
+        exclude_ids: Sequence[str] = (),
     ) -> list[EndedRun]:
         """The first page (latest end first) of the deployments' runs that ended in one of
-        `state_types`, at `after` or later when given. One request, 200 runs at most."""
+        `state_types`, at `after` or later when given, leaving out the runs `exclude_ids`
+        (already read). One request, 200 runs at most."""
         runs_filter: dict[str, Any] = {
             "deployment_id": {"any_": list(deployment_ids)},
             "state": {"type": {"any_": sorted(state_types)}},
         }
+        # A terminal run without an end time (a forced state, an old server) cannot date an
+        # outcome; Prefect's END_TIME_DESC sort would also put such rows first.
+        runs_filter["end_time"] = {"is_null_": False}
         if after is not None:
-            runs_filter["end_time"] = {"after_": iso(after)}
+            runs_filter["end_time"]["after_"] = iso(after)
+        if exclude_ids:
+            runs_filter["id"] = {"not_any_": list(exclude_ids)}
         rows = await self._runs({"flow_runs": runs_filter}, "END_TIME_DESC", PAGE_SIZE, deadline)
-        runs = [parse_ended_run(row) for row in rows]
+        runs = self._parse_rows("ended", rows, parse_ended_run)
         self._check_deployments("ended", runs, deployment_ids)
         return runs
 
     async def upcoming_runs_page(
-        self, deployment_ids: Sequence[str], after: UnixTime, deadline: Deadline
+        self,
+        deployment_ids: Sequence[str],
+        after: UnixTime,
+        deadline: Deadline,
+        exclude_ids: Sequence[str] = (),
     ) -> list[UpcomingRun]:
         """The first page (earliest first) of the deployments' Scheduled runs due at `after` or
-        later. One request, 200 runs at most; Late, AwaitingRetry and AwaitingConcurrencySlot
-        runs are not upcoming runs of a schedule."""
-        runs_filter = {
+        later, leaving out the runs `exclude_ids` (already read). One request, 200 runs at most;
+        Late, AwaitingRetry and AwaitingConcurrencySlot runs are not upcoming runs of a
+        schedule."""
+        runs_filter: dict[str, Any] = {
             "deployment_id": {"any_": list(deployment_ids)},
             "state": {
                 "type": {"any_": [StateType.SCHEDULED.value]},
@@ -536,16 +597,37 @@ class PrefectApi:
             },
             "next_scheduled_start_time": {"after_": iso(after)},
         }
+        if exclude_ids:
+            runs_filter["id"] = {"not_any_": list(exclude_ids)}
         rows = await self._runs(
             {"flow_runs": runs_filter}, "NEXT_SCHEDULED_START_TIME_ASC", PAGE_SIZE, deadline
         )
-        runs = [parse_upcoming_run(row) for row in rows]
+        runs = self._parse_rows("upcoming", rows, parse_upcoming_run)
         self._check_deployments("upcoming", runs, deployment_ids)
+        return runs
+
+    async def due_runs_page(
+        self, deployment_ids: Sequence[str], before: UnixTime, deadline: Deadline
+    ) -> list[DueRun]:
+        """The first page (latest expected start first) of the deployments' runs tagged
+        auto-scheduled whose expected start is at `before` or earlier, in any state. One
+        request, 200 runs at most; the caller keeps only those Prefect flags `auto_scheduled`
+        (a person may tag a manual run so)."""
+        runs_filter = {
+            "deployment_id": {"any_": list(deployment_ids)},
+            "tags": {"all_": [AUTO_SCHEDULED_TAG]},
+            "expected_start_time": {"before_": iso(before)},
+        }
+        rows = await self._runs(
+            {"flow_runs": runs_filter}, "EXPECTED_START_TIME_DESC", PAGE_SIZE, deadline
+        )
+        runs = self._parse_rows("due", rows, parse_due_run)
+        self._check_deployments("due", runs, deployment_ids)
         return runs
 
     @staticmethod
     def _check_deployments(
-        what: str, runs: Sequence[EndedRun | UpcomingRun], deployment_ids: Sequence[str]
+        what: str, runs: Sequence[EndedRun | UpcomingRun | DueRun], deployment_ids: Sequence[str]
     ) -> None:
         # A filter the server ignored would answer other deployments' runs, and the reader
         # would page on without end.
@@ -657,13 +739,23 @@ class PrefectApi:
         return to_timestamp(state.get("timestamp"), "flow_run.state.timestamp")
 
     async def _count(self, body: Mapping[str, Any], deadline: Deadline) -> int:
-        value = await self._http.call("POST", "/flow_runs/count", "flow_runs/count", body, deadline)
+        return await self._count_of("/flow_runs/count", "flow_runs/count", deadline, body)
+
+    async def _count_of(
+        self,
+        endpoint: str,
+        path: str,
+        deadline: Deadline,
+        body: Mapping[str, Any] | None = None,
+    ) -> int:
+        """A `/count` endpoint's answer; raises MalformedResponse unless a plausible integer."""
+        value = await self._http.call("POST", endpoint, path, dict(body or {}), deadline)
         if (
             not isinstance(value, int)
             or isinstance(value, bool)
             or not 0 <= value <= MAX_PLAUSIBLE_COUNT
         ):
-            raise MalformedResponse("flow_runs/count: expected a non-negative integer")
+            raise MalformedResponse(f"{path}: expected a non-negative integer")
         return value
 
     async def _runs(

@@ -16,6 +16,7 @@ from exporter.records import (
     TAG_LIMIT_PREFIX,
     ConcurrencyLimitRecord,
     DeploymentRecord,
+    DueRun,
     EndedRun,
     FlowRunEvent,
     PoolRecord,
@@ -298,6 +299,21 @@ def parse_ended_run(obj: Mapping[str, Any]) -> EndedRun:
         deployment_id=required(obj, "deployment_id", str, where),
         state_type=state_type,
         end_time=end_time,
+    )
+
+
+def parse_due_run(obj: Mapping[str, Any]) -> DueRun:
+    """A flow run of a deployment from `/flow_runs/filter`, with its expected start and
+    Prefect's `auto_scheduled` flag (absent counts as not auto-scheduled)."""
+    where = "flow_run"
+    start = to_timestamp(obj.get("expected_start_time"), f"{where}.expected_start_time")
+    if start is None:
+        raise MalformedResponse(f"{where}.expected_start_time: missing")
+    return DueRun(
+        id=required(obj, "id", str, where),
+        deployment_id=required(obj, "deployment_id", str, where),
+        expected_start=start,
+        auto_scheduled=bool(_get(obj, "auto_scheduled", bool, where)),
     )
 
 

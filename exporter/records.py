@@ -180,9 +180,9 @@ FAILURE_STATE_TYPES = (StateType.FAILED, StateType.CRASHED)
 class DeploymentRecord:
     """One deployment as `/deployments/filter` describes it, named `flow/deployment`.
 
-    `interval` is the shortest active interval schedule in seconds, None when there is none;
-    `calendar_schedules` counts active cron and rrule schedules (their interval is measured
-    from the upcoming runs), `active_schedules` all active schedules.
+    `interval` is the shortest active interval schedule in seconds (from the schedule's own
+    definition), None when there is none; `calendar_schedules` counts active cron and rrule
+    schedules (they have no fixed interval), `active_schedules` all active schedules.
     """
 
     id: str
@@ -212,6 +212,28 @@ class UpcomingRun:
     start: float
 
 
+# The run listings of deployment health; a malformed row of one is skipped and counted by it.
+DEPLOYMENT_RUN_LISTINGS = ("ended", "upcoming", "due")
+# Prefect's scheduler tags every run it creates from a deployment schedule so
+# (server/models/deployments.py, _generate_scheduled_flow_runs): a filter every Prefect 3 server
+# understands, unlike the newer `created_by` filter.
+AUTO_SCHEDULED_TAG = "auto-scheduled"
+
+
+@dataclass(frozen=True)
+class DueRun:
+    """A flow run of a deployment by its expected start (Unix seconds), latest first.
+
+    `auto_scheduled` is Prefect's own flag (server/schemas/core.py FlowRun): True for runs its
+    scheduler created from a deployment schedule, False for manual and triggered runs.
+    """
+
+    id: str
+    deployment_id: str
+    expected_start: float
+    auto_scheduled: bool
+
+
 @dataclass(frozen=True)
 class DeploymentHealth:
     """What the deployments reader knows as of one poll, for the snapshot.
@@ -219,13 +241,15 @@ class DeploymentHealth:
     `deployments` are the exported ones (at most the selector's `max`), `matching` how many
     matched the globs; `last_end` maps a deployment id to the latest end time (Unix seconds)
     of its runs by terminal state type (COMPLETED, FAILED, CRASHED), `upcoming` to the next
-    scheduled starts of its runs (at most two, earliest first).
+    scheduled starts of its runs (at most three, earliest first), `last_due` to the expected
+    start of its newest auto-scheduled run whose expected start is in the past.
     """
 
     deployments: tuple[DeploymentRecord, ...] = ()
     matching: int = 0
     last_end: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     upcoming: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    last_due: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

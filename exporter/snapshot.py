@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 from exporter.records import (
     AWAITING_CONCURRENCY_SLOT,
@@ -108,7 +109,8 @@ class DeploymentHealthState:
     """One selected deployment (`flow/deployment`); timestamps Unix seconds, None if unknown.
 
     `last_failures` pairs each failure outcome seen (Failed, Crashed) with when its latest run
-    ended; `schedule_interval` is in seconds (see `schedule_interval`).
+    ended; `schedule_interval` is in seconds (see `schedule_interval`); `last_due` is the
+    expected start of the newest auto-scheduled run whose expected start has passed.
     """
 
     name: str
@@ -118,6 +120,7 @@ class DeploymentHealthState:
     next_run: float | None
     last_success: float | None
     last_failures: tuple[tuple[str, float], ...] = ()
+    last_due: float | None = None
 
 
 @dataclass(frozen=True)
@@ -234,17 +237,20 @@ def _limit_state(limit: ConcurrencyLimitRecord, holders: LimitHolders | None) ->
 
 
 def schedule_interval(deployment: DeploymentRecord, upcoming: Sequence[float]) -> float | None:
-    """Seconds between two runs of the deployment's active schedules; None when unknown.
+    """Seconds between two runs of the deployment's active schedules, for information only
+    (no alert depends on it); None when unknown.
 
-    Interval schedules give it directly (the shortest when several). A cron or rrule schedule
-    has no fixed interval: the gap between the next two upcoming runs stands for it (Prefect's
-    scheduler creates them ahead), and the smaller of the two when both kinds are active.
+    Interval schedules give it from their own definition (the shortest when several). Cron and
+    rrule schedules have no fixed interval: the largest gap between the upcoming runs read stands
+    for it, ignoring zero gaps (two schedules firing at one instant); with both kinds active,
+    the shorter of the two. None for a cron alone with fewer than two distinct upcoming starts.
     """
     if not deployment.active_schedules:
         return None
-    if not deployment.calendar_schedules or len(upcoming) < 2:
+    gaps = [b - a for a, b in pairwise(upcoming) if b > a]
+    if not deployment.calendar_schedules or not gaps:
         return deployment.interval
-    gap = upcoming[1] - upcoming[0]
+    gap = max(gaps)
     return gap if deployment.interval is None else min(gap, deployment.interval)
 
 
@@ -261,6 +267,7 @@ def _deployments_view(health: DeploymentHealth) -> DeploymentsView:
                 schedule_interval=schedule_interval(d, upcoming),
                 next_run=upcoming[0] if upcoming else None,
                 last_success=ends.get(StateType.COMPLETED),
+                last_due=health.last_due.get(d.id),
                 last_failures=tuple(
                     (FINISHED_STATE_LABELS[t], ends[t]) for t in FAILURE_STATE_TYPES if t in ends
                 ),

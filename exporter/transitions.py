@@ -158,6 +158,9 @@ class TransitionTracker:
                 if pending is not None:
                     self._started.add(run)
                     self._observe(self._start, pending[0], max(0.0, event.occurred - pending[1]))
+        # Deployments no longer exported (deselected, or pushed out by the cap when the list
+        # was re-read) lose their counters: memory stays bounded by the exported set.
+        self._finished = {k: v for k, v in self._finished.items() if deployments(k[0])}
         self.cursor = self.cursor.advance(fresh)
 
     @staticmethod

@@ -38,6 +38,7 @@ PENDING_METRICS: dict[str, set[str]] = {
     "prefect_deployment_next_scheduled_run_timestamp_seconds": {"deployment"},
     "prefect_deployment_paused": {"deployment"},
     "prefect_deployment_schedule_interval_seconds": {"deployment"},
+    "prefect_deployment_last_due_run_timestamp_seconds": {"deployment"},
     "prefect_deployment_flow_runs_finished_total": {"deployment", "state"},
 }
 
@@ -1110,23 +1111,28 @@ def deployments() -> dict[str, Any]:
         12,
         8,
     )
+    due = f"max by (deployment) (prefect_deployment_last_due_run_timestamp_seconds{{{DEPLOYMENT}}})"
+    success = (
+        f"max by (deployment) (prefect_deployment_last_success_timestamp_seconds{{{DEPLOYMENT}}})"
+    )
     ly.add(
         panel(
             "timeseries",
-            "Schedule intervals since last success",
-            "Has a scheduled deployment missed its runs? Time since its last success in "
-            "schedule intervals; above 1 means at least one interval without a success.",
-            "short",
+            "Due run waiting for a success",
+            "Is scheduled work getting done? How long ago each deployment's latest scheduled run "
+            "fell due while no run has succeeded since (0 once a success ended after it). "
+            "PrefectDeploymentNoRecentSuccess pages past its grace (default 1 h) unless paused.",
+            "s",
             [
                 (
-                    f"max by (deployment) (time() - "
-                    f"prefect_deployment_last_success_timestamp_seconds{{{DEPLOYMENT}}}) / on "
-                    f"(deployment) max by (deployment) "
-                    f"(prefect_deployment_schedule_interval_seconds{{{DEPLOYMENT}}} > 0)",
+                    # `or 0 * due`: a deployment whose due run was followed by a success is at 0.
+                    f"(time() - {due} and on (deployment) "
+                    f"({due} > on (deployment) {success} or {due} unless on (deployment) "
+                    f"{success})) or 0 * {due}",
                     "{{deployment}}",
                 )
             ],
-            defaults={"min": 0, **thresholds((None, "green"), (1, "orange"), (2, "red"))},
+            defaults={"min": 0, **thresholds((None, "green"), (1800, "orange"), (3600, "red"))},
         ),
         12,
         8,

@@ -97,6 +97,7 @@ def full_snapshot() -> Snapshot:
                     next_run=NOW + 3600,
                     last_success=NOW - 7200,
                     last_failures=(("Crashed", NOW - 90000),),
+                    last_due=NOW - 7260,
                 ),
             ),
             capped=0,

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
+import httpx
 import pytest
 import structlog
+import structlog.testing
 from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.clock import Deadline, UnixTime
 from exporter.collector import SnapshotCollector
 from exporter.config import ConfigError, load_settings
-from exporter.errors import MalformedResponse
+from exporter.errors import ApiStatusError, MalformedResponse
 from exporter.poller import Poller, PollMetrics, PollSettings
 from exporter.prefect_parse import (
     iso,
@@ -169,6 +172,32 @@ class TestFinishedCounter:
         tracker.consume([event], {})
         assert tracker.stats(NOW, False).finished == {}
 
+    def test_a_deployment_no_longer_exported_loses_its_counters(self) -> None:
+        """Deselected (or capped out at a list refresh): its counters are dropped, not kept."""
+        event = parse_event(event_json("COMPLETED", "Completed", RELATED))
+        assert event is not None
+        tracker = TransitionTracker(Cursor(0))
+        tracker.consume([event], {}, lambda pool: False, lambda d: d == "etl/nightly")
+        assert tracker.stats(NOW, False).finished == {("etl/nightly", "Completed"): 1}
+        tracker.consume([], {}, lambda pool: False, lambda d: False)
+        assert tracker.stats(NOW, False).finished == {}
+
+    def test_a_forced_final_to_final_change_counts_both_transitions(self) -> None:
+        """Failed forced to Completed by hand: two terminal transitions of one run, as
+        documented (the counter counts transitions, not runs)."""
+        failed = parse_event(event_json("FAILED", "Failed", RELATED))
+        completed = parse_event(
+            {**event_json("COMPLETED", "Completed", RELATED), "occurred": "2027-01-15T08:01:00Z"}
+        )
+        assert failed is not None
+        assert completed is not None
+        tracker = TransitionTracker(Cursor(0))
+        tracker.consume([failed, completed], {}, lambda pool: False, lambda d: True)
+        assert tracker.stats(NOW, False).finished == {
+            ("etl/nightly", "Failed"): 1,
+            ("etl/nightly", "Completed"): 1,
+        }
+
 
 def calendar(active: int = 1, interval: float | None = None) -> DeploymentRecord:
     return DeploymentRecord("d1", "etl/nightly", False, active, interval, 1)
@@ -182,12 +211,18 @@ class TestSnapshot:
         record = DeploymentRecord("d1", "etl/nightly", False, 1, 3600.0, 0)
         assert schedule_interval(record, ()) == 3600.0
 
-    def test_cron_interval_is_the_gap_between_the_next_two_runs(self) -> None:
-        """A weekday cron on Friday gives three days; one upcoming run is not enough."""
-        assert schedule_interval(calendar(), (NOW, NOW + 3 * DAY)) == 3 * DAY
+    def test_cron_interval_is_the_largest_gap_between_upcoming_runs(self) -> None:
+        """A weekday cron's largest gap is the weekend; one upcoming run is not enough."""
+        assert schedule_interval(calendar(), (NOW, NOW + DAY, NOW + 4 * DAY)) == 3 * DAY
         assert schedule_interval(calendar(), (NOW,)) is None
         assert schedule_interval(calendar(2, 3600.0), (NOW, NOW + DAY)) == 3600.0
         assert schedule_interval(DeploymentRecord("d1", "x/y", False, 0, None, 0), ()) is None
+
+    def test_zero_gaps_and_uneven_crons_do_not_shrink_the_interval(self) -> None:
+        """Two schedules at one instant give a day, not 0; `0 2,3 * * *` gives 23 hours."""
+        assert schedule_interval(calendar(2), (NOW, NOW, NOW + DAY)) == DAY
+        assert schedule_interval(calendar(2), (NOW, NOW)) is None
+        assert schedule_interval(calendar(), (NOW, NOW + 3600, NOW + DAY)) == DAY - 3600
 
     def test_snapshot_rows_and_cap(self) -> None:
         """Last success, failures by state, next run; capped = matching minus exported."""
@@ -196,6 +231,7 @@ class TestSnapshot:
             matching=3,
             last_end={"d1": {StateType.COMPLETED: NOW - 10, StateType.CRASHED: NOW - 5}},
             upcoming={"d1": (NOW + 100, NOW + DAY + 100)},
+            last_due={"d1": NOW - 50},
         )
         view = build_snapshot(PollRecords(NOW, (), (), (), deployment_health=health))
         assert view.deployment_health is not None
@@ -203,6 +239,7 @@ class TestSnapshot:
         (row,) = view.deployment_health.deployments
         assert (row.last_success, row.last_failures) == (NOW - 10, (("Crashed", NOW - 5),))
         assert (row.next_run, row.schedule_interval) == (NOW + 100, DAY)
+        assert row.last_due == NOW - 50
 
 
 class TestExposition:
@@ -220,6 +257,7 @@ class TestExposition:
             matching=1,
             last_end={"d1": {StateType.COMPLETED: 1e9, StateType.FAILED: 2e9}},
             upcoming={"d1": (1.5e9,)},
+            last_due={"d1": 1.2e9},
         )
         latency = LatencyStats(finished={("etl/nightly", "Failed"): 2, ("other/x", "Failed"): 9})
         text = self.scrape(PollRecords(NOW, (), (), (), deployment_health=health), latency)
@@ -229,6 +267,7 @@ class TestExposition:
             'state="Failed"} 2e+09',
             'prefect_deployment_next_scheduled_run_timestamp_seconds{deployment="etl/nightly"}'
             " 1.5e+09",
+            'prefect_deployment_last_due_run_timestamp_seconds{deployment="etl/nightly"} 1.2e+09',
             'prefect_deployment_paused{deployment="etl/nightly"} 1.0',
             'prefect_deployment_active_schedules{deployment="etl/nightly"} 1.0',
             'prefect_deployment_schedule_interval_seconds{deployment="etl/nightly"} 3600.0',
@@ -286,20 +325,61 @@ class TestAdapter:
         assert (listing["sort"], listing["limit"], listing["offset"]) == ("NAME_ASC", 200, 0)
         assert fake.bodies("flows/filter")[0]["flows"] == {"id": {"any_": ["f1"]}}
 
+    def test_offset_pages_that_repeat_and_skip_on_tied_names_are_completed(self) -> None:
+        """250 deployments all named `default`: the second page repeats ten of the first and
+        skips ten; the count and an id-excluding request fill the gap, each deployment once."""
+        rows = [{**deployment_json([]), "id": f"d{n:03}", "name": "default"} for n in range(250)]
+        served = [*rows[:200], *rows[190:200], *rows[210:250]]  # d200..d209 never offset-served
+
+        def listing(request: httpx.Request) -> list[dict[str, Any]]:
+            body = json.loads(request.content)
+            excluded = body.get("deployments", {}).get("id", {}).get("not_any_")
+            if excluded is not None:
+                return [r for r in rows if r["id"] not in excluded][: body["limit"]]
+            return served[body["offset"] : body["offset"] + body["limit"]]
+
+        fake = FakePrefect()
+        fake.on("POST", "deployments/filter", listing)
+        fake.on("POST", "deployments/count", 250)
+        fake.on("POST", "flows/filter", [{"id": "f1", "name": "etl"}])
+        records = asyncio.run(make_api(fake).deployments(FAR))
+        assert sorted(r.id for r in records) == [r["id"] for r in rows]
+        assert len(fake.bodies("deployments/filter")) == 3
+
+    def test_one_page_needs_no_count(self) -> None:
+        """Under 200 deployments the single page is complete: no count request."""
+        fake = FakePrefect()
+        fake.on("POST", "deployments/filter", [deployment_json([])])
+        fake.on("POST", "flows/filter", [{"id": "f1", "name": "etl"}])
+        asyncio.run(make_api(fake).deployments(FAR))
+        assert not fake.bodies("deployments/count")
+        assert all("count" not in r.url.path for r in fake.requests)
+
     def test_ended_and_upcoming_listings_filter_by_deployment_state_and_time(self) -> None:
-        """Latest end first since a time; earliest Scheduled start first after a time."""
+        """Latest end first since a time (rows without an end left out); earliest Scheduled
+        start first after a time; latest auto-scheduled expected start first before a time."""
         fake = FakePrefect()
         fake.on("POST", "flow_runs/filter", [])
         api = make_api(fake)
         types = (StateType.COMPLETED, StateType.FAILED)
         asyncio.run(api.ended_runs_page(["d1"], types, UnixTime(NOW), FAR))
         asyncio.run(api.upcoming_runs_page(["d1"], UnixTime(NOW), FAR))
-        ended_body, upcoming_body = fake.bodies("flow_runs/filter")
+        asyncio.run(api.due_runs_page(["d1"], UnixTime(NOW), FAR))
+        ended_body, upcoming_body, due_body = fake.bodies("flow_runs/filter")
+        assert due_body == {
+            "flow_runs": {
+                "deployment_id": {"any_": ["d1"]},
+                "tags": {"all_": ["auto-scheduled"]},
+                "expected_start_time": {"before_": "2027-01-15T08:00:00Z"},
+            },
+            "sort": "EXPECTED_START_TIME_DESC",
+            "limit": 200,
+        }
         assert ended_body == {
             "flow_runs": {
                 "deployment_id": {"any_": ["d1"]},
                 "state": {"type": {"any_": ["COMPLETED", "FAILED"]}},
-                "end_time": {"after_": "2027-01-15T08:00:00Z"},
+                "end_time": {"is_null_": False, "after_": "2027-01-15T08:00:00Z"},
             },
             "sort": "END_TIME_DESC",
             "limit": 200,
@@ -312,6 +392,23 @@ class TestAdapter:
         assert upcoming_body["flow_runs"]["next_scheduled_start_time"] == {
             "after_": "2027-01-15T08:00:00Z"
         }
+
+    def test_a_malformed_run_is_skipped_and_counted_not_fatal(self) -> None:
+        """A run without an end time (or an id) is left out of its listing and counted."""
+        fake = FakePrefect()
+        good = {
+            "id": "r1",
+            "deployment_id": "d1",
+            "end_time": "2027-01-15T08:00:00Z",
+            "state_type": "COMPLETED",
+        }
+        fake.on(
+            "POST", "flow_runs/filter", [good, {**good, "id": None}, {**good, "end_time": None}]
+        )
+        api = make_api(fake)
+        runs = asyncio.run(api.ended_runs_page(["d1"], (StateType.COMPLETED,), None, FAR))
+        assert [r.id for r in runs] == ["r1"]
+        assert api.rows_skipped == {"ended": 2, "upcoming": 0, "due": 0}
 
     def test_a_run_of_another_deployment_means_the_filter_failed(self) -> None:
         """An ignored filter would page on without end: the answer is malformed."""
@@ -329,7 +426,9 @@ class TestAdapter:
 class TestPoller:
     """The poller reads deployment health on full polls and carries it over on short ones."""
 
-    def make(self, events: list[FlowRunEvent]) -> tuple[Poller, FakeDeploymentsApi]:
+    def make(
+        self, events: list[FlowRunEvent], registry: CollectorRegistry | None = None
+    ) -> tuple[Poller, FakeDeploymentsApi]:
         api = FakeApi()
         api.events = events
         health_api = FakeDeploymentsApi(listed=[DeploymentRecord("d1", "etl/nightly", False)])
@@ -346,7 +445,7 @@ class TestPoller:
             api,
             FakeStore(),
             settings,
-            PollMetrics(CollectorRegistry()),
+            PollMetrics(registry or CollectorRegistry()),
             structlog.get_logger(),
             clock=lambda: clock[0],
             deployments_api=health_api,
@@ -364,6 +463,54 @@ class TestPoller:
         assert full.deployment_health is not None
         assert short.deployment_health == full.deployment_health
         assert [d.name for d in full.deployment_health.deployments] == ["etl/nightly"]
+
+    def test_a_failed_deployment_read_keeps_the_poll_and_the_last_values(self) -> None:
+        """The rest of the poll is published; the error is counted by reason and logged once."""
+        registry = CollectorRegistry()
+        poller, health_api = self.make([], registry)
+        first = asyncio.run(poller.poll_once(full=True))
+        health_api.fail_on = "ended"
+        with structlog.testing.capture_logs() as logs:
+            second = asyncio.run(poller.poll_once(full=True))
+            third = asyncio.run(poller.poll_once(full=True))
+        assert second.deployment_health == third.deployment_health == first.deployment_health
+        errors = "prefect_exporter_deployments_read_errors_total"
+        assert registry.get_sample_value(errors, {"reason": "http_status"}) == 2
+        assert registry.get_sample_value(errors, {"reason": "timeout"}) == 0
+        assert [e["event"] for e in logs if e["event"].startswith("deployments_")] == [
+            "deployments_read_failed"
+        ]
+        health_api.fail_on = None
+        with structlog.testing.capture_logs() as logs:
+            asyncio.run(poller.poll_once(full=True))
+        assert [e["event"] for e in logs if e["event"].startswith("deployments_")] == [
+            "deployments_read_recovered"
+        ]
+
+    def test_skipped_rows_are_counted_and_logged_by_the_poller(self) -> None:
+        """The adapter's skips since the last poll become the counter and one log line."""
+        registry = CollectorRegistry()
+        poller, health_api = self.make([], registry)
+        health_api.rows_skipped = {"ended": 0, "upcoming": 0, "due": 0}
+        asyncio.run(poller.poll_once(full=True))
+        health_api.rows_skipped = {"ended": 3, "upcoming": 0, "due": 1}
+        with structlog.testing.capture_logs() as logs:
+            asyncio.run(poller.poll_once(full=True))
+            asyncio.run(poller.poll_once(full=True))
+        skipped = "prefect_exporter_deployment_runs_skipped_total"
+        assert registry.get_sample_value(skipped, {"listing": "ended"}) == 3
+        assert registry.get_sample_value(skipped, {"listing": "due"}) == 1
+        assert registry.get_sample_value(skipped, {"listing": "upcoming"}) == 0
+        warnings = [e for e in logs if e["event"] == "deployment_runs_skipped"]
+        assert [w["malformed_rows"] for w in warnings] == [{"ended": 3, "due": 1}]
+
+    def test_throttling_of_the_deployment_read_still_fails_the_poll(self) -> None:
+        """A 429 must reach the poller's back-off: it is not swallowed."""
+        poller, health_api = self.make([])
+        health_api.fail_on = "ended"
+        health_api.fail_status = 429
+        with pytest.raises(ApiStatusError):
+            asyncio.run(poller.poll_once(full=True))
 
     def test_finished_runs_of_selected_deployments_are_counted_from_events(self) -> None:
         """Selected by name through the reader; other deployments' events are not counted."""

@@ -11,12 +11,18 @@ import structlog
 import structlog.testing
 
 from exporter.clock import Deadline, UnixTime
-from exporter.deployments_reader import END_OVERLAP_SECONDS, PAGE_SIZE, DeploymentsReader
+from exporter.deployments_reader import (
+    END_OVERLAP_SECONDS,
+    MAX_PAGES,
+    PAGE_SIZE,
+    DeploymentsReader,
+)
 from exporter.errors import ApiStatusError
 from exporter.records import (
     DeploymentHealth,
     DeploymentRecord,
     DeploymentSelector,
+    DueRun,
     EndedRun,
     StateType,
     UpcomingRun,
@@ -34,13 +40,16 @@ class FakeDeploymentsApi:
     listed: list[DeploymentRecord] = field(default_factory=list)
     ended: list[EndedRun] = field(default_factory=list)
     upcoming: list[UpcomingRun] = field(default_factory=list)
+    due: list[DueRun] = field(default_factory=list)
     requests: list[str] = field(default_factory=list)
     fail_on: str | None = None
+    fail_status: int = 500
+    rows_skipped: dict[str, int] = field(default_factory=dict)
 
     def _call(self, what: str) -> None:
         self.requests.append(what)
         if what == self.fail_on:
-            raise ApiStatusError("/flow_runs/filter", 503, None)
+            raise ApiStatusError("/flow_runs/filter", self.fail_status, None)
 
     async def deployments(self, deadline: Deadline) -> list[DeploymentRecord]:
         self._call("deployments")
@@ -52,23 +61,44 @@ class FakeDeploymentsApi:
         state_types: Sequence[StateType],
         after: UnixTime | None,
         deadline: Deadline,
+        exclude_ids: Sequence[str] = (),
     ) -> list[EndedRun]:
         self._call("ended")
+        excluded = set(exclude_ids)
         rows = [
             r
             for r in self.ended
             if r.deployment_id in deployment_ids
             and r.state_type in state_types
             and (after is None or r.end_time >= after)
+            and r.id not in excluded
         ]
         return sorted(rows, key=lambda r: -r.end_time)[:PAGE_SIZE]
 
     async def upcoming_runs_page(
-        self, deployment_ids: Sequence[str], after: UnixTime, deadline: Deadline
+        self,
+        deployment_ids: Sequence[str],
+        after: UnixTime,
+        deadline: Deadline,
+        exclude_ids: Sequence[str] = (),
     ) -> list[UpcomingRun]:
         self._call("upcoming")
-        rows = [r for r in self.upcoming if r.deployment_id in deployment_ids and r.start >= after]
+        excluded = set(exclude_ids)
+        rows = [
+            r
+            for r in self.upcoming
+            if r.deployment_id in deployment_ids and r.start >= after and r.id not in excluded
+        ]
         return sorted(rows, key=lambda r: r.start)[:PAGE_SIZE]
+
+    async def due_runs_page(
+        self, deployment_ids: Sequence[str], before: UnixTime, deadline: Deadline
+    ) -> list[DueRun]:
+        self._call("due")
+        rows = [
+            r for r in self.due if r.deployment_id in deployment_ids and r.expected_start <= before
+        ]
+        return sorted(rows, key=lambda r: -r.expected_start)[:PAGE_SIZE]
 
 
 def deployment(n: int, calendar: bool = False) -> DeploymentRecord:
@@ -185,7 +215,7 @@ class TestLastEnds:
         api.ended.append(ended("d7", StateType.FAILED, NOW + 20))
         api.ended.append(ended("d7", StateType.COMPLETED, NOW + 25))
         health = read(reader, NOW + 30)
-        assert api.requests == ["ended", "upcoming"]
+        assert api.requests == ["ended", "upcoming", "due"]
         assert health.last_end["d7"] == {
             StateType.FAILED: NOW + 20,
             StateType.COMPLETED: NOW + 25,
@@ -200,8 +230,9 @@ class TestLastEnds:
         health = read(reader, NOW + 30)
         assert health.last_end["d1"] == {StateType.CRASHED: NOW - END_OVERLAP_SECONDS / 2}
 
-    def test_a_burst_of_ends_falls_back_to_one_search_per_outcome(self) -> None:
-        """More than a page of ends between two polls: still each deployment's latest."""
+    def test_a_burst_of_ends_is_read_page_by_page(self) -> None:
+        """More than a page of ends between two polls: the listing goes on past the runs
+        already read, and still finds each deployment's latest."""
         api = FakeDeploymentsApi(listed=[deployment(1), deployment(2)])
         reader = reader_for(api)
         read(reader)
@@ -211,7 +242,67 @@ class TestLastEnds:
         health = read(reader, NOW + 30)
         assert health.last_end["d2"] == {StateType.COMPLETED: NOW + 1}
         assert health.last_end["d1"] == {StateType.COMPLETED: NOW + 10 + 299 / 100}
-        assert api.requests.count("ended") == 1 + 2 + 1 + 1
+        assert api.requests.count("ended") == 2
+
+    def test_a_burst_beyond_the_page_limit_falls_back_to_one_search_per_outcome(self) -> None:
+        """Over MAX_PAGES pages of ends: each deployment's latest per outcome instead, and the
+        next polls go on from the runs already read rather than starting over."""
+        api = FakeDeploymentsApi(listed=[deployment(1), deployment(2)])
+        reader = reader_for(api)
+        read(reader)
+        api.ended += [ended("d1", StateType.FAILED, NOW + 1 + i / 1000, i) for i in range(1200)]
+        api.ended.append(ended("d2", StateType.CRASHED, NOW + 0.5))
+        api.requests.clear()
+        health = read(reader, NOW + 30)
+        assert health.last_end["d2"] == {StateType.CRASHED: NOW + 0.5}
+        assert health.last_end["d1"] == {StateType.FAILED: NOW + 1 + 1199 / 1000}
+        # 5 listing pages, then Completed 1, Failed 2 (d1, then d2), Crashed 1
+        assert api.requests.count("ended") == 5 + 1 + 2 + 1
+        # The next polls go on past the 1,000 runs read: 201 left (two pages), then none.
+        api.requests.clear()
+        read(reader, NOW + 60)
+        assert api.requests.count("ended") == 2
+        api.requests.clear()
+        read(reader, NOW + 90)
+        assert api.requests.count("ended") == 1
+
+    def test_a_burst_costs_once_not_every_poll(self) -> None:
+        """After the poll that read a burst, the next poll is back to one listing of ends."""
+        api = FakeDeploymentsApi(listed=[deployment(1), deployment(2)])
+        reader = reader_for(api)
+        read(reader)
+        api.ended += [ended("d1", StateType.FAILED, NOW + 10 + i / 100, i) for i in range(500)]
+        read(reader, NOW + 30)
+        api.requests.clear()
+        read(reader, NOW + 60)
+        assert api.requests.count("ended") == 1
+
+    def test_a_forced_final_to_final_change_is_seen_at_the_next_list_refresh(self) -> None:
+        """Failed forced to Completed keeps its old end_time: the re-search at the refresh
+        dates the success and forgets the failure."""
+        later = ended("d2", StateType.COMPLETED, NOW - 60)
+        api = FakeDeploymentsApi(
+            listed=[deployment(1), deployment(2)],
+            ended=[ended("d1", StateType.FAILED, NOW - 3600), later],
+        )
+        reader = reader_for(api)
+        assert read(reader).last_end["d1"] == {StateType.FAILED: NOW - 3600}
+        api.ended = [ended("d1", StateType.COMPLETED, NOW - 3600), later]
+        # A steady poll's window starts at the newest end seen, minus the overlap: not there.
+        assert read(reader, NOW + 30).last_end["d1"] == {StateType.FAILED: NOW - 3600}
+        health = read(reader, NOW + 300)
+        assert health.last_end["d1"] == {StateType.COMPLETED: NOW - 3600}
+
+    def test_the_window_follows_the_servers_end_times_not_the_exporters_clock(self) -> None:
+        """An exporter clock an hour ahead of the server still sees a run that just ended."""
+        api = FakeDeploymentsApi(
+            listed=[deployment(1)], ended=[ended("d1", StateType.COMPLETED, NOW - 7200)]
+        )
+        reader = reader_for(api)
+        read(reader, NOW + 3600)
+        api.ended.append(ended("d1", StateType.FAILED, NOW - 30))  # the server's "now"
+        health = read(reader, NOW + 3630)
+        assert health.last_end["d1"][StateType.FAILED] == NOW - 30
 
     def test_cost_does_not_grow_with_runs_or_deployments(self) -> None:
         """10 and 100 deployments with 50 runs each: the same requests on a steady poll."""
@@ -230,17 +321,18 @@ class TestLastEnds:
             read(reader, NOW + 30)
             return first, len(api.requests)
 
-        assert steady_cost(10)[1] == steady_cost(100)[1] == 2
-        assert steady_cost(10)[0] <= 6
+        # ended, upcoming, due
+        assert steady_cost(10)[1] == steady_cost(100)[1] == 3
+        assert steady_cost(10)[0] <= 7
         # 100 deployments x 50 runs: 200 runs a page give 4+ deployments a page at first.
-        assert steady_cost(100)[0] <= 1 + 5 + 2 + 1
+        assert steady_cost(100)[0] <= 1 + 5 + 2 + 1 + 1
 
 
 class TestUpcoming:
-    """The next run of every deployment, and two for cron or rrule schedules."""
+    """The next run of every deployment, and three for cron or rrule schedules."""
 
     def test_next_runs_per_deployment(self) -> None:
-        """One upcoming start for interval schedules, two where the gap is the interval."""
+        """One upcoming start for interval schedules, three for cron and rrule schedules."""
         api = FakeDeploymentsApi(
             listed=[deployment(1), deployment(2, calendar=True), deployment(3)],
             upcoming=[
@@ -252,11 +344,14 @@ class TestUpcoming:
             ],
         )
         health = read(reader_for(api))
-        assert health.upcoming == {"d1": (NOW + 60,), "d2": (NOW + 100, NOW + 86500)}
+        assert health.upcoming == {
+            "d1": (NOW + 60,),
+            "d2": (NOW + 100, NOW + 86500, NOW + 172900),
+        }
         assert api.requests.count("upcoming") == 1
 
     def test_a_minutely_deployment_cannot_crowd_out_a_daily_one(self) -> None:
-        """Hundreds of runs of one deployment come first; the daily one's two runs are found."""
+        """Hundreds of runs of one deployment come first; the daily one's runs are found."""
         minutely = [UpcomingRun(f"m{i}", "d1", NOW + 60 * i) for i in range(1, 600)]
         daily = [UpcomingRun("x", "d2", NOW + 86400), UpcomingRun("y", "d2", NOW + 172800)]
         api = FakeDeploymentsApi(
@@ -265,8 +360,116 @@ class TestUpcoming:
         )
         health = read(reader_for(api))
         assert health.upcoming["d2"] == (NOW + 86400, NOW + 172800)
-        assert health.upcoming["d1"] == (NOW + 60, NOW + 120)
+        assert health.upcoming["d1"] == (NOW + 60, NOW + 120, NOW + 180)
         assert api.requests.count("upcoming") == 2
+
+
+def due(deployment_id: str, start: float, auto: bool = True, n: int = 0) -> DueRun:
+    return DueRun(f"{deployment_id}-due-{start}-{n}", deployment_id, start, auto)
+
+
+class TestLastDue:
+    """When each deployment's schedule last expected a run, from auto-scheduled runs only."""
+
+    def test_the_newest_auto_scheduled_run_already_due(self) -> None:
+        """Runs still ahead and manual runs do not count; in one request for all."""
+        api = FakeDeploymentsApi(
+            listed=[deployment(1), deployment(2), deployment(3)],
+            due=[
+                due("d1", NOW - 7200),
+                due("d1", NOW - 3600),
+                due("d1", NOW + 3600),  # not due yet
+                due("d1", NOW - 60, auto=False),  # run by hand
+                due("d2", NOW - 86400),
+            ],
+        )
+        health = read(reader_for(api))
+        assert health.last_due == {"d1": NOW - 3600, "d2": NOW - 86400}
+        assert api.requests.count("due") == 1
+
+    def test_a_minutely_deployment_cannot_hide_a_daily_one(self) -> None:
+        """Hundreds of due runs of one deployment come first; the next page asks for the rest."""
+        minutely = [due("d1", NOW - 60 * i) for i in range(600)]
+        api = FakeDeploymentsApi(
+            listed=[deployment(1), deployment(2)], due=[*minutely, due("d2", NOW - 80000)]
+        )
+        health = read(reader_for(api))
+        assert health.last_due == {"d1": NOW, "d2": NOW - 80000}
+        assert api.requests.count("due") == 2
+
+    def test_runs_deleted_by_a_pause_are_forgotten_at_the_next_poll(self) -> None:
+        """Prefect deletes a paused deployment's Scheduled runs, due ones too: no memory."""
+        api = FakeDeploymentsApi(
+            listed=[deployment(1)], due=[due("d1", NOW - 86400), due("d1", NOW - 600)]
+        )
+        reader = reader_for(api)
+        assert read(reader).last_due == {"d1": NOW - 600}
+        api.due = [due("d1", NOW - 86400)]  # the Late run was deleted by the pause
+        assert read(reader, NOW + 30).last_due == {"d1": NOW - 86400}
+
+    def test_a_full_page_tagged_by_hand_ends_the_search(self) -> None:
+        """Runs tagged auto-scheduled by a person are skipped, and cannot loop the search."""
+        api = FakeDeploymentsApi(
+            listed=[deployment(1)], due=[due("d1", NOW - i, auto=False) for i in range(300)]
+        )
+        health = read(reader_for(api))
+        assert health.last_due == {}
+        assert api.requests.count("due") == 1
+
+    def test_an_unfinished_search_progresses_across_polls(self) -> None:
+        """A search longer than the page limit goes on at the next poll, not from the start."""
+        listed = [deployment(n) for n in range(8)]
+        # Each deployment has more due runs than a page, each later one older: one page each.
+        runs = [due(f"d{n}", NOW - 1000 * n - i, n=i) for n in range(8) for i in range(PAGE_SIZE)]
+        api = FakeDeploymentsApi(listed=listed, due=runs)
+        reader = reader_for(api)
+        first = read(reader).last_due
+        assert set(first) == {f"d{n}" for n in range(5)}
+        api.requests.clear()
+        # The three not reached go first; d2..d4 keep the values of the first poll.
+        second = read(reader, NOW + 30).last_due
+        assert second == {f"d{n}": NOW - 1000 * n for n in range(8)}
+        assert api.requests.count("due") == 5
+
+
+class TestUpcomingTies:
+    """Many runs at one instant (many schedules, or a backfill) do not stop the search."""
+
+    def test_a_full_page_at_one_instant_moves_on_by_id(self) -> None:
+        """250 runs of one deployment at one instant, then a daily one's run: found."""
+        burst = [UpcomingRun(f"b{i:03}", "d1", NOW + 60) for i in range(250)]
+        api = FakeDeploymentsApi(
+            listed=[deployment(1, calendar=True), deployment(2)],
+            upcoming=[*burst, UpcomingRun("x", "d2", NOW + 61)],
+        )
+        health = read(reader_for(api))
+        assert health.upcoming["d2"] == (NOW + 61,)
+        assert api.requests.count("upcoming") == 2
+
+
+class TestUpcomingNotCarriedIntoThePast:
+    """A next run carried over from an unfinished search never lies in the past."""
+
+    def test_a_carried_start_that_has_passed_is_dropped(self) -> None:
+        """The search for a deployment ends unfinished; its old start has passed by now."""
+        listed = [deployment(n) for n in range(7)]
+        api = FakeDeploymentsApi(
+            listed=listed, upcoming=[UpcomingRun(f"u{n}", f"d{n}", NOW + 60) for n in range(7)]
+        )
+        reader = reader_for(api)
+        assert read(reader).upcoming["d6"] == (NOW + 60,)
+        # Now five deployments have a full page each before d5 and d6: the search stops
+        # after MAX_PAGES pages without reaching d6, whose old start has passed.
+        api.upcoming = [
+            UpcomingRun(f"x{n}-{i}", f"d{n}", NOW + 100 + 1000 * n + i)
+            for n in range(MAX_PAGES)
+            for i in range(PAGE_SIZE)
+        ]
+        api.upcoming.append(UpcomingRun("late", "d6", NOW + 86400))
+        api.requests.clear()
+        health = read(reader, NOW + 90)
+        assert api.requests.count("upcoming") == MAX_PAGES
+        assert "d6" not in health.upcoming
 
 
 class TestFailures:
@@ -285,7 +488,7 @@ class TestFailures:
         api.requests.clear()
         health = read(reader, NOW + 60)
         assert health.last_end["d1"] == {StateType.COMPLETED: NOW + 10}
-        assert api.requests == ["ended", "upcoming"]
+        assert api.requests == ["ended", "upcoming", "due"]
 
     def test_the_list_is_read_again_only_after_the_refresh_time(self) -> None:
         """Names, pause flags and schedules are read every five minutes, not every poll."""

@@ -28,6 +28,7 @@ from demo.stack import (
     PrefectServer,
     Worker,
     free_port,
+    iso,
     past,
     wait_for,
 )
@@ -103,6 +104,19 @@ def scenario(prefect_server: PrefectServer) -> Iterator[Scenario]:
     )["id"]
     for ended, state in zip(admin.create_runs(health, 2), ("COMPLETED", "FAILED"), strict=True):
         admin.force_state(ended, state)
+    # One run of its schedule already due (a backfill by Prefect's own scheduler code), ended,
+    # so that prefect_deployment_last_due_run_timestamp_seconds is in the scrape too.
+    admin.request(
+        "POST",
+        f"deployments/{health}/schedule",
+        {"start_time": iso(past(7200)), "end_time": iso(past(1)), "max_runs": 1},
+    )
+    backfilled = admin.runs(
+        {"flow_runs": {"deployment_id": {"any_": [health]}, "tags": {"all_": ["auto-scheduled"]}}}
+    )
+    assert backfilled, "the backfill created no run"
+    for row in backfilled:
+        admin.force_state(row["id"], "COMPLETED")
     admin.create_tag_limit("reports", 3)
     admin.create_global_limit("warehouse", 5)
 

@@ -53,7 +53,8 @@ POOL = "health"  # served by a process worker
 IDLE = "idle"  # no worker: scheduled runs there only pile up
 FLOW = "quick"
 HOUR, DAY = 3600.0, 86400.0
-STALE_INTERVAL = 10.0  # seconds: a success older than two of these is overdue at once
+# The grace of PrefectDeploymentNoRecentSuccess in the end-to-end test: seconds.
+E2E_GRACE = 5
 EXPORTER_ARGS = (
     "--poll.interval=2s",
     "--prefect.requests-per-minute=6000",
@@ -61,7 +62,18 @@ EXPORTER_ARGS = (
     f"--deployments.exclude={FLOW}/excluded",
 )
 # Exported by EXPORTER_ARGS, by name: all the deployments below but `excluded`.
-EXPORTED = ("crashing", "cron", "ended", "failing", "nightly", "paused", "stale")
+EXPORTED = (
+    "crashing",
+    "cron",
+    "cron-twice",
+    "cron-twohours",
+    "cron-weekday",
+    "ended",
+    "failing",
+    "nightly",
+    "paused",
+    "stale",
+)
 FLOW_IDS: dict[tuple[object, str], str] = {}  # by server and flow name: one request per flow
 TERMINAL = {"COMPLETED": "Completed", "FAILED": "Failed", "CRASHED": "Crashed"}
 
@@ -80,6 +92,10 @@ def interval(seconds: float) -> dict[str, Any]:
     # Anchored a month ahead: the scheduled runs line up with it and none is due during the test.
     anchor = iso(datetime.now(UTC) + timedelta(days=30))
     return {"schedule": {"interval": seconds, "anchor_date": anchor}, "active": True}
+
+
+def cron(expression: str) -> dict[str, Any]:
+    return {"schedule": {"cron": expression, "timezone": "UTC"}, "active": True}
 
 
 def deploy(
@@ -115,6 +131,21 @@ def deploy(
     return str(deployment["id"])
 
 
+def schedule_after(admin: PrefectAdmin, deployment_id: str, end_time: str) -> None:
+    """An hourly schedule whose first run falls due one second after `end_time`, created by
+    Prefect's own scheduler code (a backfill from `end_time`): a due run, idle, with no success
+    since."""
+    first = to_timestamp(end_time, "end_time")
+    assert first is not None
+    anchor = iso(datetime.fromtimestamp(first + 1, UTC))
+    admin.request(
+        "POST",
+        f"deployments/{deployment_id}/schedules",
+        [{"schedule": {"interval": HOUR, "anchor_date": anchor}, "active": True}],
+    )
+    admin.request("POST", f"deployments/{deployment_id}/schedule", {"start_time": end_time})
+
+
 def create_in_states(admin: PrefectAdmin, deployment_id: str, states: list[dict[str, Any]]) -> None:
     """Runs of the deployment created in these states, re-submitting those SQLite refused."""
     while states:
@@ -147,7 +178,12 @@ def stack(prefect_server: PrefectServer) -> Iterator[Stack]:
         "nightly": deploy(admin, "nightly", schedules=[interval(HOUR)]),
         "failing": deploy(admin, "failing"),
         "crashing": deploy(admin, "crashing"),
-        "cron": deploy(admin, "cron", IDLE, [{"schedule": {"cron": "0 2 * * *"}, "active": True}]),
+        "cron": deploy(admin, "cron", IDLE, [cron("0 2 * * *")]),
+        # The crons that broke an interval taken from the next two runs, scheduled by the
+        # server's own scheduler code: weekdays, two hours a day, two schedules at one instant.
+        "cron-weekday": deploy(admin, "cron-weekday", IDLE, [cron("0 2 * * 1-5")]),
+        "cron-twohours": deploy(admin, "cron-twohours", IDLE, [cron("0 2,3 * * *")]),
+        "cron-twice": deploy(admin, "cron-twice", IDLE, [cron("0 2 * * *"), cron("0 2 * * *")]),
         # An rrule whose only occurrence is long past: an active schedule with nothing ahead.
         "ended": deploy(
             admin,
@@ -155,7 +191,8 @@ def stack(prefect_server: PrefectServer) -> Iterator[Stack]:
             IDLE,
             [{"schedule": {"rrule": "DTSTART:20200101T000000\nRRULE:FREQ=DAILY;COUNT=1"}}],
         ),
-        "stale": deploy(admin, "stale", IDLE, [interval(STALE_INTERVAL)]),
+        # Its schedule is added once its only success has ended (see `schedule_after`).
+        "stale": deploy(admin, "stale", IDLE),
         "paused": deploy(admin, "paused", IDLE, [interval(HOUR)], paused=True),
         "excluded": deploy(admin, "excluded", IDLE, [interval(HOUR)]),
     }
@@ -187,6 +224,7 @@ def stack(prefect_server: PrefectServer) -> Iterator[Stack]:
     try:
         (stale_run,) = admin.create_runs(ids["stale"], 1, scheduled=past(60))
         admin.force_state(stale_run, "COMPLETED")
+        schedule_after(admin, ids["stale"], run(admin, stale_run)["end_time"])
         runs = {
             "nightly": admin.create_runs(ids["nightly"], 1)[0],
             # time.sleep(-1) raises: a flow that really fails, in the real worker.
@@ -271,7 +309,8 @@ class TestTimestamps:
         assert e.value(success, deployment=deployment("crashing")) is None
 
     def test_next_run_interval_pause_and_schedules(self, stack: Stack) -> None:
-        """The earliest upcoming run, the interval (cron: the gap of the next two), the flags."""
+        """The earliest upcoming run, the interval (cron: the largest gap of the next ones),
+        the flags."""
         e = stack.exporter
         wait_for(
             lambda: (
@@ -292,11 +331,19 @@ class TestTimestamps:
             )
             == cron[0]
         )
-        interval_of = {"nightly": HOUR, "cron": cron[1] - cron[0], "stale": STALE_INTERVAL}
+        # A daily cron: its next runs, created by Prefect's scheduler, are a day apart.
+        # (stale's schedule was added after the list was read: its flags wait for a refresh.)
+        interval_of = {"nightly": HOUR, "cron": cron[1] - cron[0]}
         assert interval_of["cron"] == DAY
         for name, seconds in interval_of.items():
             labels = {"deployment": deployment(name)}
             assert e.value("prefect_deployment_schedule_interval_seconds", **labels) == seconds
+        # The largest non-zero gap of the next three runs: 23 h for 02:00 and 03:00 daily,
+        # a day (not 0) for two schedules at one instant, 1 or 3 days for weekdays by the day.
+        interval = "prefect_deployment_schedule_interval_seconds"
+        assert e.value(interval, deployment=deployment("cron-twohours")) == 23 * HOUR
+        assert e.value(interval, deployment=deployment("cron-twice")) == DAY
+        assert e.value(interval, deployment=deployment("cron-weekday")) in (DAY, 3 * DAY)
         for name in ("failing", "ended"):
             labels = {"deployment": deployment(name)}
             assert e.value("prefect_deployment_schedule_interval_seconds", **labels) is None
@@ -307,6 +354,21 @@ class TestTimestamps:
         assert e.value("prefect_deployment_active_schedules", deployment=deployment("failing")) == 0
         assert e.value("prefect_deployment_paused", deployment=deployment("paused")) == 1
         assert e.value("prefect_deployment_paused", deployment=deployment("nightly")) == 0
+
+    def test_last_due_run_is_the_latest_auto_scheduled_run_already_due(self, stack: Stack) -> None:
+        """stale: its backfilled run one second after its success; manual runs never count."""
+        e = stack.exporter
+        stale_end = end_time(stack, "stale")
+        assert stale_end is not None
+        due = "prefect_deployment_last_due_run_timestamp_seconds"
+        wait_for(
+            lambda: e.value(due, deployment=deployment("stale")) == stale_end + 1,
+            60,
+            "the due run of stale",
+        )
+        # Only manual runs (nightly, failing, crashing) or nothing due yet (cron, paused).
+        for name in ("nightly", "failing", "crashing", "cron", "paused"):
+            assert e.value(due, deployment=deployment(name)) is None, name
 
     def test_only_selected_deployments_have_series(self, stack: Stack) -> None:
         """The exclude glob wins; nothing is capped under the default maximum."""
@@ -387,11 +449,18 @@ class TestPrometheusEndToEnd:
     def test_the_deployment_alerts_become_active_for_the_right_deployments(
         self, stack: Stack, tmp_path: Path
     ) -> None:
-        """No recent success (stale), last run failed (failing, crashing), no upcoming run
-        (ended); none of them for the healthy or paused deployments."""
+        """No success since a due run (stale), last run failed (failing, crashing), no upcoming
+        run (ended); none of them for the healthy or paused deployments."""
         rules = tmp_path / "rules.yml"
         generated = subprocess.run(
-            [sys.executable, str(ROOT / "alerts" / "generate.py"), "--out", str(rules)],
+            [
+                sys.executable,
+                str(ROOT / "alerts" / "generate.py"),
+                "--out",
+                str(rules),
+                "--set",
+                f"deployment_due_grace_seconds={E2E_GRACE}",
+            ],
             capture_output=True,
             text=True,
             timeout=60,
@@ -452,21 +521,24 @@ class TestCost:
     """Requests per poll with 10 and 100 deployments, measured at a real server."""
 
     def test_ten_and_a_hundred_deployments_cost_the_same(self, stack: Stack) -> None:
-        """First read, steady poll and list refresh: the same requests for 10 as for 100."""
+        """First read, steady polls, list refresh, a burst of ends and the poll after it: the
+        same requests for 10 as for 100, but for ends that fill the first overlap."""
         admin = stack.admin
         admin.create_pool("bulk")
         ahead: dict[str, Any] = {
             "type": "SCHEDULED",
             "state_details": {"scheduled_time": iso(past(-HOUR))},
         }
+        ids = []
         for n in range(100):
             deployment_id = deploy(admin, f"d-{n:03}", "bulk", [interval(HOUR)], True, "bulk")
+            ids.append(deployment_id)
             # Two runs that ended (one completed, one failed) and two ahead.
             states: list[dict[str, Any]] = [{"type": "COMPLETED"}, {"type": "FAILED"}, ahead, ahead]
             create_in_states(admin, deployment_id, states)
 
-        def measure(include: str) -> tuple[int, int, int]:
-            async def reads() -> tuple[int, int, int]:
+        def measure(include: str, burst_id: str) -> tuple[int, ...]:
+            async def reads() -> tuple[int, ...]:
                 http = PrefectHttp(
                     Connection(stack.server.api_url),
                     ApiMetrics(CollectorRegistry()),
@@ -477,9 +549,14 @@ class TestCost:
                     api, DeploymentSelector((include,)), structlog.get_logger()
                 )
                 costs = []
-                # A first poll, a steady one and one that re-reads the list, 5 minutes after the
-                # runs ended: the runs just created are outside a steady poll's overlap then.
-                for ahead in (300.0, 330.0, 630.0):
+                # A first poll, two steady ones, one that re-reads the list (5 minutes on by
+                # the reader's clock), then a burst of 300 ends in one deployment read by the
+                # next poll, and a steady poll after it.
+                for step, ahead in enumerate((300.0, 330.0, 360.0, 660.0, 690.0, 720.0)):
+                    if step == 4:
+                        burst: list[dict[str, Any]] = [{"type": "COMPLETED"}] * 100
+                        for _ in range(3):  # the server creates 100 runs a request at most
+                            await asyncio.to_thread(create_in_states, admin, burst_id, burst)
                     before = api.requests_sent
                     now = UnixTime(time.time() + ahead)
                     health = await reader.read(now, Deadline(time.monotonic() + 60))
@@ -488,11 +565,57 @@ class TestCost:
                     missing = {i: e for i, e in health.last_end.items() if len(e) != 2}
                     assert not missing, missing
                 await api.aclose()
-                return costs[0], costs[1], costs[2]
+                return tuple(costs)
 
             return asyncio.run(reads())
 
-        # bulk/d-00? is ten of the hundred bulk/* deployments.
-        ten, hundred = measure("bulk/d-00?"), measure("bulk/*")
-        # First read: list and flow names, one search per outcome, one upcoming listing.
-        assert ten == hundred == (6, 2, 4), (ten, hundred)
+        # The hundred first, its burst in bulk/d-050, which bulk/d-00? (ten of the hundred)
+        # does not select: neither measurement sees the other's burst.
+        hundred, ten = measure("bulk/*", ids[50]), measure("bulk/d-00?", ids[0])
+        # First read: list and flow names, one search per outcome, one upcoming listing, one
+        # due listing (7). The first steady poll reads the ends of the 120 s overlap before the
+        # newest end once: the 200 runs that ended while the hundred were set up fill a page,
+        # so one more page (4 for 100, 3 for 10); then ends since, upcoming and due (3). At the
+        # list refresh the list, flow names and the three searches again (8). The burst of 300
+        # ends: two pages of ends (4); after it, back to 3: the burst is not read again.
+        assert hundred == (7, 4, 3, 8, 4, 3), hundred
+        assert ten == (7, 3, 3, 8, 4, 3), ten
+
+
+class TestForcedFinalChange:
+    """A run forced from Failed to Completed, read by the reader over the real adapter."""
+
+    def test_the_list_refresh_dates_the_success_and_forgets_the_failure(self, stack: Stack) -> None:
+        """Prefect keeps the run's first end_time; the history search at the refresh sees
+        the run as Completed and no longer Failed."""
+        admin = stack.admin
+        deployment_id = deploy(admin, "forced", IDLE, flow="forced-flow")
+        (run_id,) = admin.create_runs(deployment_id, 1)
+        admin.force_state(run_id, "FAILED")
+        failed_end = to_timestamp(run(admin, run_id)["end_time"], "end_time")
+        assert failed_end is not None
+
+        async def reads() -> list[dict[str, float]]:
+            http = PrefectHttp(
+                Connection(stack.server.api_url),
+                ApiMetrics(CollectorRegistry()),
+                RequestBudget(6000),
+            )
+            api = PrefectApi(http)
+            reader = DeploymentsReader(
+                api, DeploymentSelector(("forced-flow/*",)), structlog.get_logger()
+            )
+            start = time.time()
+            seen = []
+            for ahead in (0.0, 330.0):
+                if ahead:
+                    await asyncio.to_thread(admin.force_state, run_id, "COMPLETED")
+                health = await reader.read(UnixTime(start + ahead), Deadline(time.monotonic() + 60))
+                seen.append(dict(health.last_end[deployment_id]))
+            await api.aclose()
+            return seen
+
+        before, after = asyncio.run(reads())
+        assert before == {"FAILED": failed_end}
+        completed_end = to_timestamp(run(admin, run_id)["end_time"], "end_time")
+        assert after == {"COMPLETED": completed_end}
