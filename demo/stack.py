@@ -7,6 +7,7 @@ The server runs from its own virtual environment (full `prefect`), apart from th
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -458,3 +459,37 @@ class ExporterProcess:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+class Prometheus:
+    """A real Prometheus (Debian's `prometheus`) on a free loopback port, for tests and pictures.
+
+    `config` is the configuration file to load; the time series database goes to `data`.
+    """
+
+    def __init__(self, config: Path, data: Path) -> None:
+        self.port = free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api/v1"
+        self._args = [
+            shutil.which("prometheus") or "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={data}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+        ]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            self._args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """The result vector of an instant query (raises httpx errors while it starts)."""
+        answer = httpx.get(f"{self.api}/query", params={"query": expr}, timeout=5).json()
+        result: list[dict[str, Any]] = answer["data"]["result"]
+        return result
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)

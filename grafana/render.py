@@ -20,7 +20,6 @@ import json
 import math
 import random
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,8 +41,8 @@ from demo.stack import (  # noqa: E402 (the repository root must be importable f
     ExporterProcess,
     PrefectAdmin,
     PrefectServer,
+    Prometheus,
     Worker,
-    free_port,
     past,
     wait_for,
 )
@@ -213,24 +212,10 @@ def run_stack(tmp: Path, minutes: float, exits: ExitStack) -> tuple[str, float, 
     for worker in workers:
         exits.callback(worker.stop)
         worker.start()
-    port = free_port()
-    prometheus = subprocess.Popen(
-        [
-            shutil.which("prometheus") or "prometheus",
-            f"--config.file={prometheus_config(tmp, exporter)}",
-            f"--storage.tsdb.path={tmp / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def stop_prometheus() -> None:
-        prometheus.terminate()
-        prometheus.wait(timeout=30)
-
-    exits.callback(stop_prometheus)
-    api = f"http://127.0.0.1:{port}/api/v1"
+    prometheus = Prometheus(prometheus_config(tmp, exporter), tmp / "tsdb")
+    exits.callback(prometheus.stop)
+    prometheus.start()
+    api = prometheus.api
     wait_for(
         lambda: httpx.get(f"{api}/query", params={"query": "up"}).json()["data"]["result"],
         60,

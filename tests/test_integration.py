@@ -26,6 +26,7 @@ from demo.stack import (
     ExporterProcess,
     PrefectAdmin,
     PrefectServer,
+    Prometheus,
     Worker,
     free_port,
     iso,
@@ -613,7 +614,6 @@ class TestPrometheusEndToEnd:
                 if "alert" in rule:
                     rule["for"] = "0s"
         rules.write_text(yaml.safe_dump(loaded))
-        port = free_port()
         config = tmp_path / "prometheus.yml"
         config.write_text(
             yaml.safe_dump(
@@ -631,23 +631,11 @@ class TestPrometheusEndToEnd:
                 }
             )
         )
-        prometheus = subprocess.Popen(
-            [
-                shutil.which("prometheus") or "prometheus",
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        api = f"http://127.0.0.1:{port}/api/v1"
+        prometheus = Prometheus(config, tmp_path / "data")
+        prometheus.start()
+        api = prometheus.api
         try:
-
-            def query(expr: str) -> list[dict[str, Any]]:
-                answer = httpx.get(f"{api}/query", params={"query": expr}, timeout=5).json()
-                result: list[dict[str, Any]] = answer["data"]["result"]
-                return result
+            query = prometheus.query
 
             backlog = 'prefect:work_queue_backlog_runs:max{work_pool="busy",work_queue="orphan"}'
             wait_for(lambda: query(backlog), 60, "the recording rule to have a value")
@@ -678,8 +666,7 @@ class TestPrometheusEndToEnd:
             wait_for(lambda: active("PrefectWorkQueueNotPolled"), 60, "NotPolled active")
             assert not active("PrefectNoOnlineWorkers")  # busy has an online worker
         finally:
-            prometheus.terminate()
-            prometheus.wait(timeout=30)
+            prometheus.stop()
 
     def test_every_metric_in_the_rules_is_in_a_real_scrape(self, scenario: Scenario) -> None:
         """A renamed metric can never orphan an alert."""

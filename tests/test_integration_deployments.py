@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,9 +30,9 @@ from demo.stack import (
     ExporterProcess,
     PrefectAdmin,
     PrefectServer,
+    Prometheus,
     Worker,
     flow_run_pids,
-    free_port,
     iso,
     past,
     wait_for,
@@ -466,7 +465,6 @@ class TestPrometheusEndToEnd:
             timeout=60,
         )
         assert generated.returncode == 0, generated.stderr
-        port = free_port()
         config = tmp_path / "prometheus.yml"
         target = stack.exporter.url.removeprefix("http://")
         config.write_text(
@@ -480,17 +478,9 @@ class TestPrometheusEndToEnd:
                 }
             )
         )
-        prometheus = subprocess.Popen(
-            [
-                shutil.which("prometheus") or "prometheus",
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        api = f"http://127.0.0.1:{port}/api/v1"
+        prometheus = Prometheus(config, tmp_path / "data")
+        prometheus.start()
+        api = prometheus.api
         wanted = {
             ("PrefectDeploymentNoRecentSuccess", deployment("stale")),
             ("PrefectDeploymentLastRunFailed", deployment("failing")),
@@ -513,8 +503,7 @@ class TestPrometheusEndToEnd:
                 pytest.fail(f"active: {active()}, wanted: {wanted}")
             assert active() == wanted
         finally:
-            prometheus.terminate()
-            prometheus.wait(timeout=30)
+            prometheus.stop()
 
 
 class TestCost:
