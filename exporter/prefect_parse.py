@@ -82,6 +82,14 @@ def required(obj: Mapping[str, Any], key: str, kinds: type | tuple[type, ...], w
     return value
 
 
+def required_timestamp(obj: Mapping[str, Any], key: str, where: str) -> float:
+    """Epoch seconds of `obj[key]`; raises MalformedResponse when it is missing or invalid."""
+    timestamp = to_timestamp(obj.get(key), f"{where}.{key}")
+    if timestamp is None:
+        raise MalformedResponse(f"{where}.{key}: missing")
+    return timestamp
+
+
 def objects(payload: Any, where: str) -> list[Mapping[str, Any]]:
     if not isinstance(payload, list) or not all(isinstance(item, dict) for item in payload):
         raise MalformedResponse(f"{where}: expected a list of objects")
@@ -232,9 +240,7 @@ def parse_event(obj: Mapping[str, Any]) -> FlowRunEvent | None:
     deployment = None
     if "deployment" in names and "flow" in names:
         deployment = f"{names['flow']}/{names['deployment']}"
-    occurred = to_timestamp(obj.get("occurred"), "event.occurred")
-    if occurred is None:
-        raise MalformedResponse("event.occurred: missing")
+    occurred = required_timestamp(obj, "occurred", "event")
     return FlowRunEvent(
         id=required(obj, "id", str, where),
         occurred=occurred,
@@ -306,9 +312,7 @@ def parse_due_run(obj: Mapping[str, Any]) -> DueRun:
     """A flow run of a deployment from `/flow_runs/filter`, with its expected start and
     Prefect's `auto_scheduled` flag (absent counts as not auto-scheduled)."""
     where = "flow_run"
-    start = to_timestamp(obj.get("expected_start_time"), f"{where}.expected_start_time")
-    if start is None:
-        raise MalformedResponse(f"{where}.expected_start_time: missing")
+    start = required_timestamp(obj, "expected_start_time", where)
     return DueRun(
         id=required(obj, "id", str, where),
         deployment_id=required(obj, "deployment_id", str, where),
@@ -320,9 +324,7 @@ def parse_due_run(obj: Mapping[str, Any]) -> DueRun:
 def parse_upcoming_run(obj: Mapping[str, Any]) -> UpcomingRun:
     """A Scheduled flow run of a deployment from `/flow_runs/filter`, with its next start."""
     where = "flow_run"
-    start = to_timestamp(obj.get("next_scheduled_start_time"), f"{where}.next_scheduled_start_time")
-    if start is None:
-        raise MalformedResponse(f"{where}.next_scheduled_start_time: missing")
+    start = required_timestamp(obj, "next_scheduled_start_time", where)
     return UpcomingRun(
         id=required(obj, "id", str, where),
         deployment_id=required(obj, "deployment_id", str, where),

@@ -101,16 +101,12 @@ def prometheus_config(tmp: Path, exporter: ExporterProcess) -> Path:
             "backlog_age_seconds=60",
             "--set",
             "queue_poll_age_seconds=60",
+            "--for",
+            "30s",
         ],
         check=True,
         timeout=60,
     )
-    loaded = yaml.safe_load(rules.read_text())
-    for group in loaded["groups"]:
-        for rule in group["rules"]:
-            if "alert" in rule:
-                rule["for"] = "30s"
-    rules.write_text(yaml.safe_dump(loaded))
     config = tmp / "prometheus.yml"
     config.write_text(
         yaml.safe_dump(
