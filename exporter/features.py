@@ -6,7 +6,7 @@ from enum import StrEnum
 
 from structlog.typing import FilteringBoundLogger
 
-from exporter.errors import ApiStatusError
+from exporter.errors import PrefectApiError
 
 # A feature the server lacked (404) is asked for again after this many polls, so an upgraded
 # server is noticed without restarting the exporter.
@@ -33,8 +33,9 @@ class FeatureGate:
     def available(self, feature: Feature, poll: int) -> bool:
         return poll >= self._unavailable_until.get(feature, 0)
 
-    def degrade(self, feature: Feature, error: ApiStatusError, poll: int) -> None:
-        """The server lacks an endpoint (older Prefect 3.x): go on without the feature."""
+    def degrade(self, feature: Feature, error: PrefectApiError, poll: int) -> None:
+        """The server lacks an endpoint (older Prefect 3.x), or answers an informational one
+        badly: go on without the feature."""
         self._unavailable_until[feature] = poll + self._retry_polls
         self._log.warning(
             "feature_unavailable",

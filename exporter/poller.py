@@ -277,12 +277,22 @@ class Poller:
             self._deployments.counts if self._deployments else None,
         )
 
-    async def _optional(self, feature: Feature, read: Callable[[], Awaitable[T]]) -> T | None:
-        """A feature's read, or None when the server lacks its endpoint (it is degraded)."""
+    async def _optional(
+        self, feature: Feature, read: Callable[[], Awaitable[T]], informational: bool = False
+    ) -> T | None:
+        """A feature's read, or None when the server lacks its endpoint (it is degraded).
+
+        An `informational` feature (nothing but itself depends on it) is degraded on any
+        failure but throttling, so that a server answering it badly (a malformed body, a 403)
+        never fails the polls that the rest of the metrics need; throttling still fails the
+        poll, so that the poller backs off.
+        """
         try:
             return await read()
-        except ApiStatusError as exc:
-            if exc.status != 404:
+        except PrefectApiError as exc:
+            status = exc.status if isinstance(exc, ApiStatusError) else None
+            throttled = isinstance(exc, ApiStatusError) and exc.throttled
+            if status != 404 and (not informational or throttled):
                 raise
             self._features.degrade(feature, exc, self._polls)
             return None
@@ -457,7 +467,9 @@ class Poller:
             version = None
             if (info := self._server_info) is not None and self._available(Feature.SERVER_VERSION):
                 version = await self._optional(
-                    Feature.SERVER_VERSION, lambda: info.read(deadline, refresh=full)
+                    Feature.SERVER_VERSION,
+                    lambda: info.read(deadline, refresh=full),
+                    informational=True,
                 )
             limits, holders = self._last_limits, self._last_holders
             if full and self._available(Feature.CONCURRENCY_LIMITS):

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from exporter.clock import Deadline
 from exporter.collector import SnapshotCollector
-from exporter.errors import ApiStatusError, MalformedResponse
+from exporter.errors import ApiStatusError, MalformedResponse, PrefectApiError
 from exporter.poller import Poller, PollMetrics, PollSettings
 from exporter.prefect_parse import parse_version
 from exporter.server_info import SERVER_INFO_REFRESH_SECONDS, ServerInfoReader
@@ -117,13 +117,16 @@ class TestParseVersion:
 class VersionedApi(FakeApi):
     """The poller's fake API with a server version, or a 404 where the route is missing."""
 
-    def __init__(self, version: str | None) -> None:
+    def __init__(self, version: str | None, error: PrefectApiError | None = None) -> None:
         super().__init__()
         self.version = version
+        self.error = error
         self.version_calls = 0
 
     async def server_version(self, deadline: Deadline) -> str:
         self.version_calls += 1
+        if self.error is not None:
+            raise self.error
         if self.version is None:
             raise ApiStatusError("/admin/version", 404, None)
         return self.version
@@ -189,3 +192,25 @@ class TestServerInfoInThePoll:
         unavailable = [e for e in logs if e["event"] == "feature_unavailable"]
         assert [e["feature"] for e in unavailable] == ["server_version"]
         assert "404" in unavailable[0]["error"]
+
+    @pytest.mark.parametrize(
+        "error",
+        [
+            MalformedResponse("admin/version: expected a string, got list"),
+            ApiStatusError("/admin/version", 403, None),
+        ],
+    )
+    def test_a_bad_answer_degrades_the_feature_never_the_poll(self, error: PrefectApiError) -> None:
+        """The version is informational: a malformed body or a 403 must not blind the exporter."""
+        snapshots, logs = poll(VersionedApi("3.9.1", error), polls=2)
+        assert len(snapshots) == 2  # both polls published
+        assert all(s.server_version is None for s in snapshots)
+        assert dict(snapshots[-1].features)["server_version"] is False
+        unavailable = [e for e in logs if e["event"] == "feature_unavailable"]
+        assert [e["feature"] for e in unavailable] == ["server_version"]
+
+    def test_throttling_of_the_version_read_still_fails_the_poll(self) -> None:
+        """A 429 there is a 429 like any other: the poller backs off."""
+        snapshots, logs = poll(VersionedApi("3.9.1", ApiStatusError("/admin/version", 429, 5.0)))
+        assert snapshots == []
+        assert [e["reason"] for e in logs if e["event"] == "poll_failed"] == ["http_status"]
