@@ -348,15 +348,29 @@ class TestMatrix:
         """A tag limit and a global limit, with their slots, from the v2 table."""
         tag = {"limit": "tag:compat-tag", "kind": "tag", "deployment": ""}
         glob = {"limit": "compat-global", "kind": "global", "deployment": ""}
+        expected = {
+            ("prefect_concurrency_limit_slots", frozenset(tag.items())): 2.0,
+            ("prefect_concurrency_limit_slots", frozenset(glob.items())): 4.0,
+            ("prefect_concurrency_limit_active_slots", frozenset(tag.items())): 0.0,
+            ("prefect_concurrency_limit_active_slots", frozenset(glob.items())): 0.0,
+        }
+
+        def seen(e: ExporterProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+            """The limit series of one scrape (both limits come from one poll's snapshot)."""
+            return {k: v for k, v in e.samples().items() if k[0].startswith("prefect_concurrency")}
+
+        last: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+
+        def complete(e: ExporterProcess) -> bool:
+            last.clear()
+            last.update(seen(e))
+            return all(last.get(key) == value for key, value in expected.items())
+
         for exporter in scenario.exporters:
-            until(
-                exporter,
-                lambda e: e.value("prefect_concurrency_limit_slots", **tag) == 2,
-                60,
-                f"the tag limit on {scenario.version}",
-            )
-            assert exporter.value("prefect_concurrency_limit_slots", **glob) == 4
-            assert exporter.value("prefect_concurrency_limit_active_slots", **tag) == 0
+            try:
+                until(exporter, complete, 60, f"both limits on {scenario.version}")
+            except TimeoutError as exc:
+                raise AssertionError(f"{exc}; the last scrape's limit series: {last}") from None
 
     def test_events_count_each_transition_once(self, scenario: Scenario) -> None:
         """Pending, Running and Completed of the forced run, each counted once, in the pool."""
