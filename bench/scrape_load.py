@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.scrape_load [--clients 50] [--seconds 10] [--pattern burst]
         [--interval 1] [--keep-alive] [--slow-readers 0] [--queues 20] [--url URL]
+        [--busy-poller] [--untuned]
 
 Without `--url`, a child process serves a synthetic snapshot (`--queues` queues in one pool)
 through `exporter.server.MetricsServer`, so that clients and server do not share a GIL. The
@@ -13,6 +14,11 @@ Patterns:
           connections arrive at once, the worst case for that many Prometheus servers.
   closed  every client scrapes again as soon as its answer arrives: measures throughput; the
           latency is then about clients / throughput, whatever the server does.
+
+`--busy-poller` adds, in the serving child, a thread that does a poll's CPU work without pause
+(decoding pages of 200 flow runs and parsing them into records, as `prefect_api` does): the
+worst case for the GIL the HTTP server shares with the poller. The child tunes the process as
+the exporter does (`exporter.cli.tune_for_scrapes`) unless `--untuned`.
 
 `--slow-readers N` first opens N connections that each send 600 pipelined `GET` requests in one
 write and never read an answer (the review's slow reader); they stay open for the whole run.
@@ -43,10 +49,49 @@ MAX_SECONDS = 120.0
 REQUEST_TIMEOUT = 10.0
 
 
-def serve(queues: int) -> None:
+def flow_run_page(rows: int) -> bytes:
+    """A `/flow_runs/filter` answer of `rows` Scheduled runs, shaped as Prefect 3's (trimmed)."""
+    run = {
+        "id": "0f0e0d0c-0000-4000-8000-000000000001",
+        "name": "silly-fox",
+        "flow_id": "0f0e0d0c-0000-4000-8000-000000000002",
+        "deployment_id": "0f0e0d0c-0000-4000-8000-000000000003",
+        "work_queue_id": "0f0e0d0c-0000-4000-8000-000000000004",
+        "work_queue_name": "queue-1",
+        "work_pool_name": "pool",
+        "state_type": "SCHEDULED",
+        "state_name": "Scheduled",
+        "expected_start_time": "2026-11-29T19:00:00Z",
+        "next_scheduled_start_time": "2026-11-29T19:00:00Z",
+        "start_time": None,
+        "tags": ["auto-scheduled"],
+        "labels": {"prefect.flow.id": "0f0e0d0c-0000-4000-8000-000000000002"},
+        "empirical_policy": {"retries": 0, "retry_delay": 0, "pause_keys": []},
+        "state": {
+            "type": "SCHEDULED",
+            "name": "Scheduled",
+            "timestamp": "2026-11-29T18:00:00Z",
+            "state_details": {"scheduled_time": "2026-11-29T19:00:00Z", "deferred": False},
+        },
+    }
+    return json.dumps([run] * rows).encode()
+
+
+def busy_poller(stop: threading.Event) -> None:
+    """A poll's CPU work without pause: decode and parse pages of flow runs until `stop`."""
+    from exporter.prefect_parse import parse_run
+
+    answer = flow_run_page(200)
+    while not stop.is_set():
+        for row in json.loads(answer):
+            parse_run(row)
+
+
+def serve(queues: int, busy: bool = False, tuned: bool = True) -> None:
     """Child process: serve a snapshot of `queues` queues, print the port, stop at stdin EOF."""
     from prometheus_client import CollectorRegistry
 
+    from exporter.cli import tune_for_scrapes
     from exporter.collector import ExporterCollector, SnapshotCollector
     from exporter.exposition import Exposition, render
     from exporter.records import KNOWN_STATE_NAMES
@@ -80,10 +125,16 @@ def serve(queues: int) -> None:
     own = CollectorRegistry()
     own.register(ExporterCollector(store.status))
     app = App(store, own, "/metrics", None, "http://bench", time.monotonic, time.monotonic())
+    if tuned:
+        tune_for_scrapes()
     server = MetricsServer("127.0.0.1", 0, app)
     server.start()
+    stop = threading.Event()
+    if busy:
+        threading.Thread(target=busy_poller, args=(stop,), daemon=True).start()
     print(server.port, flush=True)
     sys.stdin.read()  # the parent closes the pipe, or dies, when the run is over
+    stop.set()
     server.stop()
 
 
@@ -250,10 +301,14 @@ def main() -> None:
     parser.add_argument(
         "--slow-readers", type=int, default=0, help="connections that pipeline and never read"
     )
+    parser.add_argument(
+        "--busy-poller", action="store_true", help="parse flow-run pages without pause meanwhile"
+    )
+    parser.add_argument("--untuned", action="store_true", help="skip tune_for_scrapes")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.queues)
+        serve(args.queues, args.busy_poller, not args.untuned)
         return
     if not 1 <= args.clients <= MAX_CLIENTS or not 0 < args.seconds <= MAX_SECONDS:
         parser.error(f"--clients must be 1..{MAX_CLIENTS} and --seconds in (0, {MAX_SECONDS}]")
@@ -281,6 +336,8 @@ def main() -> None:
             "--serve",
             "--queues",
             str(args.queues),
+            *(["--busy-poller"] if args.busy_poller else []),
+            *(["--untuned"] if args.untuned else []),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pty
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -322,3 +324,33 @@ class TestNoTelemetry:
         assert "DO_NOT_TRACK" not in text
         assert "exporter_stopped" in text
         assert sorted(p.name for p in home.rglob("*")) == []
+
+
+class Node:
+    """An object that can take part in a reference cycle and be weakly referenced."""
+
+    peer: Node | None = None
+
+
+class TestTuneForScrapes:
+    """The process-wide settings that keep /metrics fast while a poll parses (cli docstring)."""
+
+    def test_start_up_objects_are_frozen_and_the_switch_interval_is_short(self) -> None:
+        from exporter.cli import SWITCH_INTERVAL_SECONDS, tune_for_scrapes
+
+        interval = sys.getswitchinterval()
+        try:
+            tune_for_scrapes()
+            assert gc.get_freeze_count() > 10_000  # the modules imported so far
+            assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_SECONDS)
+            assert interval > SWITCH_INTERVAL_SECONDS
+            # Objects made afterwards are still collected: cycles do not leak.
+            node = Node()
+            node.peer = node
+            gone = weakref.ref(node)
+            del node
+            gc.collect()
+            assert gone() is None
+        finally:
+            gc.unfreeze()
+            sys.setswitchinterval(interval)
