@@ -776,10 +776,13 @@ class ExporterRun:
     def _sample_rss(self) -> None:
         """VmRSS every RSS_SAMPLE_SECONDS until stop (bounded by the exporter's life)."""
         while not self._stopping.wait(RSS_SAMPLE_SECONDS):
+            process = self.exporter.process if self.exporter else None
+            if process is None or process.poll() is not None:
+                return  # the exporter has gone (a zombie has no VmRSS: no 0 MiB sample)
             try:
                 kib = status_kib(self.pid, "VmRSS")
-            except (OSError, AssertionError):
-                return  # the exporter has gone
+            except OSError:
+                return
             minutes = (time.monotonic() - self.started_monotonic) / 60
             self.rss.append((round(minutes, 2), round(kib / 1024, 1)))
 
@@ -1096,32 +1099,38 @@ def soak(
 ) -> dict[str, Any]:
     """Churn until the exporter has run `minutes`: runs created and finished, queues replaced.
 
-    Every SOAK_CHURN_SECONDS: SOAK_CHURN_RUNS due runs in the marker pool's due queue, the
-    oldest SOAK_CHURN_RUNS of those made earlier forced Pending, Running and Completed, and a
-    queue created in the marker pool while the one made before is deleted (its series go).
+    Every SOAK_CHURN_SECONDS: the runs made one round before (due since) forced Pending,
+    Running and Completed, SOAK_CHURN_RUNS new due runs in the marker pool's due queue, and a
+    queue created in the marker pool while the one made before is deleted (its series go). A
+    round that fails (the server is busy) is counted and the soak goes on: its point is the
+    exporter's memory over time, which one lost round does not change.
     """
     deployment = workload.deployments[(MARKER_POOL, MARKER_DUE_QUEUE)]
     end = run.started_monotonic + minutes * 60
     waiting: list[str] = []
-    finished = queues = 0
+    finished = queues = failed_rounds = 0
     previous: str | None = None
     while time.monotonic() < end:
         began = time.monotonic()
-        waiting += admin.create_runs(deployment, SOAK_CHURN_RUNS, scheduled=past(1))
-        for run_id in waiting[:SOAK_CHURN_RUNS]:
-            for state in ("PENDING", "RUNNING", "COMPLETED"):
-                admin.force_state(run_id, state)
-            finished += 1
-        del waiting[:SOAK_CHURN_RUNS]
-        name = f"soak-{queues}"
-        admin.create_queue(MARKER_POOL, name)
-        queues += 1
-        if previous is not None:
-            admin.request("DELETE", f"work_pools/{MARKER_POOL}/queues/{previous}")
-        previous = name
+        try:
+            for run_id in waiting:
+                for state in ("PENDING", "RUNNING", "COMPLETED"):
+                    admin.force_state(run_id, state)
+                finished += 1
+            waiting = admin.create_runs(deployment, SOAK_CHURN_RUNS, scheduled=past(1))
+            name = f"soak-{queues}"
+            admin.create_queue(MARKER_POOL, name)
+            queues += 1
+            if previous is not None:
+                admin.request("DELETE", f"work_pools/{MARKER_POOL}/queues/{previous}")
+            previous = name
+        except (httpx.HTTPError, RuntimeError) as exc:
+            failed_rounds += 1
+            waiting = []
+            log(f"soak: a churn round failed ({type(exc).__name__}: {exc})")
         time.sleep(max(0.0, SOAK_CHURN_SECONDS - (time.monotonic() - began)))
     log(f"soak: {finished} runs finished, {queues} queues made and replaced")
-    return {"runs_finished": finished, "queues_replaced": queues}
+    return {"runs_finished": finished, "queues_replaced": queues, "failed_rounds": failed_rounds}
 
 
 def finish(result: dict[str, Any], run: ExporterRun) -> dict[str, Any]:
@@ -1136,7 +1145,7 @@ def finish(result: dict[str, Any], run: ExporterRun) -> dict[str, Any]:
     result["waits_timed_out"] = run.waits_timed_out
     result["rss_peak_mib"] = round(status_kib(run.pid, "VmHWM") / 1024, 1)
     result["rss_mib"] = round(status_kib(run.pid, "VmRSS") / 1024, 1)
-    result["rss_samples"] = run.rss
+    result["rss_samples"] = list(run.rss)
     result["rss_trend"] = rss_trend(run.rss)
     failed = log_events(run.log_path, "poll_failed")
     short = log_events(run.log_path, "request_budget_short")

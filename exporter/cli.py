@@ -221,9 +221,11 @@ def tune_for_scrapes() -> None:
     before serving: the start-up objects are frozen out of the collector (`gc.freeze`; objects
     made later are collected as before) and the switch interval drops to 1 ms.
 
-    Measured with `bench.scrape_load --busy-poller` (1,000 queues, about 25,000 series, a
-    thread parsing flow-run pages without pause, wrk on one connection): p99 20.7 ms untuned,
-    6.8 ms tuned (docs/benchmarks.md).
+    Measured with `bench.scrape_load --serve --busy-poller` (1,000 queues, about 25,000 series,
+    a thread parsing flow-run pages without pause, wrk on one connection): p99 60-73 ms untuned,
+    10-16 ms tuned; gzipped, as Prometheus asks, 58 ms and 9 ms (docs/benchmarks.md). The price:
+    under that contention the median answer takes a few ms longer, and the poll hands the GIL
+    over more often.
     """
     gc.collect()
     gc.freeze()

@@ -78,6 +78,20 @@ class LimitsReader:
         self._legacy_tags, self._legacy_checked = bool(legacy), now
         return limits + legacy
 
+    async def _tag_holders(self, deadline: Deadline) -> dict[str, tuple[str, ...]]:
+        """Holders of the tag limits from the v1 view; none known where it is missing (404).
+
+        Without the view, leaks of tag limits cannot be checked (`leaked` is then unknown), but
+        the limits themselves, read from the v2 table, stay served: a 404 here must not take
+        the whole limits feature, global limits included, down with it.
+        """
+        try:
+            return await self._api.tag_limit_holders(deadline)
+        except ApiStatusError as exc:
+            if exc.status != 404:
+                raise
+            return {}
+
     async def read(
         self, deadline: Deadline
     ) -> tuple[tuple[ConcurrencyLimitRecord, ...], LimitHolders]:
@@ -87,7 +101,7 @@ class LimitsReader:
             await self._with_legacy_tags(await api.concurrency_limits(deadline), deadline)
         )
         has_tags = any(r.kind == LimitKind.TAG for r in limits)
-        tag_holders = await api.tag_limit_holders(deadline) if has_tags else {}
+        tag_holders = await self._tag_holders(deadline) if has_tags else {}
         holder_ids = sorted({run for runs in tag_holders.values() for run in runs})
         task_states = await api.task_run_states(holder_ids, deadline) if holder_ids else []
         parent_ids = sorted({s.flow_run_id for s in task_states if s.flow_run_id})

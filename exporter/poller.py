@@ -17,7 +17,13 @@ from structlog.typing import FilteringBoundLogger
 from exporter.budget import Backoff, PollPlan, RequestBudget, plan_poll
 from exporter.clock import Deadline, UnixTime
 from exporter.deployments_reader import DeploymentsApi, DeploymentsReader
-from exporter.errors import ERROR_REASONS, ApiStatusError, ObjectGone, PrefectApiError
+from exporter.errors import (
+    ERROR_REASONS,
+    ApiStatusError,
+    MalformedResponse,
+    ObjectGone,
+    PrefectApiError,
+)
 from exporter.events_reader import EventsApi, EventsReader, Stream
 from exporter.features import Feature, FeatureGate
 from exporter.gather import gather_bounded
@@ -282,17 +288,19 @@ class Poller:
     ) -> T | None:
         """A feature's read, or None when the server lacks its endpoint (it is degraded).
 
-        An `informational` feature (nothing but itself depends on it) is degraded on any
-        failure but throttling, so that a server answering it badly (a malformed body, a 403)
+        An `informational` feature (nothing but itself depends on it) is degraded on any bad
+        answer but throttling, so that a server answering it badly (a malformed body, a 403)
         never fails the polls that the rest of the metrics need; throttling still fails the
-        poll, so that the poller backs off.
+        poll, so that the poller backs off, and so do failures that are not an answer (a
+        time-out, a refused connection, the budget): they say nothing about the endpoint.
         """
         try:
             return await read()
         except PrefectApiError as exc:
             status = exc.status if isinstance(exc, ApiStatusError) else None
             throttled = isinstance(exc, ApiStatusError) and exc.throttled
-            if status != 404 and (not informational or throttled):
+            answered = isinstance(exc, ApiStatusError | MalformedResponse)
+            if status != 404 and (not informational or throttled or not answered):
                 raise
             self._features.degrade(feature, exc, self._polls)
             return None

@@ -339,18 +339,26 @@ class TestTuneForScrapes:
         from exporter.cli import SWITCH_INTERVAL_SECONDS, tune_for_scrapes
 
         interval = sys.getswitchinterval()
+        gc.disable()  # no automatic collection may hide what the function does
         try:
+            # Garbage made before the call is collected by it, not frozen for ever.
+            before = Node()
+            before.peer = before
+            old_garbage = weakref.ref(before)
+            del before
             tune_for_scrapes()
+            assert old_garbage() is None
             assert gc.get_freeze_count() > 10_000  # the modules imported so far
             assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_SECONDS)
             assert interval > SWITCH_INTERVAL_SECONDS
             # Objects made afterwards are still collected: cycles do not leak.
-            node = Node()
-            node.peer = node
-            gone = weakref.ref(node)
-            del node
+            after = Node()
+            after.peer = after
+            new_garbage = weakref.ref(after)
+            del after
             gc.collect()
-            assert gone() is None
+            assert new_garbage() is None
         finally:
+            gc.enable()
             gc.unfreeze()
             sys.setswitchinterval(interval)

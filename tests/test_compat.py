@@ -15,6 +15,7 @@ from exporter.errors import ApiStatusError, MalformedResponse
 from exporter.limits_reader import LEGACY_TAGS_CHECK_SECONDS, LimitsReader
 from exporter.prefect_parse import parse_v1_tag_limit
 from exporter.records import ConcurrencyLimitRecord, RunState
+from exporter.snapshot import leaked_slots
 from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,8 +150,15 @@ class TestLegacyTagLimits:
             async def legacy_tag_limits(self, deadline: Deadline) -> list[ConcurrencyLimitRecord]:
                 raise ApiStatusError("/concurrency_limits/filter", 404, None)
 
+            async def tag_limit_holders(self, deadline: Deadline) -> dict[str, tuple[str, ...]]:
+                raise ApiStatusError("/concurrency_limits/filter", 404, None)
+
         reader = LimitsReader(NoV1([GLOBAL, TAG], []), 2, False, monotonic=lambda: 0.0)
-        assert read_names(reader) == ["tag:reports", "warehouse"]
+        limits, holders = asyncio.run(reader.read(Deadline(1e12)))
+        # The tag limit's holders are unknown (no leak check), the limits are all served.
+        assert sorted(limit.name for limit in limits) == ["tag:reports", "warehouse"]
+        assert holders.tag_holders == {}
+        assert leaked_slots(TAG, holders) is None
 
     def test_v1_rows_become_tag_limits(self) -> None:
         """Tag, limit and the number of holders; v1 limits are always enforced."""

@@ -12,7 +12,13 @@ from prometheus_client import CollectorRegistry
 
 from exporter.clock import Deadline
 from exporter.collector import SnapshotCollector
-from exporter.errors import ApiStatusError, MalformedResponse, PrefectApiError
+from exporter.errors import (
+    ApiConnectionError,
+    ApiStatusError,
+    ApiTimeout,
+    MalformedResponse,
+    PrefectApiError,
+)
 from exporter.poller import Poller, PollMetrics, PollSettings
 from exporter.prefect_parse import parse_version
 from exporter.server_info import SERVER_INFO_REFRESH_SECONDS, ServerInfoReader
@@ -214,3 +220,19 @@ class TestServerInfoInThePoll:
         snapshots, logs = poll(VersionedApi("3.9.1", ApiStatusError("/admin/version", 429, 5.0)))
         assert snapshots == []
         assert [e["reason"] for e in logs if e["event"] == "poll_failed"] == ["http_status"]
+
+    @pytest.mark.parametrize(
+        "error",
+        [
+            ApiTimeout("/admin/version: no answer within 5s"),
+            ApiConnectionError("/admin/version: connection refused"),
+        ],
+    )
+    def test_a_failure_that_is_no_answer_fails_the_poll_and_keeps_the_feature(
+        self, error: PrefectApiError
+    ) -> None:
+        """A time-out or a refused connection says nothing about the route: not degraded."""
+        snapshots, logs = poll(VersionedApi("3.9.1", error))
+        assert snapshots == []
+        assert [e["reason"] for e in logs if e["event"] == "poll_failed"] == [error.reason]
+        assert [e for e in logs if e["event"] == "feature_unavailable"] == []
