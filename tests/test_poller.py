@@ -762,8 +762,10 @@ class TestSlowRoundBudget:
             clock=lambda: NOW,
             budget=Budget(),  # type: ignore[arg-type]
         )
-        p._full_cost, p._core_cost = 40, 38
         ids = [f"q{i}" for i in range(1000)]
+        # Before a full poll is measured, the rest of this poll's cost is unknown: no slow round.
+        assert p._refresh_limit(ids) == 0
+        p._full_cost, p._core_cost = 40, 38
         assert p._refresh_limit(ids) == 62 - 40 - 4
         Budget.available = 10.0
         assert p._refresh_limit(ids) == 10 - 2 - 4
