@@ -239,6 +239,8 @@ class Poller:
         # Requests one poll took, measured: all of it, and without the optional parts.
         self._full_cost: int | None = None
         self._core_cost: int | None = None
+        # Pages of the last poll's periodic listing of runs ahead (part of its core cost).
+        self._ahead_listing_requests = 0
         self._last_limits: tuple[ConcurrencyLimitRecord, ...] = ()
         self._last_holders: LimitHolders | None = None
         self._store = store
@@ -410,10 +412,12 @@ class Poller:
         stats: dict[str, QueueRunStats] = {}
         if mode is PollMode.RUN_CENTRIC:
             result = await self._runs.read([q.id for q in queues], now, deadline)
+            self._ahead_listing_requests = result.ahead_listing_requests
             stats = dict(result.stats)
             fallback = [q for q in queues if q.id in result.incomplete]
             self._metrics.far_counts_missing.set(result.far_counts_missing)
         else:
+            self._ahead_listing_requests = 0
             self._metrics.far_counts_missing.set(0)
         answers = await gather_bounded(
             [self._api.queue_run_stats(q.id, now, deadline) for q in fallback], concurrency
@@ -591,6 +595,8 @@ class Poller:
                 requests=self._api.requests_sent - requests_before,
                 # Pools, queues, workers and runs; the rest is limits and event pages.
                 core_requests=self._core_cost,
+                # Of those, the listing of runs ahead that run-centric polls make every 5 min.
+                ahead_listing_requests=self._ahead_listing_requests,
                 work_pools=len(snapshot.pools),
                 work_queues=len(snapshot.queues),
                 workers=len(snapshot.workers),

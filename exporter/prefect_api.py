@@ -296,6 +296,25 @@ class PrefectApi:
             deadline,
         )
 
+    async def scheduled_counts_between(
+        self, queue_id: str, after: UnixTime, before: UnixTime, deadline: Deadline
+    ) -> tuple[StateCount, ...]:
+        """One queue's SCHEDULED-type runs due from `after` up to `before`, by state name.
+
+        One request; AwaitingConcurrencySlot runs are left out (the active listing has them).
+        """
+        return await self._history(
+            queue_id,
+            {
+                "state": {
+                    "type": {"any_": [StateType.SCHEDULED.value]},
+                    "name": {"not_any_": [AWAITING_CONCURRENCY_SLOT]},
+                },
+                "next_scheduled_start_time": {"after_": iso(after), "before_": iso(before)},
+            },
+            deadline,
+        )
+
     async def _history(
         self, queue_id: str, runs_filter: Mapping[str, Any], deadline: Deadline
     ) -> tuple[StateCount, ...]:

@@ -127,6 +127,11 @@ class FakeApi:
     ) -> tuple[StateCount, ...]:
         return (StateCount("SCHEDULED", "Scheduled", 5),)
 
+    async def scheduled_counts_between(
+        self, queue_id: str, after: float, before: float, deadline: float
+    ) -> tuple[StateCount, ...]:
+        return ()
+
 
 class FakeStore:
     def __init__(self) -> None:

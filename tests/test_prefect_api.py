@@ -21,6 +21,7 @@ from exporter.errors import (
 )
 from exporter.prefect_api import PrefectApi
 from exporter.prefect_http import USER_AGENT, Connection, parse_retry_after
+from exporter.prefect_parse import iso
 from exporter.secret import Secret
 from tests.fakes import API_URL, FakePrefect, make_api, pool_json, queue_json, worker_json
 
@@ -614,6 +615,25 @@ class TestRunListings:
         (body,) = fake.bodies("flow_runs/history")
         assert body["work_queues"] == {"id": {"any_": ["q1"]}}
         assert "after_" in body["flow_runs"]["next_scheduled_start_time"]
+
+    def test_counts_of_runs_ahead_are_bounded_on_both_sides(self) -> None:
+        """From the poll's time up to the far-ahead cut, SCHEDULED-type runs of one queue."""
+        fake = FakePrefect()
+        fake.on(
+            "POST",
+            "flow_runs/history",
+            [{"states": [{"state_type": "SCHEDULED", "state_name": "Scheduled", "count_runs": 9}]}],
+        )
+        api = make_api(fake)
+        counts = run(
+            call_and_close(api, api.scheduled_counts_between("q1", NOW, UnixTime(NOW + 3600), FAR))
+        )
+        assert [(c.state_name, c.count) for c in counts] == [("Scheduled", 9)]
+        (body,) = fake.bodies("flow_runs/history")
+        assert body["work_queues"] == {"id": {"any_": ["q1"]}}
+        window = body["flow_runs"]["next_scheduled_start_time"]
+        assert window == {"after_": iso(NOW), "before_": iso(UnixTime(NOW + 3600))}
+        assert body["flow_runs"]["state"]["name"] == {"not_any_": ["AwaitingConcurrencySlot"]}
 
 
 class TestCsrfConcurrency:

@@ -11,6 +11,7 @@ from exporter.clock import Deadline, UnixTime
 from exporter.errors import MalformedResponse
 from exporter.records import RunRecord, StateCount
 from exporter.run_reader import (
+    FUTURE_REFRESH_SECONDS,
     HORIZON_SECONDS,
     PAGE_SIZE,
     SOFT_PAGES,
@@ -50,6 +51,7 @@ class FakeRuns:
         self.far = far or {}
         self.pages: list[tuple[str, tuple[str, ...]]] = []
         self.refreshed: list[str] = []
+        self.between: list[str] = []
 
     def _page(
         self,
@@ -90,19 +92,30 @@ class FakeRuns:
             and (r.next_scheduled_start or 0) <= until
         ]
         rows.sort(key=lambda r: r.next_scheduled_start or 0)
-        return self._page("scheduled", rows, queue_ids, after, lambda r: r.next_scheduled_start)
+        # The due listing ends at the poll's time; the listing of runs ahead an hour later.
+        kind = "ahead" if after is not None and until - after > 60 else "scheduled"
+        return self._page(kind, rows, queue_ids, after, lambda r: r.next_scheduled_start)
+
+    async def scheduled_counts_between(
+        self, queue_id: str, after: UnixTime, before: UnixTime, deadline: Deadline
+    ) -> tuple[StateCount, ...]:
+        self.between.append(queue_id)
+        return self._counts(queue_id, lambda t: after <= t <= before)
 
     async def scheduled_counts_after(
         self, queue_id: str, after: UnixTime, deadline: Deadline
     ) -> tuple[StateCount, ...]:
         self.refreshed.append(queue_id)
+        return self._counts(queue_id, lambda t: t >= after)
+
+    def _counts(self, queue_id: str, when: Callable[[float], bool]) -> tuple[StateCount, ...]:
         rows = [
             r
             for r in self.runs
             if r.queue_id == queue_id
             and r.state_type == "SCHEDULED"
             and r.state_name != "AwaitingConcurrencySlot"
-            and (r.next_scheduled_start or 0) >= after
+            and when(r.next_scheduled_start or 0)
         ]
         counts: dict[str, int] = {}
         for r in rows:
@@ -291,7 +304,7 @@ class TestRunCentricReader:
         fake = self.workspace()
         reader = RunCentricReader(fake, concurrency=4)
         read(reader, ["busy", "idle"], NOW, limit=10)
-        assert fake.pages[-1][0] == "scheduled"
+        assert [kind for kind, _ in fake.pages].count("ahead") == 1
         later = UnixTime(NOW + 100)
         result = read(reader, ["busy", "idle"], later, limit=0)
         # "soon" is due at NOW + 60: now due, still counted once.
@@ -306,3 +319,91 @@ class TestRunCentricReader:
         read(reader, ["busy", "idle"], NOW, limit=10)
         read(reader, ["busy"], NOW, limit=10)
         assert reader.refresh_wanted(["idle"], NOW) == ["idle"]
+
+
+class TestRunsAhead:
+    """The window's runs ahead are listed every FUTURE_REFRESH_SECONDS and kept in between."""
+
+    def ahead_pages(self, fake: FakeRuns) -> list[tuple[str, ...]]:
+        return [ids for kind, ids in fake.pages if kind == "ahead"]
+
+    def test_listed_once_per_refresh_not_every_poll(self) -> None:
+        """Polls in between list only the due runs and the active ones."""
+        fake = FakeRuns([scheduled("soon", "q", NOW + 600)])
+        reader = RunCentricReader(fake, concurrency=4)
+        for offset in (0, 30, 60, FUTURE_REFRESH_SECONDS - 1):
+            result = read(reader, ["q"], UnixTime(NOW + offset), limit=10)
+            assert counts_of(result.stats["q"].counts) == {"Scheduled": 1}
+        assert len(self.ahead_pages(fake)) == 1
+        read(reader, ["q"], UnixTime(NOW + FUTURE_REFRESH_SECONDS), limit=10)
+        assert len(self.ahead_pages(fake)) == 2
+
+    def test_a_run_falling_due_is_counted_once_and_at_once(self) -> None:
+        """Kept runs now due are counted by the due listing; one made due shows at once."""
+        fake = FakeRuns([scheduled("soon", "q", NOW + 60)])
+        reader = RunCentricReader(fake, concurrency=4)
+        read(reader, ["q"], NOW, limit=10)
+        fake.runs.append(scheduled("new", "q", NOW + 10))  # made after the listing ahead
+        fake.runs.append(scheduled("later", "q", NOW + 900))  # ahead: the next listing
+        result = read(reader, ["q"], UnixTime(NOW + 100), limit=10)
+        stats = result.stats["q"]
+        assert stats.due_scheduled == 2
+        assert counts_of(stats.counts) == {"Scheduled": 2}
+        assert len(self.ahead_pages(fake)) == 1
+        result = read(reader, ["q"], UnixTime(NOW + FUTURE_REFRESH_SECONDS), limit=10)
+        assert counts_of(result.stats["q"].counts) == {"Scheduled": 3}
+
+    def test_a_run_picked_up_leaves_the_count_though_still_kept(self) -> None:
+        """A kept run whose time has passed and is no longer Scheduled is not counted."""
+        fake = FakeRuns([scheduled("soon", "q", NOW + 60)])
+        reader = RunCentricReader(fake, concurrency=4)
+        read(reader, ["q"], NOW, limit=10)
+        fake.runs = [run("soon", "q", "PENDING", "Pending", NOW + 61, NOW + 60)]
+        result = read(reader, ["q"], UnixTime(NOW + 90), limit=10)
+        assert counts_of(result.stats["q"].counts) == {"Pending": 1}
+        assert result.stats["q"].due_scheduled == 0
+
+    def test_a_queue_holding_pages_of_runs_ahead_is_counted_not_listed(self) -> None:
+        """A backfill of 700 runs ahead: one count a poll, never the per-queue path."""
+        runs = [scheduled(f"b{i}", "burst", NOW + 1000 + i) for i in range(700)]
+        runs += [scheduled("s", "small", NOW + 500)]
+        fake = FakeRuns(runs)
+        reader = RunCentricReader(fake, concurrency=4)
+        for offset in (0, 30):
+            result = read(reader, ["burst", "small"], UnixTime(NOW + offset), limit=10)
+            assert result.incomplete == frozenset()
+            assert counts_of(result.stats["burst"].counts) == {"Scheduled": 700}
+            assert counts_of(result.stats["small"].counts) == {"Scheduled": 1}
+        assert fake.between == ["burst", "burst"]
+        # Three pages, then one for the small queue alone after the burst is handed over.
+        assert len(self.ahead_pages(fake)) == SOFT_PAGES + 1
+
+    def test_a_new_queue_is_listed_alone_and_joins_the_kept_listing(self) -> None:
+        """Queues made between two listings cost a listing of their own runs ahead only."""
+        fake = FakeRuns([scheduled("a1", "a", NOW + 600), scheduled("b1", "b", NOW + 700)])
+        reader = RunCentricReader(fake, concurrency=4)
+        read(reader, ["a"], NOW, limit=10)
+        result = read(reader, ["a", "b"], UnixTime(NOW + 30), limit=10)
+        assert self.ahead_pages(fake) == [("a",), ("b",)]
+        assert counts_of(result.stats["a"].counts) == {"Scheduled": 1}
+        assert counts_of(result.stats["b"].counts) == {"Scheduled": 1}
+        read(reader, ["a", "b"], UnixTime(NOW + 60), limit=10)
+        assert len(self.ahead_pages(fake)) == 2
+
+    def test_no_run_is_counted_twice_or_lost_at_the_cut(self) -> None:
+        """The far-ahead cut starts from the listing's read time, whenever it is refreshed."""
+        fake = FakeRuns(
+            [
+                scheduled("in", "q", NOW + HORIZON_SECONDS - 10),
+                scheduled("out", "q", NOW + HORIZON_SECONDS + 100),
+                scheduled("far", "q", NOW + 2 * HORIZON_SECONDS),
+            ]
+        )
+        reader = RunCentricReader(fake, concurrency=4)
+        read(reader, ["q"], NOW, limit=0)  # no far-ahead counts yet: the window only
+        for offset in (200.0, FUTURE_REFRESH_SECONDS + 1, 2 * FUTURE_REFRESH_SECONDS + 2):
+            result = read(reader, ["q"], UnixTime(NOW + offset), limit=10)
+            later = read(reader, ["q"], UnixTime(NOW + offset + 30), limit=10)
+            assert counts_of(later.stats["q"].counts) == {"Scheduled": 3}, offset
+            assert later.far_counts_missing == 0
+        assert result.stats["q"].due_scheduled == 0
