@@ -77,6 +77,10 @@ SOFT_PAGES = 3
 MAX_PAGES = 1000
 # Times travel as ISO text; paging from a millisecond earlier cannot skip a run at the cut.
 KEY_OVERLAP_SECONDS = 0.001
+# The API's time filters include both ends (`before_` is <=, `after_` >=): a count that must
+# start just after a listing's end, or stop just before a cut, is moved by this much (the
+# API keeps microseconds).
+BOUNDARY_SECONDS = 1e-6
 # The slow round may use at most this share of the time left in the poll.
 SLOW_ROUND_SHARE = 0.5
 
@@ -299,8 +303,6 @@ class RunCentricReader:
         Raises PrefectApiError when a listing fails. `refresh()` reads far-ahead counts.
         """
         present = set(queue_ids)
-        self._far = {q: c for q, c in self._far.items() if q in present}
-        valid = {q: c for q, c in self._far.items() if c.cut > now}
         listings = [
             list_by_queue(
                 lambda ids, after: self._api.active_runs_page(ids, after, deadline),
@@ -329,12 +331,23 @@ class RunCentricReader:
         active, due, *fresh = await asyncio.gather(*listings)
         self._ahead = self._kept_ahead(fresh[0] if fresh else None, to_list, present, now)
         ahead = self._ahead
+        # A count whose cut lies beyond the kept listing's reach (made before the clock stepped
+        # back) would leave the runs in between counted by neither: forget it, read it again.
+        reach = ahead.read_at + self._horizon
+        self._far = {q: c for q, c in self._far.items() if q in present and c.cut <= reach}
+        valid = {q: c for q, c in self._far.items() if c.cut > now}
         incomplete = active.incomplete | due.incomplete
+        # Runs already listed as due or active, in any queue: a kept run ahead that a worker
+        # claimed early (prefetch), or that moved queue, is not counted again as Scheduled.
+        listed = {run.id for runs in (*active.runs.values(), *due.runs.values()) for run in runs}
         counted = [q for q in queue_ids if q in ahead.incomplete and q not in incomplete]
         answers = await gather_bounded(
             [
                 self._api.scheduled_counts_between(
-                    q, now, self._window_end(valid.get(q), now), deadline
+                    q,
+                    UnixTime(now + BOUNDARY_SECONDS),
+                    self._window_end(valid.get(q), now),
+                    deadline,
                 )
                 for q in counted
             ],
@@ -346,7 +359,6 @@ class RunCentricReader:
             if q in incomplete:
                 continue
             due_runs = due.runs.get(q, [])
-            listed = {run.id for run in due_runs}
             # Kept runs still ahead; those now due are in the due listing, or have left.
             still_ahead = [
                 run
@@ -376,9 +388,9 @@ class RunCentricReader:
         """
         kept = self._ahead
         if listed is None:
-            assert kept is not None  # nothing to list only while a listing is kept
-            return kept
-        if kept is None or len(asked) == len(present) or set(asked) >= present:
+            # Nothing was asked: every queue is in the kept listing, or there is no queue.
+            return kept or AheadListing(now, frozenset(), {}, frozenset())
+        if kept is None or set(asked) >= present:
             return AheadListing(now, frozenset(present), listed.runs, listed.incomplete)
         return AheadListing(
             kept.read_at,
@@ -388,8 +400,14 @@ class RunCentricReader:
         )
 
     def _window_end(self, far: FarCounts | None, now: UnixTime) -> UnixTime:
-        """Where the runs ahead stop and the far-ahead count starts (or the window's end)."""
-        return UnixTime(far.cut) if far is not None else UnixTime(now + self._horizon)
+        """Where the runs ahead stop and the far-ahead count starts (or the window's end).
+
+        The API's time filters include both ends; the count stops just short of the cut,
+        which the far-ahead count starts at.
+        """
+        if far is None:
+            return UnixTime(now + self._horizon)
+        return UnixTime(far.cut - BOUNDARY_SECONDS)
 
     async def refresh(
         self,

@@ -52,6 +52,7 @@ class FakeRuns:
         self.pages: list[tuple[str, tuple[str, ...]]] = []
         self.refreshed: list[str] = []
         self.between: list[str] = []
+        self.ahead_untils: set[float] = set()
 
     def _page(
         self,
@@ -92,8 +93,11 @@ class FakeRuns:
             and (r.next_scheduled_start or 0) <= until
         ]
         rows.sort(key=lambda r: r.next_scheduled_start or 0)
-        # The due listing ends at the poll's time; the listing of runs ahead an hour later.
-        kind = "ahead" if after is not None and until - after > 60 else "scheduled"
+        # The listing of runs ahead starts at the poll's time and ends an hour later; the due
+        # listing ends at the poll's time. Later pages of a listing keep its `until`.
+        if after is not None and until - after == HORIZON_SECONDS:
+            self.ahead_untils.add(until)
+        kind = "ahead" if until in self.ahead_untils else "scheduled"
         return self._page(kind, rows, queue_ids, after, lambda r: r.next_scheduled_start)
 
     async def scheduled_counts_between(
@@ -407,3 +411,82 @@ class TestRunsAhead:
             assert counts_of(later.stats["q"].counts) == {"Scheduled": 3}, offset
             assert later.far_counts_missing == 0
         assert result.stats["q"].due_scheduled == 0
+
+    def test_a_run_claimed_before_its_time_is_not_also_counted_as_scheduled(self) -> None:
+        """Workers claim runs up to 10 s early: the kept listing still has it as ahead."""
+        fake = FakeRuns([scheduled("r", "q", NOW + 100)])
+        reader = RunCentricReader(fake, concurrency=4)
+        read(reader, ["q"], NOW, limit=10)
+        fake.runs = [run("r", "q", "PENDING", "Pending", NOW + 95, NOW + 100)]
+        result = read(reader, ["q"], UnixTime(NOW + 95), limit=10)
+        assert counts_of(result.stats["q"].counts) == {"Pending": 1}
+
+    def test_runs_on_the_boundaries_are_counted_once(self) -> None:
+        """A run due exactly now, and one exactly at the far-ahead cut, in a counted queue."""
+        runs = [scheduled(f"b{i}", "burst", NOW + 1000 + i) for i in range(700)]
+        fake = FakeRuns(runs)
+        reader = RunCentricReader(fake, concurrency=4)
+        read(reader, ["burst"], NOW, limit=10)  # the cut: NOW + HORIZON_SECONDS
+        fake.runs += [
+            scheduled("now", "burst", NOW + 30),
+            scheduled("cut", "burst", NOW + HORIZON_SECONDS),
+            scheduled("past-cut", "burst", NOW + HORIZON_SECONDS + 10),
+        ]
+        result = read(reader, ["burst"], UnixTime(NOW + 30), limit=0)
+        # The far count read at NOW knew none of the three: "cut" and "past-cut" wait for
+        # its refresh; "now" is due, counted once (not also by the count of runs ahead).
+        assert result.stats["burst"].due_scheduled == 1
+        assert counts_of(result.stats["burst"].counts) == {"Scheduled": 701}
+        reader._far.clear()  # read the far-ahead count again, as its refresh will
+        read(reader, ["burst"], UnixTime(NOW + 31), limit=10)
+        result = read(reader, ["burst"], UnixTime(NOW + 32), limit=0)
+        assert counts_of(result.stats["burst"].counts) == {"Scheduled": 703}
+
+    def test_the_count_of_runs_ahead_stops_at_the_cut_not_at_the_windows_end(self) -> None:
+        """Between listings the window's end moves on; the far-ahead cut does not."""
+        runs = [scheduled(f"b{i}", "burst", NOW + 1000 + i) for i in range(700)]
+        runs += [scheduled(f"x{i}", "burst", NOW + HORIZON_SECONDS + 10 + i) for i in range(5)]
+        fake = FakeRuns(runs)
+        reader = RunCentricReader(fake, concurrency=4)
+        read(reader, ["burst"], NOW, limit=10)
+        result = read(reader, ["burst"], UnixTime(NOW + 30), limit=0)
+        assert counts_of(result.stats["burst"].counts) == {"Scheduled": 705}
+
+    def test_a_queue_merged_in_keeps_the_old_queues_cuts_within_reach(self) -> None:
+        """Counts refreshed after a merge start at the kept listing's end, not later."""
+        fake = FakeRuns(
+            [
+                scheduled("a-in", "a", NOW + 600),
+                scheduled("a-edge", "a", NOW + HORIZON_SECONDS + 10),
+                scheduled("b1", "b", NOW + 700),
+            ]
+        )
+        reader = RunCentricReader(fake, concurrency=4)
+        read(reader, ["a"], NOW, limit=0)  # kept listing of a, no far-ahead counts yet
+        read(reader, ["a", "b"], UnixTime(NOW + 30), limit=10)  # b merged; counts read now
+        result = read(reader, ["a", "b"], UnixTime(NOW + 60), limit=0)
+        assert counts_of(result.stats["a"].counts) == {"Scheduled": 2}
+        assert counts_of(result.stats["b"].counts) == {"Scheduled": 1}
+        assert result.far_counts_missing == 0
+
+    def test_no_queue_at_all_is_no_error(self) -> None:
+        """A pool selector matching nothing, or a new workspace: empty stats, every poll."""
+        reader = RunCentricReader(FakeRuns([]), concurrency=4)
+        for offset in (0, 30):
+            result = read(reader, [], UnixTime(NOW + offset), limit=10)
+            assert result.stats == {}
+
+    def test_a_clock_stepped_back_forgets_cuts_beyond_the_listing(self) -> None:
+        """Cuts taken before the step would lie past the new listing's reach: read again."""
+        fake = FakeRuns([scheduled("edge", "q", NOW + HORIZON_SECONDS - 300)])
+        reader = RunCentricReader(fake, concurrency=4)
+        read(reader, ["q"], NOW, limit=10)
+        back = UnixTime(NOW - 600)
+        result = read(reader, ["q"], back, limit=0)
+        # Past the new window, and its old count forgotten: reported missing, not trusted.
+        assert result.far_counts_missing == 1
+        assert counts_of(result.stats["q"].counts) == {}
+        read(reader, ["q"], UnixTime(back + 1), limit=10)  # the count read again
+        result = read(reader, ["q"], UnixTime(back + 2), limit=0)
+        assert counts_of(result.stats["q"].counts) == {"Scheduled": 1}
+        assert result.far_counts_missing == 0
