@@ -1,7 +1,7 @@
 """Scale benchmark (issue 10): the exporter against a real Prefect server on PostgreSQL.
 
     .venv/bin/python -m bench.scale [--point tiny|small|medium|full] [--modes run-centric,per-queue]
-        [--out docs/benchmarks.md] [--cycles 5] [--soak MINUTES]
+        [--out docs/benchmarks.md] [--cycles 5] [--soak MINUTES] [--tag NAME]
 
 Per point it starts PostgreSQL (Debian's `postgresql` package, installed with apt-get when
 missing, run as the `postgres` user in a temporary directory on a free port), a Prefect server on
@@ -1192,6 +1192,7 @@ def measure_mode(
     cycles: int,
     log: Callable[[str], None],
     soak_minutes: float = 0.0,
+    tag: str = "",
 ) -> dict[str, Any]:
     """One exporter run in `mode`: steady state, markers, exactness, load; then the burst;
     then, with `soak_minutes`, churn until the exporter has run that long."""
@@ -1201,10 +1202,12 @@ def measure_mode(
     def checkpoint() -> None:
         # Written after every phase, so that a run cut short still leaves its numbers.
         partial = {**result, "partial": True}
-        path = RESULTS_DIR / f"{point.name}-{mode}.json"
+        path = RESULTS_DIR / f"{result_name(point, mode, tag)}.json"
         path.write_text(json.dumps(partial, indent=1, default=str) + "\n")
 
     result: dict[str, Any] = {"point": asdict(point), "mode": mode, "code": code_version()}
+    if tag:
+        result["tag"] = tag
     run.start()
     try:
         first_poll_deadline = time.monotonic() + 6 * POLL_INTERVAL + 120
@@ -1291,7 +1294,7 @@ def measure_mode(
     finally:
         run.stop()
         with contextlib.suppress(OSError):
-            shutil.copy(run.log_path, RESULTS_DIR / f"{point.name}-{mode}.log")
+            shutil.copy(run.log_path, RESULTS_DIR / f"{result_name(point, mode, tag)}.log")
 
 
 # -- the section in docs/benchmarks.md -------------------------------------------------------
@@ -1362,7 +1365,7 @@ def render(results: Sequence[dict[str, Any]], machine: str) -> str:
                 "| "
                 + " | ".join(
                     [
-                        p["name"] + (" (burst)" if window == "burst" else ""),
+                        label(r) + (" (burst)" if window == "burst" else ""),
                         r["mode"],
                         f"{p['queues']} / {runs}",
                         f"{fmt(s.get('requests_median'), 0)}, {fmt(s.get('requests_max'))}",
@@ -1386,12 +1389,12 @@ def render(results: Sequence[dict[str, Any]], machine: str) -> str:
         for kind, values in r.get("freshness", {}).items():
             if kind.endswith(" (not seen)"):
                 what = f"{kind.removesuffix(' (not seen)')}: {len(values)} not seen in the wait"
-                lines.append(f"- {r['point']['name']}, {r['mode']}: {what}")
+                lines.append(f"- {label(r)}, {r['mode']}: {what}")
             else:
-                lines.append(f"- {r['point']['name']}, {r['mode']}: {kind}: {dist(values)}")
+                lines.append(f"- {label(r)}, {r['mode']}: {kind}: {dist(values)}")
         if r.get("burst_seen_after_s") is not None:
             lines.append(
-                f"- {r['point']['name']}, {r['mode']}: burst of {r['point']['burst']:,} due runs "
+                f"- {label(r)}, {r['mode']}: burst of {r['point']['burst']:,} due runs "
                 f"fully in the backlog after {r['burst_seen_after_s']:.0f} s"
             )
     lines += [
@@ -1403,7 +1406,7 @@ def render(results: Sequence[dict[str, Any]], machine: str) -> str:
         rows = r.get("exactness", []) + r.get("exactness_burst", [])
         bad = [row for row in rows if not row["equal"]]
         lines.append(
-            f"- {r['point']['name']}, {r['mode']}: {len(rows) - len(bad)} of {len(rows)} equal"
+            f"- {label(r)}, {r['mode']}: {len(rows) - len(bad)} of {len(rows)} equal"
             + (
                 ": differing "
                 + "; ".join(
@@ -1417,7 +1420,7 @@ def render(results: Sequence[dict[str, Any]], machine: str) -> str:
     lines += ["", "Polls that failed or were cut for budget, and the far-ahead counts:", ""]
     for r in results:
         lines.append(
-            f"- {r['point']['name']}, {r['mode']}: {r['poll_failed_count']} failed polls, "
+            f"- {label(r)}, {r['mode']}: {r['poll_failed_count']} failed polls, "
             f"{r['budget_short_count']} `request_budget_short`; whole run "
             f"{r['whole_run']['requests']} requests in {r['whole_run']['minutes']:.1f} min, "
             f"at most {r['whole_run']['max_requests_in_60s']} in 60 s (start-up included); "
@@ -1434,7 +1437,7 @@ def render(results: Sequence[dict[str, Any]], machine: str) -> str:
     for r in trends:
         t, soaked = r["rss_trend"], r.get("soak")
         lines.append(
-            f"- {r['point']['name']}, {r['mode']}: minute {t['from_minute']:.0f} to "
+            f"- {label(r)}, {r['mode']}: minute {t['from_minute']:.0f} to "
             f"{t['to_minute']:.0f}: {t['first_mib']} MiB to {t['last_mib']} MiB, at most "
             f"{t['max_mib']} MiB; slope {t['slope_mib_per_10min']:+.2f} MiB per 10 minutes"
             + (
@@ -1449,6 +1452,19 @@ def render(results: Sequence[dict[str, Any]], machine: str) -> str:
         lines += ["", notes.read_text().rstrip("\n")]
     lines += ["", SECTION_END]
     return "\n".join(lines)
+
+
+def label(result: dict[str, Any]) -> str:
+    """A result's point name, with the run's `--tag` when it has one."""
+    tag = result.get("tag")
+    name: str = result["point"]["name"]
+    return name + (f" [{tag}]" if tag else "")
+
+
+def result_name(point: Point, mode: str, tag: str) -> str:
+    """The results file's stem: `<point>-<mode>`, then `-<tag>` for a tagged run."""
+    safe = re.sub(r"[^a-z0-9]+", "-", tag.lower()).strip("-")
+    return f"{point.name}-{mode}" + (f"-{safe}" if safe else "")
 
 
 def write_section(out: Path, machine: str) -> str:
@@ -1516,6 +1532,7 @@ def run_point(
     cycles: int,
     log: Callable[[str], None],
     soak_minutes: float = 0.0,
+    tag: str = "",
 ) -> None:
     RESULTS_DIR.mkdir(exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"scale-{point.name}-"))
@@ -1535,7 +1552,7 @@ def run_point(
                     result = measure_mode(
                         point, mode, server, admin, workload, heartbeats, workdir,
                         cycles if mode == modes[0] else min(cycles, 2), log,
-                        soak_minutes if mode == modes[0] else 0.0,
+                        soak_minutes if mode == modes[0] else 0.0, tag,
                     )  # fmt: skip
                     result["workload"] = {
                         "build_seconds": round(workload.build_seconds),
@@ -1545,7 +1562,7 @@ def run_point(
                         "heartbeats_sent": heartbeats.sent,
                         "heartbeats_failed": heartbeats.failed,
                     }
-                    path = RESULTS_DIR / f"{point.name}-{mode}.json"
+                    path = RESULTS_DIR / f"{result_name(point, mode, tag)}.json"
                     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
                     log(f"{mode}: results in {path}")
             finally:
@@ -1567,6 +1584,9 @@ def main() -> None:
     parser.add_argument(
         "--soak", type=float, default=0.0, help="minutes the first mode's exporter runs in all"
     )
+    parser.add_argument(
+        "--tag", default="", help="a name for this run: kept beside, not over, untagged results"
+    )
     args = parser.parse_args()
     if not 0 <= args.soak <= 120:
         parser.error("--soak must be 0..120 minutes")
@@ -1577,7 +1597,8 @@ def main() -> None:
 
     if not args.render_only:
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        run_point(POINTS[args.point], modes, max(0, min(args.cycles, 10)), log, args.soak)
+        cycles = max(0, min(args.cycles, 10))
+        run_point(POINTS[args.point], modes, cycles, log, args.soak, args.tag)
     print(write_section(args.out, machine_line()))
 
 
