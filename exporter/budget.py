@@ -93,12 +93,19 @@ class PollPlan(StrEnum):
 
 
 def plan_poll(
-    available: float, per_minute: int, full_cost: int | None, core_cost: int | None
+    available: float,
+    per_minute: int,
+    full_cost: int | None,
+    core_cost: int | None,
+    last_shortened: bool = False,
 ) -> PollPlan:
     """The plan for the next poll from the requests available now and the last polls' costs.
 
     `full_cost` and `core_cost` are the requests the last full poll took in all and without its
-    optional parts; None before the first poll (then: full).
+    optional parts; None before the first poll (then: full). After a shortened poll the next
+    one waits to be full (`last_shortened`): measured at 1,000 queues under a 5,000-run burst,
+    polls that waited only for their core cost were shortened every time, 20 minutes without
+    concurrency limits or events.
     """
     if available < 1:
         # Not even one request: skip and wait, rather than fail for budget (before any cost
@@ -108,7 +115,18 @@ def plan_poll(
         return PollPlan.FULL
     if core_cost > per_minute:
         return PollPlan.FULL  # never affordable: try anyway; the poll fails with reason budget
+    if last_shortened and full_cost <= per_minute:
+        return PollPlan.SKIP
     return PollPlan.SHORTENED if available >= core_cost else PollPlan.SKIP
+
+
+def requests_to_wait_for(
+    full_cost: int | None, core_cost: int | None, per_minute: int, last_shortened: bool
+) -> int:
+    """What a skipped poll waits to afford: its core, or in full after a shortened poll."""
+    if last_shortened and full_cost is not None and full_cost <= per_minute:
+        return full_cost
+    return core_cost or 1
 
 
 class BudgetCollector(Collector):

@@ -15,7 +15,7 @@ from typing import Protocol, TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from structlog.typing import FilteringBoundLogger
 
-from exporter.budget import Backoff, PollPlan, RequestBudget, plan_poll
+from exporter.budget import Backoff, PollPlan, RequestBudget, plan_poll, requests_to_wait_for
 from exporter.clock import Deadline, UnixTime
 from exporter.deployments_reader import DeploymentsApi, DeploymentsReader
 from exporter.errors import (
@@ -242,6 +242,7 @@ class Poller:
         self._core_cost: int | None = None
         # Pages of the last poll's periodic listing of runs ahead (part of its core cost).
         self._ahead_listing_requests = 0
+        self._last_plan = PollPlan.FULL  # of the last poll attempted (skips do not count)
         self._ahead_listing_size = 0  # pages of the last poll that made that listing
         self._last_limits: tuple[ConcurrencyLimitRecord, ...] = ()
         self._last_holders: LimitHolders | None = None
@@ -453,7 +454,11 @@ class Poller:
         if self._budget is None:
             return PollPlan.FULL
         return plan_poll(
-            self._budget.available, self._budget.per_minute, self._full_cost, self._core_cost
+            self._budget.available,
+            self._budget.per_minute,
+            self._full_cost,
+            self._core_cost,
+            self._last_plan is PollPlan.SHORTENED,
         )
 
     async def poll_once(self, full: bool = True) -> Snapshot:
@@ -558,8 +563,15 @@ class Poller:
             # at scale a poll may cost more than one interval's share, and waiting the interval
             # out again and again left the data minutes old (measured at 1,000 queues).
             if self._budget is not None:
-                return max(0.5, self._budget.seconds_until(self._core_cost or 1))
+                wanted = requests_to_wait_for(
+                    self._full_cost,
+                    self._core_cost,
+                    self._budget.per_minute,
+                    self._last_plan is PollPlan.SHORTENED,
+                )
+                return max(0.5, self._budget.seconds_until(wanted))
             return wait
+        self._last_plan = plan
         try:
             snapshot = await self.poll_once(full=plan is PollPlan.FULL)
         except (PrefectApiError, TimeoutError) as exc:

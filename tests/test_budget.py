@@ -6,7 +6,14 @@ import asyncio
 
 import pytest
 
-from exporter.budget import Backoff, BudgetExhausted, PollPlan, RequestBudget, plan_poll
+from exporter.budget import (
+    Backoff,
+    BudgetExhausted,
+    PollPlan,
+    RequestBudget,
+    plan_poll,
+    requests_to_wait_for,
+)
 from exporter.clock import Deadline
 
 
@@ -120,6 +127,22 @@ class TestPlan:
     def test_plans(self, available: float, full: int | None, core: int | None, plan: str) -> None:
         """Each combination of what is left and what the last polls cost."""
         assert plan_poll(available, 100, full, core) is plan
+
+    @pytest.mark.parametrize(
+        ("available", "full", "core", "plan", "waits_for"),
+        [
+            (5.0, 10, 4, PollPlan.SKIP, 10),  # affords the core, but the last was shortened
+            (10.0, 10, 4, PollPlan.FULL, 10),
+            (5.0, 150, 4, PollPlan.SHORTENED, 4),  # full never affordable: shortened it is
+        ],
+    )
+    def test_after_a_shortened_poll_the_next_waits_to_be_full(
+        self, available: float, full: int, core: int, plan: str, waits_for: int
+    ) -> None:
+        """Limits and events must not starve behind polls that only ever afford their core."""
+        assert plan_poll(available, 100, full, core, last_shortened=True) is plan
+        assert requests_to_wait_for(full, core, 100, last_shortened=True) == waits_for
+        assert requests_to_wait_for(full, core, 100, last_shortened=False) == core
 
 
 class TestBackoff:

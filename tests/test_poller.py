@@ -448,6 +448,15 @@ class TestBudgetPlan:
         get = registry.get_sample_value
         assert get("prefect_exporter_request_budget_polls_total", {"outcome": "shortened"}) == 1
         assert get("prefect_exporter_request_budget_polls_total", {"outcome": "skipped"}) == 1
+        # After a shortened poll the next waits to be full: 3 afford the core (1), not the 6.
+        tokens["now"] = 3
+        assert asyncio.run(p.poll_and_publish()) == 7.0  # seconds_until(6), not until(1)
+        assert len(store.published) == 2
+        tokens["now"] = 6
+        asyncio.run(p.poll_and_publish())
+        assert len(store.published) == 3
+        assert api.requests_sent == 6 + 1 + 6
+        assert get("prefect_exporter_request_budget_polls_total", {"outcome": "shortened"}) == 1
 
 
 class TestRetryAfterBounds:
