@@ -30,6 +30,12 @@ class RequestBudget:
     """
 
     WINDOW_SECONDS = 60.0
+    # A slot is held this much longer than the window: a request reaches the server a little
+    # after its slot was granted (the event loop, the connection), and unevenly, so two
+    # requests granted exactly a window apart can arrive within one. Measured at the bench's
+    # counting proxy: 126 requests in a 60 s window for a budget of 125 without it.
+    ARRIVAL_MARGIN_SECONDS = 1.0
+    HOLD_SECONDS = WINDOW_SECONDS + ARRIVAL_MARGIN_SECONDS
 
     def __init__(
         self,
@@ -59,10 +65,10 @@ class RequestBudget:
         excess = len(self._sent) - (self.per_minute - min(requests, self.per_minute))
         if excess <= 0:
             return 0.0
-        return max(0.0, self._sent[excess - 1] + self.WINDOW_SECONDS - now)
+        return max(0.0, self._sent[excess - 1] + self.HOLD_SECONDS - now)
 
     def _forget(self, now: float) -> None:
-        while self._sent and self._sent[0] + self.WINDOW_SECONDS <= now:
+        while self._sent and self._sent[0] + self.HOLD_SECONDS <= now:
             self._sent.popleft()
 
     async def acquire(self, deadline: Deadline) -> float:
@@ -77,7 +83,7 @@ class RequestBudget:
             if len(self._sent) < self.per_minute:
                 self._sent.append(now)
                 return waited
-            wait = self._sent[0] + self.WINDOW_SECONDS - now
+            wait = self._sent[0] + self.HOLD_SECONDS - now
             if now + wait > deadline:
                 raise BudgetExhausted(f"request budget of {self.per_minute}/min is spent")
             await self._sleep(wait)

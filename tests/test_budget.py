@@ -44,12 +44,14 @@ class TestRequestBudget:
     def test_beyond_the_budget_the_caller_waits_until_the_first_request_is_a_minute_old(
         self,
     ) -> None:
-        """The 61st request of a 60/min budget spent at once waits the whole minute."""
+        """The 61st request of a 60/min budget spent at once waits the minute (and the margin)."""
         fake = FakeTime()
         budget = RequestBudget(60, clock=fake.clock, sleep=fake.sleep)
         for _ in range(60):
             asyncio.run(budget.acquire(Deadline(10)))
-        assert asyncio.run(budget.acquire(Deadline(100))) == pytest.approx(60.0)
+        assert asyncio.run(budget.acquire(Deadline(100))) == pytest.approx(
+            RequestBudget.HOLD_SECONDS
+        )
 
     def test_a_wait_past_the_deadline_is_refused(self) -> None:
         """When no token arrives before the deadline, BudgetExhausted is raised."""
@@ -65,7 +67,7 @@ class TestRequestBudget:
         budget = RequestBudget(30, clock=fake.clock, sleep=fake.sleep)
         spent = 0
         while fake.now < 120:
-            asyncio.run(budget.acquire(Deadline(fake.now + 60)))
+            asyncio.run(budget.acquire(Deadline(fake.now + 120)))
             spent += 1
         assert spent <= 30 + 30 * 2 + 1
 
@@ -84,6 +86,20 @@ class TestRequestBudget:
         for start in sent:
             assert sum(start <= t < start + 60 for t in sent) <= 30
 
+    def test_the_ceiling_holds_where_the_server_counts_despite_uneven_arrival(self) -> None:
+        """Requests reach the server up to 0.9 s after their slot, unevenly: still <= N."""
+        fake = FakeTime()
+        budget = RequestBudget(30, clock=fake.clock, sleep=fake.sleep)
+        delays = [0.9 if i % 2 == 0 else 0.0 for i in range(200)]  # the worst alternation
+        arrived: list[float] = []
+        for delay in delays:
+            asyncio.run(budget.acquire(Deadline(fake.now + 1e6)))
+            arrived.append(fake.now + delay)
+            fake.now += 0.5
+        arrived.sort()
+        for start in arrived:
+            assert sum(start <= t <= start + 60 for t in arrived) <= 30
+
     def test_what_is_available_follows_the_last_minute(self) -> None:
         """Slots come back one by one as the requests that used them turn a minute old."""
         fake = FakeTime()
@@ -92,9 +108,9 @@ class TestRequestBudget:
             asyncio.run(budget.acquire(Deadline(0)))
             fake.now += 10
         assert budget.available == 0
-        fake.now = 60
+        fake.now = RequestBudget.HOLD_SECONDS
         assert budget.available == 1
-        fake.now = 80
+        fake.now = 20 + RequestBudget.HOLD_SECONDS
         assert budget.available == 3
 
     def test_seconds_until_a_number_of_requests_is_affordable(self) -> None:
@@ -104,9 +120,10 @@ class TestRequestBudget:
         for _ in range(3):
             asyncio.run(budget.acquire(Deadline(0)))
             fake.now += 10
-        assert budget.seconds_until(1) == pytest.approx(30.0)  # the first, sent at 0
-        assert budget.seconds_until(2) == pytest.approx(40.0)
-        assert budget.seconds_until(99) == pytest.approx(50.0)  # at most the whole budget
+        margin = RequestBudget.ARRIVAL_MARGIN_SECONDS
+        assert budget.seconds_until(1) == pytest.approx(30.0 + margin)  # the first, sent at 0
+        assert budget.seconds_until(2) == pytest.approx(40.0 + margin)
+        assert budget.seconds_until(99) == pytest.approx(50.0 + margin)  # at most the budget
         assert budget.seconds_until(0) == 0.0
 
 
