@@ -325,6 +325,11 @@ class TestRunCentricReader:
         assert reader.refresh_wanted(["idle"], NOW) == ["idle"]
 
 
+def backfill(count: int = 700) -> list[RunRecord]:
+    """`count` runs in queue `burst`, a second apart from NOW + 1000: pages of runs ahead."""
+    return [scheduled(f"b{i}", "burst", NOW + 1000 + i) for i in range(count)]
+
+
 class TestRunsAhead:
     """The window's runs ahead are listed every FUTURE_REFRESH_SECONDS and kept in between."""
 
@@ -357,19 +362,25 @@ class TestRunsAhead:
         result = read(reader, ["q"], UnixTime(NOW + FUTURE_REFRESH_SECONDS), limit=10)
         assert counts_of(result.stats["q"].counts) == {"Scheduled": 3}
 
-    def test_a_run_picked_up_leaves_the_count_though_still_kept(self) -> None:
-        """A kept run whose time has passed and is no longer Scheduled is not counted."""
-        fake = FakeRuns([scheduled("soon", "q", NOW + 60)])
+    @pytest.mark.parametrize(
+        ("due_in", "claimed_at"),
+        [(60.0, 90.0), (100.0, 95.0)],  # claimed after its time; claimed early (prefetch)
+    )
+    def test_a_claimed_run_leaves_the_scheduled_count_though_still_kept(
+        self, due_in: float, claimed_at: float
+    ) -> None:
+        """The kept listing still has the run as Scheduled; the active listing wins."""
+        fake = FakeRuns([scheduled("r", "q", NOW + due_in)])
         reader = RunCentricReader(fake, concurrency=4)
         read(reader, ["q"], NOW, limit=10)
-        fake.runs = [run("soon", "q", "PENDING", "Pending", NOW + 61, NOW + 60)]
-        result = read(reader, ["q"], UnixTime(NOW + 90), limit=10)
+        fake.runs = [run("r", "q", "PENDING", "Pending", NOW + claimed_at, NOW + due_in)]
+        result = read(reader, ["q"], UnixTime(NOW + claimed_at), limit=10)
         assert counts_of(result.stats["q"].counts) == {"Pending": 1}
         assert result.stats["q"].due_scheduled == 0
 
     def test_a_queue_holding_pages_of_runs_ahead_is_counted_not_listed(self) -> None:
         """A backfill of 700 runs ahead: one count a poll, never the per-queue path."""
-        runs = [scheduled(f"b{i}", "burst", NOW + 1000 + i) for i in range(700)]
+        runs = backfill()
         runs += [scheduled("s", "small", NOW + 500)]
         fake = FakeRuns(runs)
         reader = RunCentricReader(fake, concurrency=4)
@@ -412,18 +423,9 @@ class TestRunsAhead:
             assert later.far_counts_missing == 0
         assert result.stats["q"].due_scheduled == 0
 
-    def test_a_run_claimed_before_its_time_is_not_also_counted_as_scheduled(self) -> None:
-        """Workers claim runs up to 10 s early: the kept listing still has it as ahead."""
-        fake = FakeRuns([scheduled("r", "q", NOW + 100)])
-        reader = RunCentricReader(fake, concurrency=4)
-        read(reader, ["q"], NOW, limit=10)
-        fake.runs = [run("r", "q", "PENDING", "Pending", NOW + 95, NOW + 100)]
-        result = read(reader, ["q"], UnixTime(NOW + 95), limit=10)
-        assert counts_of(result.stats["q"].counts) == {"Pending": 1}
-
     def test_runs_on_the_boundaries_are_counted_once(self) -> None:
         """A run due exactly now, and one exactly at the far-ahead cut, in a counted queue."""
-        runs = [scheduled(f"b{i}", "burst", NOW + 1000 + i) for i in range(700)]
+        runs = backfill()
         fake = FakeRuns(runs)
         reader = RunCentricReader(fake, concurrency=4)
         read(reader, ["burst"], NOW, limit=10)  # the cut: NOW + HORIZON_SECONDS
@@ -444,7 +446,7 @@ class TestRunsAhead:
 
     def test_the_count_of_runs_ahead_stops_at_the_cut_not_at_the_windows_end(self) -> None:
         """Between listings the window's end moves on; the far-ahead cut does not."""
-        runs = [scheduled(f"b{i}", "burst", NOW + 1000 + i) for i in range(700)]
+        runs = backfill()
         runs += [scheduled(f"x{i}", "burst", NOW + HORIZON_SECONDS + 10 + i) for i in range(5)]
         fake = FakeRuns(runs)
         reader = RunCentricReader(fake, concurrency=4)
