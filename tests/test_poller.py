@@ -13,7 +13,7 @@ import structlog
 import structlog.testing
 from prometheus_client import CollectorRegistry
 
-from exporter.errors import ApiStatusError, MalformedResponse, ObjectGone
+from exporter.errors import ApiBudgetExhausted, ApiStatusError, MalformedResponse, ObjectGone
 from exporter.poller import Poller, PollMetrics, PollSettings
 from exporter.records import (
     ConcurrencyLimitRecord,
@@ -457,6 +457,44 @@ class TestBudgetPlan:
         assert len(store.published) == 3
         assert api.requests_sent == 6 + 1 + 6
         assert get("prefect_exporter_request_budget_polls_total", {"outcome": "shortened"}) == 1
+
+
+class TestBudgetFailure:
+    """A poll that ran out of budget costs more than measured: the next one waits for more."""
+
+    def test_the_next_attempt_waits_for_twice_what_the_failed_one_spent(self) -> None:
+        """A burst makes polls dearer: no series of attempts planned on the old cost."""
+        asked: list[int] = []
+
+        class Budget:
+            per_minute = 125
+            available = 40.0
+
+            def seconds_until(self, requests: int) -> float:
+                asked.append(requests)
+                return 9.0
+
+        class DearApi(CountingApi):
+            async def work_queues(self, deadline: float) -> list[QueueRecord]:
+                self.requests_sent += 30
+                raise ApiBudgetExhausted("request budget of 125/min is spent")
+
+        store = FakeStore()
+        p = Poller(
+            DearApi(),
+            store,
+            SETTINGS,
+            PollMetrics(CollectorRegistry()),
+            structlog.get_logger(),
+            clock=lambda: NOW,
+            budget=Budget(),  # type: ignore[arg-type]
+        )
+        p._full_cost, p._core_cost = 12, 10  # as measured before the burst
+        asyncio.run(p.poll_and_publish())  # planned full (40 >= 12), fails after 31 requests
+        assert store.failures
+        assert asyncio.run(p.poll_and_publish()) == 9.0  # skipped: 40 < 62
+        assert asked == [62]
+        assert (p._core_cost, p._full_cost) == (62, 64)
 
 
 class TestRetryAfterBounds:
