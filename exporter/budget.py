@@ -121,16 +121,22 @@ def plan_poll(
         return PollPlan.FULL
     if core_cost > per_minute:
         return PollPlan.FULL  # never affordable: try anyway; the poll fails with reason budget
-    if last_shortened and full_cost <= per_minute:
+    if _must_be_full(full_cost, per_minute, last_shortened):
         return PollPlan.SKIP
     return PollPlan.SHORTENED if available >= core_cost else PollPlan.SKIP
+
+
+def _must_be_full(full_cost: int | None, per_minute: int, last_shortened: bool) -> bool:
+    """After a shortened poll the next one is full, if a full poll is affordable at all."""
+    return last_shortened and full_cost is not None and full_cost <= per_minute
 
 
 def requests_to_wait_for(
     full_cost: int | None, core_cost: int | None, per_minute: int, last_shortened: bool
 ) -> int:
     """What a skipped poll waits to afford: its core, or in full after a shortened poll."""
-    if last_shortened and full_cost is not None and full_cost <= per_minute:
+    if _must_be_full(full_cost, per_minute, last_shortened):
+        assert full_cost is not None
         return full_cost
     return core_cost or 1
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from exporter.records import (
     QueueRunStats,
     WorkerRecord,
 )
-from exporter.run_reader import FUTURE_REFRESH_SECONDS, RunCentricReader, RunsApi
+from exporter.run_reader import RunCentricReader, RunsApi
 from exporter.server_info import ServerInfoReader
 from exporter.snapshot import Snapshot, build_snapshot
 from exporter.statefile import StateFile
@@ -244,7 +243,6 @@ class Poller:
         # Pages of the last poll's periodic listing of runs ahead (part of its core cost).
         self._ahead_listing_requests = 0
         self._last_plan = PollPlan.FULL  # of the last poll attempted (skips do not count)
-        self._ahead_listing_size = 0  # pages of the last poll that made that listing
         self._last_limits: tuple[ConcurrencyLimitRecord, ...] = ()
         self._last_holders: LimitHolders | None = None
         self._store = store
@@ -438,11 +436,9 @@ class Poller:
             slow = self._api.requests_sent - slow_before
             interval = self._settings.interval
             steady = self._runs.minimum_refreshes(len(queues), interval)
-            # The listing of runs ahead comes every FUTURE_REFRESH_SECONDS: compare modes on
-            # its share per poll, not on whether this poll happened to make it.
-            if self._ahead_listing_requests:
-                self._ahead_listing_size = self._ahead_listing_requests
-            ahead_share = math.ceil(self._ahead_listing_size * interval / FUTURE_REFRESH_SECONDS)
+            # The listing of runs ahead comes every few minutes: compare modes on its share
+            # per poll, not on whether this poll happened to make it.
+            ahead_share = self._runs.ahead_listing_share(interval)
             self._run_centric_cost = spent - self._ahead_listing_requests + steady + ahead_share
         else:
             self._per_queue_cost = (spent, len(queues))

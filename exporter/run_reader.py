@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -265,6 +266,7 @@ class RunCentricReader:
         self._future_refresh = future_refresh
         self._far: dict[str, FarCounts] = {}
         self._ahead: AheadListing | None = None
+        self._ahead_listing_pages = 0  # of the last poll that listed runs ahead
 
     def _ahead_to_list(self, queue_ids: Sequence[str], now: UnixTime) -> list[str]:
         """Queues whose runs ahead must be listed now: all when the kept listing is too old,
@@ -294,6 +296,11 @@ class RunCentricReader:
         """Refreshes per poll that keep every queue within `refresh` seconds (a round robin)."""
         polls_per_round = max(1.0, self._refresh / interval)
         return -(-queue_count // int(polls_per_round))
+
+    def ahead_listing_share(self, interval: float) -> int:
+        """Requests per poll of the listing of runs ahead, spread over its period: the pages
+        of the last poll that made one, once every `future_refresh` seconds."""
+        return math.ceil(self._ahead_listing_pages * interval / self._future_refresh)
 
     async def read(
         self, queue_ids: Sequence[str], now: UnixTime, deadline: Deadline
@@ -330,6 +337,8 @@ class RunCentricReader:
             listings.append(list_by_queue(ahead_page, to_list, lambda r: r.next_scheduled_start))
         active, due, *fresh = await asyncio.gather(*listings)
         self._ahead = self._kept_ahead(fresh[0] if fresh else None, to_list, present, now)
+        if pages:
+            self._ahead_listing_pages = len(pages)
         ahead = self._ahead
         # A count whose cut lies beyond the kept listing's reach (made before the clock stepped
         # back) would leave the runs in between counted by neither: forget it, read it again.
