@@ -31,15 +31,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class ProcessExited(RuntimeError):
+    """The process a wait was for has exited: waiting longer cannot help."""
+
+
 def wait_for(
     condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.25
 ) -> Any:
-    """Poll `condition` until it returns something truthy; fail with `what` after `timeout`."""
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout`.
+
+    Errors of `condition` count as "not yet" (the thing may be starting up), except
+    `ProcessExited`, which ends the wait at once.
+    """
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
         try:
             result = condition()
+        except ProcessExited:
+            raise
         except Exception as exc:  # the condition may fail while the thing starts up
             last_error = exc
         else:
@@ -117,7 +127,7 @@ class PrefectServer:
             # belong to another server otherwise).
             assert self.process is not None
             if self.process.poll() is not None:
-                raise RuntimeError(f"prefect server exited; see {self.log_path}")
+                raise ProcessExited(f"prefect server exited; see {self.log_path}")
             # With an auth string set, /health answers 401: the server is up all the same.
             return httpx.get(f"{self.api_url}/health", timeout=2).status_code in (200, 401)
 
@@ -425,7 +435,7 @@ class ExporterProcess:
         def serving() -> bool:
             assert self.process is not None
             if self.process.poll() is not None:
-                raise RuntimeError(f"exporter exited; see {self.log_path}")
+                raise ProcessExited(f"exporter exited; see {self.log_path}")
             return (
                 httpx.get(f"{self.url}/healthz", timeout=2, verify=self.verify).status_code == 200
             )

@@ -15,7 +15,7 @@ from typing import IO
 import httpx
 import pytest
 
-from demo.stack import wait_for
+from demo.stack import ProcessExited, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,3 +89,36 @@ class TestDemo:
             reader.join(timeout=30)  # EOF follows the exit; then the pipe can be closed
             process.stdout.close()
         assert code == 0
+
+
+class TestWaitFor:
+    """The test stack's waits: errors while a thing starts are retried, a dead process is not."""
+
+    def test_an_exited_process_ends_the_wait_at_once(self) -> None:
+        calls: list[int] = []
+
+        def condition() -> bool:
+            calls.append(1)
+            raise ProcessExited("prefect server exited; see server.log")
+
+        with pytest.raises(ProcessExited, match=r"server\.log"):
+            wait_for(condition, timeout=30, what="the server", interval=0.01)
+        assert len(calls) == 1
+
+    def test_other_errors_are_retried_until_the_condition_holds(self) -> None:
+        answers = iter([ConnectionError("refused"), ConnectionError("refused"), "up"])
+
+        def condition() -> str:
+            answer = next(answers)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        assert wait_for(condition, timeout=30, what="the server", interval=0.01) == "up"
+
+    def test_the_timeout_names_the_thing_and_the_last_error(self) -> None:
+        def condition() -> bool:
+            raise ConnectionError("refused")
+
+        with pytest.raises(TimeoutError, match=r"waiting for the server \(last error: refused\)"):
+            wait_for(condition, timeout=0.05, what="the server", interval=0.01)

@@ -35,6 +35,7 @@ from demo.stack import (
     ExporterProcess,
     PrefectAdmin,
     PrefectServer,
+    ProcessExited,
     Worker,
     iso,
     past,
@@ -125,7 +126,7 @@ class ClientExporter(ExporterProcess):
     def _serving(self) -> bool:
         assert self.process is not None
         if self.process.poll() is not None:
-            raise RuntimeError(f"exporter exited; see {self.log_path}")
+            raise ProcessExited(f"exporter exited; see {self.log_path}")
         return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
 
 
