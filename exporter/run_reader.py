@@ -302,6 +302,15 @@ class RunCentricReader:
         of the last poll that made one, once every `future_refresh` seconds."""
         return math.ceil(self._ahead_listing_pages * interval / self._future_refresh)
 
+    def ahead_listing_due(self, at: UnixTime) -> int:
+        """Requests a read at `at` (Unix time) will spend listing runs ahead: the pages of the
+        last such listing when the kept one is too old by then, else 0 (new queues' listings,
+        a page or so, aside)."""
+        ahead = self._ahead
+        if ahead is not None and ahead.read_at <= at < ahead.read_at + self._future_refresh:
+            return 0
+        return self._ahead_listing_pages
+
     async def read(
         self, queue_ids: Sequence[str], now: UnixTime, deadline: Deadline
     ) -> RunCentricResult:

@@ -113,6 +113,19 @@ class TestRequestBudget:
         fake.now = 20 + RequestBudget.HOLD_SECONDS
         assert budget.available == 3
 
+    def test_what_will_be_available_counts_the_slots_still_held_then(self) -> None:
+        """At a later time, the slots of requests sent before and still held are not free."""
+        fake = FakeTime()
+        budget = RequestBudget(3, clock=fake.clock, sleep=fake.sleep)
+        for _ in range(2):
+            asyncio.run(budget.acquire(Deadline(0)))
+            fake.now += 10
+        hold = RequestBudget.HOLD_SECONDS
+        assert budget.available_at(fake.now) == 1
+        assert budget.available_at(hold - 0.5) == 1  # both still held
+        assert budget.available_at(hold) == 2  # the first, sent at 0, freed
+        assert budget.available_at(10 + hold) == 3
+
     def test_seconds_until_a_number_of_requests_is_affordable(self) -> None:
         """The wait for N requests ends when enough of the oldest turn a minute old."""
         fake = FakeTime()
@@ -144,6 +157,25 @@ class TestPlan:
     def test_plans(self, available: float, full: int | None, core: int | None, plan: str) -> None:
         """Each combination of what is left and what the last polls cost."""
         assert plan_poll(available, 100, full, core) is plan
+
+    @pytest.mark.parametrize(
+        ("available", "full", "full_wait", "patience", "plan"),
+        [
+            (5.0, 10, 2.0, 15.0, PollPlan.WAIT),  # a moment away: wait, then poll whole
+            (0.0, 10, 2.0, 15.0, PollPlan.WAIT),  # even with nothing free right now
+            (5.0, 10, 20.0, 15.0, PollPlan.SHORTENED),  # too far off: shortened now
+            (5.0, 10, 2.0, 0.0, PollPlan.SHORTENED),  # patience spent on earlier waits
+            (3.0, 10, 20.0, 15.0, PollPlan.SKIP),
+            (10.0, 10, 0.0, 15.0, PollPlan.FULL),
+            (5.0, 150, 2.0, 15.0, PollPlan.SHORTENED),  # never affordable in full
+        ],
+    )
+    def test_a_full_cost_a_moment_away_is_waited_for(
+        self, available: float, full: int, full_wait: float, patience: float, plan: PollPlan
+    ) -> None:
+        """Pacing, not shortening: slots held 61 s free up while a poll of 45 waits a second."""
+        got = plan_poll(available, 100, full, 4, full_wait=full_wait, patience=patience)
+        assert got is plan
 
     @pytest.mark.parametrize(
         ("available", "full", "core", "plan", "waits_for"),

@@ -13,8 +13,10 @@ import structlog
 import structlog.testing
 from prometheus_client import CollectorRegistry
 
+from exporter.budget import RequestBudget
+from exporter.clock import Deadline
 from exporter.errors import ApiBudgetExhausted, ApiStatusError, MalformedResponse, ObjectGone
-from exporter.poller import Poller, PollMetrics, PollSettings
+from exporter.poller import Poller, PollMetrics, PollMode, PollSettings
 from exporter.records import (
     ConcurrencyLimitRecord,
     FlowRunEvent,
@@ -422,7 +424,8 @@ class TestBudgetPlan:
                 return tokens["now"]
 
             def seconds_until(self, requests: int) -> float:
-                return 7.0 if requests > tokens["now"] else 0.0
+                # Beyond the patience (half of the 30 s interval): no waiting for the full cost.
+                return 17.0 if requests > tokens["now"] else 0.0
 
         store, registry = FakeStore(), CollectorRegistry()
         api = CountingApi()
@@ -443,19 +446,87 @@ class TestBudgetPlan:
         assert api.requests_sent == 6 + 1
         tokens["now"] = 0
         # The next try comes as soon as the budget affords a poll's core, not an interval later.
-        assert asyncio.run(p.poll_and_publish()) == 7.0
+        assert asyncio.run(p.poll_and_publish()) == 17.0
         assert len(store.published) == 2
         get = registry.get_sample_value
         assert get("prefect_exporter_request_budget_polls_total", {"outcome": "shortened"}) == 1
         assert get("prefect_exporter_request_budget_polls_total", {"outcome": "skipped"}) == 1
         # After a shortened poll the next waits to be full: 3 afford the core (1), not the 6.
         tokens["now"] = 3
-        assert asyncio.run(p.poll_and_publish()) == 7.0  # seconds_until(6), not until(1)
+        assert asyncio.run(p.poll_and_publish()) == 17.0  # seconds_until(6), not until(1)
         assert len(store.published) == 2
         tokens["now"] = 6
         asyncio.run(p.poll_and_publish())
         assert len(store.published) == 3
         assert api.requests_sent == 6 + 1 + 6
+        assert get("prefect_exporter_request_budget_polls_total", {"outcome": "shortened"}) == 1
+
+
+class TestBudgetPacing:
+    """A full cost a moment away is waited for (pacing), not met by shortening the poll."""
+
+    @staticmethod
+    def poller(budget: Any, store: FakeStore, registry: CollectorRegistry) -> Poller:
+        return Poller(
+            CountingApi(),
+            store,
+            SETTINGS,
+            PollMetrics(registry),
+            structlog.get_logger(),
+            clock=lambda: NOW,
+            budget=budget,
+        )
+
+    @staticmethod
+    def budget(tokens: dict[str, float], wait: float) -> Any:
+        class Budget:
+            per_minute = 1000
+
+            @property
+            def available(self) -> float:
+                return tokens["now"]
+
+            def seconds_until(self, requests: int) -> float:
+                return wait if requests > tokens["now"] else 0.0
+
+        return Budget()
+
+    def test_the_poll_waits_for_its_full_cost_and_stays_whole(self) -> None:
+        """Two waits of 2 s, one count of `delayed`, no warning, then a full poll that says
+        how long it waited."""
+        tokens = {"now": 1000.0}
+        store, registry = FakeStore(), CollectorRegistry()
+        p = self.poller(self.budget(tokens, 2.0), store, registry)
+        asyncio.run(p.poll_and_publish())  # full: 6 requests
+        tokens["now"] = 3
+        with structlog.testing.capture_logs() as logs:
+            assert asyncio.run(p.poll_and_publish()) == 2.0
+            assert asyncio.run(p.poll_and_publish()) == 2.0
+            tokens["now"] = 6
+            asyncio.run(p.poll_and_publish())
+        assert len(store.published) == 2
+        assert p._api.requests_sent == 6 + 6
+        get = registry.get_sample_value
+        assert get("prefect_exporter_request_budget_polls_total", {"outcome": "delayed"}) == 1
+        assert get("prefect_exporter_request_budget_polls_total", {"outcome": "shortened"}) == 0
+        assert not [e for e in logs if e["event"] == "request_budget_short"]
+        [succeeded] = [e for e in logs if e["event"] == "poll_succeeded"]
+        assert succeeded["budget_wait_seconds"] == 4.0
+
+    def test_after_half_an_interval_of_waiting_the_poll_is_shortened(self) -> None:
+        """Patience is half the 30 s interval in all: 6 + 6 s waited, 6 more would exceed it."""
+        tokens = {"now": 1000.0}
+        store, registry = FakeStore(), CollectorRegistry()
+        p = self.poller(self.budget(tokens, 6.0), store, registry)
+        asyncio.run(p.poll_and_publish())
+        tokens["now"] = 3
+        assert asyncio.run(p.poll_and_publish()) == 6.0
+        assert asyncio.run(p.poll_and_publish()) == 6.0
+        asyncio.run(p.poll_and_publish())
+        assert len(store.published) == 2
+        assert p._api.requests_sent == 6 + 1
+        get = registry.get_sample_value
+        assert get("prefect_exporter_request_budget_polls_total", {"outcome": "delayed"}) == 1
         assert get("prefect_exporter_request_budget_polls_total", {"outcome": "shortened"}) == 1
 
 
@@ -472,7 +543,7 @@ class TestBudgetFailure:
 
             def seconds_until(self, requests: int) -> float:
                 asked.append(requests)
-                return 9.0
+                return 20.0  # beyond the patience: not worth waiting for in full
 
         class DearApi(CountingApi):
             async def work_queues(self, deadline: float) -> list[QueueRecord]:
@@ -492,8 +563,8 @@ class TestBudgetFailure:
         p._full_cost, p._core_cost = 12, 10  # as measured before the burst
         asyncio.run(p.poll_and_publish())  # planned full (40 >= 12), fails after 31 requests
         assert store.failures
-        assert asyncio.run(p.poll_and_publish()) == 9.0  # skipped: 40 < 62
-        assert asked == [62]
+        assert asyncio.run(p.poll_and_publish()) == 20.0  # skipped: 40 < 62
+        assert asked[-1] == 62
         assert (p._core_cost, p._full_cost) == (62, 64)
 
 
@@ -792,32 +863,64 @@ class TestRunsWithoutWorkQueue:
 
 
 class TestSlowRoundBudget:
-    """The slow round spends only what this poll's share of the minute's budget leaves over."""
+    """The slow round spends only budget that neither this poll nor the next one needs."""
 
-    def test_refreshes_are_capped_by_the_per_poll_share(self) -> None:
-        """125/min at 30 s is 62 a poll; a poll costing 40 leaves 18 (less a reserve of 4)."""
-
-        class Budget:
-            per_minute = 125
-            available = 125.0
-
-        store, registry = FakeStore(), CollectorRegistry()
+    @staticmethod
+    def setup(interval: float) -> tuple[Poller, RequestBudget, list[float]]:
+        now = [0.0]
+        budget = RequestBudget(125, clock=lambda: now[0])
         settings = PollSettings(
-            interval=30, timeout=5, concurrency=2, heartbeat_multiple=3, mode="run-centric"
+            interval=interval, timeout=5, concurrency=2, heartbeat_multiple=3, mode="run-centric"
         )
         p = Poller(
             FakeApi(),
-            store,
+            FakeStore(),
             settings,
-            PollMetrics(registry),
+            PollMetrics(CollectorRegistry()),
             structlog.get_logger(),
-            clock=lambda: NOW,
-            budget=Budget(),  # type: ignore[arg-type]
+            clock=lambda: NOW + now[0],
+            monotonic=lambda: now[0],
+            budget=budget,
         )
+        return p, budget, now
+
+    @staticmethod
+    def spend(budget: RequestBudget, requests: int) -> None:
+        for _ in range(requests):
+            asyncio.run(budget.acquire(Deadline(0)))
+
+    def test_nothing_before_a_full_poll_was_measured(self) -> None:
+        """The rest of this poll's cost is unknown: no slow round."""
+        p, _, _ = self.setup(30)
+        assert p._refresh_limit([f"q{i}" for i in range(1000)], next_poll=30) == 0
+
+    def test_polls_every_30_s_of_45_requests_on_125_leave_nothing(self) -> None:
+        """The last poll's slots (sent at 0) are still held when the next is due at 60: 125 -
+        45 - 43 leaves 37, less this poll's rest (2 + reserve 4) and the next poll's 45."""
+        p, budget, now = self.setup(30)
+        p._full_cost, p._core_cost = 45, 43
+        self.spend(budget, 45)
+        now[0] = 30.0
+        self.spend(budget, 43)
+        assert p._refresh_limit([f"q{i}" for i in range(1000)], next_poll=60) == 0
+
+    def test_polls_every_60_s_leave_what_the_next_poll_does_not_need(self) -> None:
+        """The last poll's slots are free by the next one: 125 - 43 - 6 - 45 = 31; and 16
+        fewer when the next poll lists the runs ahead (every 5 minutes)."""
+        p, budget, now = self.setup(60)
+        p._full_cost, p._core_cost = 45, 43
+        self.spend(budget, 45)
+        now[0] = 60.0
+        self.spend(budget, 43)
         ids = [f"q{i}" for i in range(1000)]
-        # Before a full poll is measured, the rest of this poll's cost is unknown: no slow round.
-        assert p._refresh_limit(ids) == 0
-        p._full_cost, p._core_cost = 40, 38
-        assert p._refresh_limit(ids) == 62 - 40 - 4
-        Budget.available = 10.0
-        assert p._refresh_limit(ids) == 10 - 2 - 4
+        assert p._refresh_limit(ids, next_poll=120) == 125 - 43 - 6 - 45
+        p._mode = PollMode.RUN_CENTRIC
+        p._runs._ahead_listing_pages = 16  # and no kept listing: the next poll lists again
+        assert p._refresh_limit(ids, next_poll=120) == 125 - 43 - 6 - 45 - 16
+
+    def test_never_more_than_is_free_now(self) -> None:
+        """What is free now, less this poll's rest, caps the round too."""
+        p, budget, _ = self.setup(60)
+        p._full_cost, p._core_cost = 45, 43
+        self.spend(budget, 115)
+        assert p._refresh_limit([f"q{i}" for i in range(1000)], next_poll=1000) == 10 - 6
