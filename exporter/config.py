@@ -347,7 +347,9 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "requests_per_minute",
-        "request budget; the exporter waits rather than exceed it",
+        "request budget: at most N requests in any 60 s window; the exporter waits rather"
+        " than exceed it (on Prefect Cloud, a fifth of the plan's limit or less: README, Sizing"
+        " the request budget)",
         _whole_number,
         "150",
         flag="--prefect.requests-per-minute",
@@ -594,7 +596,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "web_config_file",
         "TLS, basic auth and response headers of the HTTP server, in exporter-toolkit's web"
-        " config format (see [Securing /metrics](#securing-metrics)); re-read when it or a"
+        " config format (README: Securing /metrics); re-read when it or a"
         " certificate changes",
         _optional_path,
         flag="--web.config.file",
