@@ -119,8 +119,9 @@ def plan_poll(
 ) -> PollPlan:
     """The plan for the next poll from the requests available now and the last polls' costs.
 
-    `full_cost` and `core_cost` are the requests the last full poll took in all and without its
-    optional parts; None before the first poll (then: full). `full_wait` is the seconds until
+    `full_cost` and `core_cost` are the requests the poll is expected to take in all and
+    without its optional parts (as the last full poll measured them); None before the first
+    poll (then: full). `full_wait` is the seconds until
     the full cost is affordable and `patience` the seconds a poll may still wait for it: within
     that, the poll waits and stays whole (measured at 1,000 queues with polls of 45 requests
     every 30 s on a budget of 125: a poll's slots are held 61 s, so a window holds parts of

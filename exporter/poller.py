@@ -245,10 +245,11 @@ class Poller:
         self._orphans = orphans
         self._budget = budget
         self._backoff = backoff or Backoff(settings.interval, cap=settings.max_backoff)
-        # Requests one poll took, measured: all of it, and without the optional parts.
+        # Requests one poll took, measured: all of it, and without the optional parts; both
+        # without its slow round and its listing of runs ahead (see `_next_costs`).
         self._full_cost: int | None = None
         self._core_cost: int | None = None
-        # Pages of the last poll's periodic listing of runs ahead (part of its core cost).
+        # Pages of the last poll's periodic listing of runs ahead (every 5 minutes).
         self._ahead_listing_requests = 0
         self._last_plan = PollPlan.FULL  # of the last poll attempted (skips do not count)
         # Seconds the coming poll has waited so far for its full cost (plan WAIT).
@@ -470,6 +471,10 @@ class Poller:
         if self._full_cost is None or self._core_cost is None:
             return None, None
         ahead = self._runs.ahead_listing_due(at) if self._mode is PollMode.RUN_CENTRIC else 0
+        if self._budget is not None:
+            # A cost learned from a budget failure is already the whole budget at most, and
+            # may include the listing: never planned beyond the budget because of it.
+            ahead = min(ahead, max(0, self._budget.per_minute - self._core_cost))
         return self._full_cost + ahead, self._core_cost + ahead
 
     def _plan(self, full_cost: int | None, core_cost: int | None) -> tuple[PollPlan, int]:
@@ -582,20 +587,21 @@ class Poller:
     async def poll_and_publish(self) -> float:
         """Poll once, publish or record the failure, log one line; returns the wait before next."""
         started = self._monotonic()
+        full_cost, core_cost = self._next_costs(UnixTime(self._clock()))
+        plan, wanted = self._plan(full_cost, core_cost)
+        if plan is PollPlan.WAIT:
+            # Pacing, not a shortage: counted once the poll runs in full, and its log line says
+            # how long it waited. Not a poll attempt (feature retries count those).
+            assert self._budget is not None
+            pause = max(0.05, self._budget.seconds_until(wanted))
+            self._budget_wait += pause
+            return pause
         self._polls += 1
         requests_before = self._api.requests_sent
         events_before = self._events.events_read
         wait = self._settings.interval
-        full_cost, core_cost = self._next_costs(UnixTime(self._clock()))
-        plan, wanted = self._plan(full_cost, core_cost)
-        if plan is PollPlan.WAIT:
-            # Pacing, not a shortage: counted, and the poll's log line says how long it waited.
-            assert self._budget is not None
-            if self._budget_wait == 0.0:
-                self._metrics.budget_polls.labels(BUDGET_OUTCOMES[plan]).inc()
-            pause = max(0.05, self._budget.seconds_until(wanted))
-            self._budget_wait += pause
-            return pause
+        if plan is PollPlan.FULL and self._budget_wait > 0:
+            self._metrics.budget_polls.labels(BUDGET_OUTCOMES[PollPlan.WAIT]).inc()
         if plan is not PollPlan.FULL:
             self._metrics.budget_polls.labels(BUDGET_OUTCOMES[plan]).inc()
             self._log.warning(
@@ -604,6 +610,7 @@ class Poller:
                 available_requests=round(self._budget.available, 1) if self._budget else None,
                 full_poll_requests=full_cost,
                 core_poll_requests=core_cost,
+                budget_wait_seconds=round(self._budget_wait, 3),
                 hint="raise --prefect.requests-per-minute or --poll.interval",
             )
         if plan is PollPlan.SKIP:
@@ -646,7 +653,11 @@ class Poller:
         except Exception as exc:  # a bug must not stop the exporter serving: count, log, go on
             duration = self._monotonic() - started
             self._fail(INTERNAL, f"{type(exc).__name__}: {exc}", duration)
-            self._log.exception("poll_crashed", duration_seconds=round(duration, 3))
+            self._log.exception(
+                "poll_crashed",
+                duration_seconds=round(duration, 3),
+                budget_wait_seconds=round(budget_wait, 3),
+            )
         else:
             duration = self._monotonic() - started
             self._backoff.reset()

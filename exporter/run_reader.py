@@ -346,7 +346,9 @@ class RunCentricReader:
             listings.append(list_by_queue(ahead_page, to_list, lambda r: r.next_scheduled_start))
         active, due, *fresh = await asyncio.gather(*listings)
         self._ahead = self._kept_ahead(fresh[0] if fresh else None, to_list, present, now)
-        if pages:
+        if pages and len(to_list) == len(queue_ids):
+            # Only a listing of every queue tells what the next full one costs (a listing of
+            # new queues alone is a page or so).
             self._ahead_listing_pages = len(pages)
         ahead = self._ahead
         # A count whose cut lies beyond the kept listing's reach (made before the clock stepped

@@ -13,7 +13,7 @@ import structlog
 import structlog.testing
 from prometheus_client import CollectorRegistry
 
-from exporter.budget import RequestBudget
+from exporter.budget import PollPlan, RequestBudget
 from exporter.clock import Deadline
 from exporter.errors import ApiBudgetExhausted, ApiStatusError, MalformedResponse, ObjectGone
 from exporter.poller import Poller, PollMetrics, PollMode, PollSettings
@@ -29,6 +29,7 @@ from exporter.records import (
     StateCount,
     WorkerRecord,
 )
+from exporter.run_reader import AheadListing
 from exporter.snapshot import Snapshot
 
 NOW = 1_800_000_000.0
@@ -526,8 +527,55 @@ class TestBudgetPacing:
         assert len(store.published) == 2
         assert p._api.requests_sent == 6 + 1
         get = registry.get_sample_value
-        assert get("prefect_exporter_request_budget_polls_total", {"outcome": "delayed"}) == 1
+        # One poll, one outcome: it ended shortened.
+        assert get("prefect_exporter_request_budget_polls_total", {"outcome": "delayed"}) == 0
         assert get("prefect_exporter_request_budget_polls_total", {"outcome": "shortened"}) == 1
+
+    def test_each_poll_gets_its_own_patience_on_a_real_budget(self) -> None:
+        """Budget 10, polls of 6 (CountingApi): at 50 s the last poll's slots free in 11 s, so
+        the poll waits 11 s, runs in full, and the next one waits again just as long."""
+        clock = [0.0]
+        budget = RequestBudget(10, clock=lambda: clock[0])
+        store, registry = FakeStore(), CollectorRegistry()
+        p = self.poller(budget, store, registry)
+
+        def poll_and_spend() -> float:
+            sent = p._api.requests_sent
+            wait = asyncio.run(p.poll_and_publish())
+            for _ in range(p._api.requests_sent - sent):  # what the real adapter acquires
+                asyncio.run(budget.acquire(Deadline(clock[0])))
+            return wait
+
+        poll_and_spend()  # at 0: full, 6 slots held until 61
+        for start in (50.0, 111.0):
+            clock[0] = start
+            assert poll_and_spend() == pytest.approx(11.0)
+            clock[0] += 11.0
+            with structlog.testing.capture_logs() as logs:
+                poll_and_spend()
+            [succeeded] = [e for e in logs if e["event"] == "poll_succeeded"]
+            assert succeeded["budget_wait_seconds"] == pytest.approx(11.0)
+        assert len(store.published) == 3
+        assert p._api.requests_sent == 3 * 6
+        get = registry.get_sample_value
+        assert get("prefect_exporter_request_budget_polls_total", {"outcome": "delayed"}) == 2
+        assert get("prefect_exporter_request_budget_polls_total", {"outcome": "shortened"}) == 0
+
+    def test_a_learned_cost_plus_the_listing_never_exceeds_the_budget(self) -> None:
+        """After a budget failure the core is learned as the whole budget at most; the listing
+        of runs ahead, still due, must not lift it beyond: that would poll at once, hopelessly."""
+        clock = [0.0]
+        budget = RequestBudget(125, clock=lambda: clock[0])
+        for _ in range(70):
+            asyncio.run(budget.acquire(Deadline(0)))
+        p = self.poller(budget, FakeStore(), CollectorRegistry())
+        p._mode = PollMode.RUN_CENTRIC
+        p._runs._ahead_listing_pages = 16  # no kept listing: the next poll lists again
+        p._full_cost, p._core_cost = 47, 45
+        p._learn_from_budget_failure(70)
+        full, core = p._next_costs(NOW)
+        assert (full, core) == (127, 125)
+        assert p._plan(full, core)[0] is PollPlan.SKIP
 
 
 class TestBudgetFailure:
@@ -917,6 +965,22 @@ class TestSlowRoundBudget:
         p._mode = PollMode.RUN_CENTRIC
         p._runs._ahead_listing_pages = 16  # and no kept listing: the next poll lists again
         assert p._refresh_limit(ids, next_poll=120) == 125 - 43 - 6 - 45 - 16
+
+    def test_the_next_poll_pays_for_the_listing_of_runs_ahead_only_when_it_makes_it(
+        self,
+    ) -> None:
+        """A listing kept from Unix time NOW is made again 300 s later: a next poll due
+        before then costs 45, one due after 45 + 16 (the monotonic clock runs 1,000 s apart
+        from the Unix one)."""
+        p, _, now = self.setup(60)
+        p._monotonic = lambda: now[0] + 1000.0
+        p._full_cost, p._core_cost = 45, 43
+        p._mode = PollMode.RUN_CENTRIC
+        p._runs._ahead = AheadListing(NOW, frozenset(), {}, frozenset())
+        p._runs._ahead_listing_pages = 16
+        ids = [f"q{i}" for i in range(1000)]
+        assert p._refresh_limit(ids, next_poll=1000.0 + 299.0) == 125 - 6 - 45
+        assert p._refresh_limit(ids, next_poll=1000.0 + 301.0) == 125 - 6 - 45 - 16
 
     def test_never_more_than_is_free_now(self) -> None:
         """What is free now, less this poll's rest, caps the round too."""

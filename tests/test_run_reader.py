@@ -405,6 +405,20 @@ class TestRunsAhead:
         read(reader, ["a", "b"], UnixTime(NOW + 60), limit=10)
         assert len(self.ahead_pages(fake)) == 2
 
+    def test_the_next_full_listing_is_planned_at_its_own_pages(self) -> None:
+        """The poller plans the listing's pages for the poll that makes it (and 0 before):
+        as many as the last listing of every queue took, not a new queue's page alone."""
+        fake = FakeRuns([*backfill(), scheduled("s", "small", NOW + 500)])
+        reader = RunCentricReader(fake, concurrency=4)
+        assert reader.ahead_listing_due(NOW) == 0  # nothing listed yet: no cost known
+        read(reader, ["burst", "small"], NOW, limit=10)
+        full = SOFT_PAGES + 1
+        assert len(self.ahead_pages(fake)) == full
+        read(reader, ["burst", "small", "new"], UnixTime(NOW + 30), limit=10)
+        assert len(self.ahead_pages(fake)) == full + 1  # the new queue's own page
+        assert reader.ahead_listing_due(UnixTime(NOW + 60)) == 0
+        assert reader.ahead_listing_due(UnixTime(NOW + FUTURE_REFRESH_SECONDS)) == full
+
     def test_no_run_is_counted_twice_or_lost_at_the_cut(self) -> None:
         """The far-ahead cut starts from the listing's read time, whenever it is refreshed."""
         fake = FakeRuns(
