@@ -14,7 +14,7 @@ import structlog.testing
 from prometheus_client import CollectorRegistry
 
 from exporter.budget import PollPlan, RequestBudget
-from exporter.clock import Deadline
+from exporter.clock import Deadline, UnixTime
 from exporter.errors import ApiBudgetExhausted, ApiStatusError, MalformedResponse, ObjectGone
 from exporter.poller import Poller, PollMetrics, PollMode, PollSettings
 from exporter.records import (
@@ -573,7 +573,7 @@ class TestBudgetPacing:
         p._runs._ahead_listing_pages = 16  # no kept listing: the next poll lists again
         p._full_cost, p._core_cost = 47, 45
         p._learn_from_budget_failure(70)
-        full, core = p._next_costs(NOW)
+        full, core = p._next_costs(UnixTime(NOW))
         assert (full, core) == (127, 125)
         assert p._plan(full, core)[0] is PollPlan.SKIP
 
