@@ -30,6 +30,17 @@ class FakeTime:
         self.now += seconds
 
 
+def spent_every_ten_seconds(requests: int, per_minute: int = 3) -> tuple[RequestBudget, FakeTime]:
+    """A budget of `per_minute` after `requests` requests sent at 0, 10, 20... s; the clock
+    stands 10 s after the last."""
+    fake = FakeTime()
+    budget = RequestBudget(per_minute, clock=fake.clock, sleep=fake.sleep)
+    for _ in range(requests):
+        asyncio.run(budget.acquire(Deadline(0)))
+        fake.now += 10
+    return budget, fake
+
+
 class TestRequestBudget:
     """The budget never allows more than `per_minute` requests in a minute."""
 
@@ -102,11 +113,7 @@ class TestRequestBudget:
 
     def test_what_is_available_follows_the_last_minute(self) -> None:
         """Slots come back one by one as the requests that used them turn a minute old."""
-        fake = FakeTime()
-        budget = RequestBudget(3, clock=fake.clock, sleep=fake.sleep)
-        for _ in range(3):
-            asyncio.run(budget.acquire(Deadline(0)))
-            fake.now += 10
+        budget, fake = spent_every_ten_seconds(3)
         assert budget.available == 0
         fake.now = RequestBudget.HOLD_SECONDS
         assert budget.available == 1
@@ -115,11 +122,7 @@ class TestRequestBudget:
 
     def test_what_will_be_available_counts_the_slots_still_held_then(self) -> None:
         """At a later time, the slots of requests sent before and still held are not free."""
-        fake = FakeTime()
-        budget = RequestBudget(3, clock=fake.clock, sleep=fake.sleep)
-        for _ in range(2):
-            asyncio.run(budget.acquire(Deadline(0)))
-            fake.now += 10
+        budget, fake = spent_every_ten_seconds(2)
         hold = RequestBudget.HOLD_SECONDS
         assert budget.available_at(fake.now) == 1
         assert budget.available_at(hold - 0.5) == 1  # both still held
@@ -128,11 +131,7 @@ class TestRequestBudget:
 
     def test_seconds_until_a_number_of_requests_is_affordable(self) -> None:
         """The wait for N requests ends when enough of the oldest turn a minute old."""
-        fake = FakeTime()
-        budget = RequestBudget(3, clock=fake.clock, sleep=fake.sleep)
-        for _ in range(3):
-            asyncio.run(budget.acquire(Deadline(0)))
-            fake.now += 10
+        budget, _ = spent_every_ten_seconds(3)
         margin = RequestBudget.ARRIVAL_MARGIN_SECONDS
         assert budget.seconds_until(1) == pytest.approx(30.0 + margin)  # the first, sent at 0
         assert budget.seconds_until(2) == pytest.approx(40.0 + margin)

@@ -410,26 +410,40 @@ class CountingApi(FakeApi):
         return await super().concurrency_limits(deadline)
 
 
+def budget_outcomes(registry: CollectorRegistry) -> dict[str, float | None]:
+    """prefect_exporter_request_budget_polls_total by outcome."""
+    get = registry.get_sample_value
+    return {
+        outcome: get("prefect_exporter_request_budget_polls_total", {"outcome": outcome})
+        for outcome in ("delayed", "shortened", "skipped")
+    }
+
+
+def token_budget(tokens: dict[str, float], wait: float) -> Any:
+    """A budget with `tokens["now"]` requests free; more are free `wait` seconds from now."""
+
+    class Budget:
+        per_minute = 1000
+
+        @property
+        def available(self) -> float:
+            return tokens["now"]
+
+        def seconds_until(self, requests: int) -> float:
+            return wait if requests > tokens["now"] else 0.0
+
+    return Budget()
+
+
 class TestBudgetPlan:
     """When the budget cannot afford a full poll, the optional parts wait, then whole polls."""
 
     def test_full_then_shortened_then_skipped(self) -> None:
         """Limits are carried over in a shortened poll; a skipped poll publishes nothing."""
         tokens = {"now": 1000.0}
-
-        class Budget:
-            per_minute = 1000
-
-            @property
-            def available(self) -> float:
-                return tokens["now"]
-
-            def seconds_until(self, requests: int) -> float:
-                # Beyond the patience (half of the 30 s interval): no waiting for the full cost.
-                return 17.0 if requests > tokens["now"] else 0.0
-
         store, registry = FakeStore(), CollectorRegistry()
         api = CountingApi()
+        # 17 s: beyond the patience (half of the 30 s interval), no waiting for the full cost.
         p = Poller(
             api,
             store,
@@ -437,7 +451,7 @@ class TestBudgetPlan:
             PollMetrics(registry),
             structlog.get_logger(),
             clock=lambda: NOW,
-            budget=Budget(),  # type: ignore[arg-type]
+            budget=token_budget(tokens, 17.0),
         )
         asyncio.run(p.poll_and_publish())  # full: core costs 1, full 6
         tokens["now"] = 3
@@ -478,26 +492,12 @@ class TestBudgetPacing:
             budget=budget,
         )
 
-    @staticmethod
-    def budget(tokens: dict[str, float], wait: float) -> Any:
-        class Budget:
-            per_minute = 1000
-
-            @property
-            def available(self) -> float:
-                return tokens["now"]
-
-            def seconds_until(self, requests: int) -> float:
-                return wait if requests > tokens["now"] else 0.0
-
-        return Budget()
-
     def test_the_poll_waits_for_its_full_cost_and_stays_whole(self) -> None:
         """Two waits of 2 s, one count of `delayed`, no warning, then a full poll that says
         how long it waited."""
         tokens = {"now": 1000.0}
         store, registry = FakeStore(), CollectorRegistry()
-        p = self.poller(self.budget(tokens, 2.0), store, registry)
+        p = self.poller(token_budget(tokens, 2.0), store, registry)
         asyncio.run(p.poll_and_publish())  # full: 6 requests
         tokens["now"] = 3
         with structlog.testing.capture_logs() as logs:
@@ -507,9 +507,7 @@ class TestBudgetPacing:
             asyncio.run(p.poll_and_publish())
         assert len(store.published) == 2
         assert p._api.requests_sent == 6 + 6
-        get = registry.get_sample_value
-        assert get("prefect_exporter_request_budget_polls_total", {"outcome": "delayed"}) == 1
-        assert get("prefect_exporter_request_budget_polls_total", {"outcome": "shortened"}) == 0
+        assert budget_outcomes(registry) == {"delayed": 1, "shortened": 0, "skipped": 0}
         assert not [e for e in logs if e["event"] == "request_budget_short"]
         [succeeded] = [e for e in logs if e["event"] == "poll_succeeded"]
         assert succeeded["budget_wait_seconds"] == 4.0
@@ -518,7 +516,7 @@ class TestBudgetPacing:
         """Patience is half the 30 s interval in all: 6 + 6 s waited, 6 more would exceed it."""
         tokens = {"now": 1000.0}
         store, registry = FakeStore(), CollectorRegistry()
-        p = self.poller(self.budget(tokens, 6.0), store, registry)
+        p = self.poller(token_budget(tokens, 6.0), store, registry)
         asyncio.run(p.poll_and_publish())
         tokens["now"] = 3
         assert asyncio.run(p.poll_and_publish()) == 6.0
@@ -526,10 +524,8 @@ class TestBudgetPacing:
         asyncio.run(p.poll_and_publish())
         assert len(store.published) == 2
         assert p._api.requests_sent == 6 + 1
-        get = registry.get_sample_value
         # One poll, one outcome: it ended shortened.
-        assert get("prefect_exporter_request_budget_polls_total", {"outcome": "delayed"}) == 0
-        assert get("prefect_exporter_request_budget_polls_total", {"outcome": "shortened"}) == 1
+        assert budget_outcomes(registry) == {"delayed": 0, "shortened": 1, "skipped": 0}
 
     def test_each_poll_gets_its_own_patience_on_a_real_budget(self) -> None:
         """Budget 10, polls of 6 (CountingApi): at 50 s the last poll's slots free in 11 s, so
@@ -557,9 +553,7 @@ class TestBudgetPacing:
             assert succeeded["budget_wait_seconds"] == pytest.approx(11.0)
         assert len(store.published) == 3
         assert p._api.requests_sent == 3 * 6
-        get = registry.get_sample_value
-        assert get("prefect_exporter_request_budget_polls_total", {"outcome": "delayed"}) == 2
-        assert get("prefect_exporter_request_budget_polls_total", {"outcome": "shortened"}) == 0
+        assert budget_outcomes(registry) == {"delayed": 2, "shortened": 0, "skipped": 0}
 
     def test_a_learned_cost_plus_the_listing_never_exceeds_the_budget(self) -> None:
         """After a budget failure the core is learned as the whole budget at most; the listing
