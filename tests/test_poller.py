@@ -927,38 +927,42 @@ class TestSlowRoundBudget:
         return p, budget, now
 
     @staticmethod
-    def spend(budget: RequestBudget, requests: int) -> None:
-        for _ in range(requests):
-            asyncio.run(budget.acquire(Deadline(0)))
+    def spend(budget: RequestBudget, now: list[float], requests: int, start: float) -> None:
+        """`requests` sent from `start` at 10 a second, as a poll sends them."""
+        for i in range(requests):
+            now[0] = start + i / 10
+            asyncio.run(budget.acquire(Deadline(now[0])))
+        now[0] = start + requests / 10
 
     def test_nothing_before_a_full_poll_was_measured(self) -> None:
         """The rest of this poll's cost is unknown: no slow round."""
         p, _, _ = self.setup(30)
         assert p._refresh_limit([f"q{i}" for i in range(1000)], next_poll=30) == 0
 
-    def test_polls_every_30_s_of_45_requests_on_125_leave_nothing(self) -> None:
-        """The last poll's slots (sent at 0) are still held when the next is due at 60: 125 -
-        45 - 43 leaves 37, less this poll's rest (2 + reserve 4) and the next poll's 45."""
+    def test_at_30_s_only_what_frees_up_within_a_tenth_of_the_interval(self) -> None:
+        """Polls of 45 every 30 s on 125: the last poll's slots (sent from 0 s) are still held
+        when the next is due at 60 s; by 63 s the 21 sent by 2 s are free: 125 - 24 - 43 = 58,
+        less this poll's rest (2 + reserve 4) and the next poll's 45."""
         p, budget, now = self.setup(30)
         p._full_cost, p._core_cost = 45, 43
-        self.spend(budget, 45)
-        now[0] = 30.0
-        self.spend(budget, 43)
-        assert p._refresh_limit([f"q{i}" for i in range(1000)], next_poll=60) == 0
+        self.spend(budget, now, 45, start=0.0)
+        self.spend(budget, now, 43, start=30.0)
+        assert p._refresh_limit([f"q{i}" for i in range(1000)], next_poll=60) == 58 - 6 - 45
 
-    def test_polls_every_60_s_leave_what_the_next_poll_does_not_need(self) -> None:
-        """The last poll's slots are free by the next one: 125 - 43 - 6 - 45 = 31; and 16
-        fewer when the next poll lists the runs ahead (every 5 minutes)."""
+    def test_at_60_s_the_next_poll_finds_its_slots_free(self) -> None:
+        """This poll's slots (sent from 60 s) are free by 126 s, so what is free now caps the
+        round: at 64.3 s, 11 of the last poll's slots are still held, 125 - 11 - 43, less the
+        rest (6); 16 fewer when the next poll lists the runs ahead (every 5 minutes) and that
+        leaves less: 125 - 6 - 45 - 16."""
         p, budget, now = self.setup(60)
         p._full_cost, p._core_cost = 45, 43
-        self.spend(budget, 45)
-        now[0] = 60.0
-        self.spend(budget, 43)
+        self.spend(budget, now, 45, start=0.0)
+        self.spend(budget, now, 43, start=60.0)
         ids = [f"q{i}" for i in range(1000)]
-        assert p._refresh_limit(ids, next_poll=120) == 125 - 43 - 6 - 45
+        assert p._refresh_limit(ids, next_poll=120) == 125 - 11 - 43 - 6
         p._mode = PollMode.RUN_CENTRIC
         p._runs._ahead_listing_pages = 16  # and no kept listing: the next poll lists again
-        assert p._refresh_limit(ids, next_poll=120) == 125 - 43 - 6 - 45 - 16
+        assert p._refresh_limit(ids, next_poll=120) == 125 - 6 - 45 - 16
 
     def test_the_next_poll_pays_for_the_listing_of_runs_ahead_only_when_it_makes_it(
         self,
@@ -978,7 +982,7 @@ class TestSlowRoundBudget:
 
     def test_never_more_than_is_free_now(self) -> None:
         """What is free now, less this poll's rest, caps the round too."""
-        p, budget, _ = self.setup(60)
+        p, budget, now = self.setup(60)
         p._full_cost, p._core_cost = 45, 43
-        self.spend(budget, 115)
+        self.spend(budget, now, 115, start=0.0)
         assert p._refresh_limit([f"q{i}" for i in range(1000)], next_poll=1000) == 10 - 6
