@@ -56,13 +56,6 @@ class RequestBudget:
         self._forget(self._clock())
         return float(self.per_minute - len(self._sent))
 
-    def available_at(self, when: float) -> float:
-        """Requests that may be sent at monotonic time `when` (seconds, at or after now) if
-        none is sent before: the budget less the slots still held then."""
-        self._forget(self._clock())
-        held = sum(1 for sent in self._sent if sent + self.HOLD_SECONDS > when)
-        return float(self.per_minute - held)
-
     def seconds_until(self, requests: int) -> float:
         """Seconds until `requests` may be sent without waiting (0.0: now).
 

@@ -120,15 +120,6 @@ class TestRequestBudget:
         fake.now = 20 + RequestBudget.HOLD_SECONDS
         assert budget.available == 3
 
-    def test_what_will_be_available_counts_the_slots_still_held_then(self) -> None:
-        """At a later time, the slots of requests sent before and still held are not free."""
-        budget, fake = spent_every_ten_seconds(2)
-        hold = RequestBudget.HOLD_SECONDS
-        assert budget.available_at(fake.now) == 1
-        assert budget.available_at(hold - 0.5) == 1  # both still held
-        assert budget.available_at(hold) == 2  # the first, sent at 0, freed
-        assert budget.available_at(10 + hold) == 3
-
     def test_seconds_until_a_number_of_requests_is_affordable(self) -> None:
         """The wait for N requests ends when enough of the oldest turn a minute old."""
         budget, _ = spent_every_ten_seconds(3)

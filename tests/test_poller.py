@@ -939,30 +939,23 @@ class TestSlowRoundBudget:
         p, _, _ = self.setup(30)
         assert p._refresh_limit([f"q{i}" for i in range(1000)], next_poll=30) == 0
 
-    def test_at_30_s_only_what_frees_up_within_a_tenth_of_the_interval(self) -> None:
-        """Polls of 45 every 30 s on 125: the last poll's slots (sent from 0 s) are still held
-        when the next is due at 60 s; by 63 s the 21 sent by 2 s are free: 125 - 24 - 43 = 58,
-        less this poll's rest (2 + reserve 4) and the next poll's 45."""
-        p, budget, now = self.setup(30)
+    def test_at_30_s_the_polls_share_of_the_minute_less_the_next_poll(self) -> None:
+        """125 a minute at 30 s is 62 a poll; the next poll's 45 and a reserve of 4 leave 13,
+        however much is free right now; 16 fewer (none) when the next poll lists the runs
+        ahead (every 5 minutes)."""
+        p, _, _ = self.setup(30)
         p._full_cost, p._core_cost = 45, 43
-        self.spend(budget, now, 45, start=0.0)
-        self.spend(budget, now, 43, start=30.0)
-        assert p._refresh_limit([f"q{i}" for i in range(1000)], next_poll=60) == 58 - 6 - 45
-
-    def test_at_60_s_the_next_poll_finds_its_slots_free(self) -> None:
-        """This poll's slots (sent from 60 s) are free by 126 s, so what is free now caps the
-        round: at 64.3 s, 11 of the last poll's slots are still held, 125 - 11 - 43, less the
-        rest (6); 16 fewer when the next poll lists the runs ahead (every 5 minutes) and that
-        leaves less: 125 - 6 - 45 - 16."""
-        p, budget, now = self.setup(60)
-        p._full_cost, p._core_cost = 45, 43
-        self.spend(budget, now, 45, start=0.0)
-        self.spend(budget, now, 43, start=60.0)
         ids = [f"q{i}" for i in range(1000)]
-        assert p._refresh_limit(ids, next_poll=120) == 125 - 11 - 43 - 6
+        assert p._refresh_limit(ids, next_poll=30) == 62 - 45 - 4
         p._mode = PollMode.RUN_CENTRIC
         p._runs._ahead_listing_pages = 16  # and no kept listing: the next poll lists again
-        assert p._refresh_limit(ids, next_poll=120) == 125 - 6 - 45 - 16
+        assert p._refresh_limit(ids, next_poll=30) == 0
+
+    def test_at_60_s_the_share_is_twice_as_large(self) -> None:
+        """125 at 60 s: the whole 125 a poll, less the next poll's 45 and the reserve."""
+        p, _, _ = self.setup(60)
+        p._full_cost, p._core_cost = 45, 43
+        assert p._refresh_limit([f"q{i}" for i in range(1000)], next_poll=60) == 125 - 45 - 4
 
     def test_the_next_poll_pays_for_the_listing_of_runs_ahead_only_when_it_makes_it(
         self,
@@ -977,8 +970,8 @@ class TestSlowRoundBudget:
         p._runs._ahead = AheadListing(NOW, frozenset(), {}, frozenset())
         p._runs._ahead_listing_pages = 16
         ids = [f"q{i}" for i in range(1000)]
-        assert p._refresh_limit(ids, next_poll=1000.0 + 299.0) == 125 - 6 - 45
-        assert p._refresh_limit(ids, next_poll=1000.0 + 301.0) == 125 - 6 - 45 - 16
+        assert p._refresh_limit(ids, next_poll=1000.0 + 299.0) == 125 - 45 - 4
+        assert p._refresh_limit(ids, next_poll=1000.0 + 301.0) == 125 - 45 - 16 - 4
 
     def test_never_more_than_is_free_now(self) -> None:
         """What is free now, less this poll's rest, caps the round too."""
