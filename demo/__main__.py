@@ -89,6 +89,9 @@ def main() -> int:
             raise KeyboardInterrupt
 
         signal.signal(signal.SIGTERM, interrupted)
+        # Also SIGINT: started in the background by a non-interactive shell, Python inherits
+        # SIGINT ignored and Ctrl-C (or a test's SIGINT) would leave the stack running.
+        signal.signal(signal.SIGINT, interrupted)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
