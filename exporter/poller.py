@@ -390,11 +390,11 @@ class Poller:
             return PollMode.PER_QUEUE
         return self._mode
 
-    def _refresh_limit(self, queue_ids: Sequence[str], next_poll: float) -> int:
+    def _refresh_limit(self, queue_ids: Sequence[str], next_poll: UnixTime) -> int:
         """Far-ahead counts to read now: the unread ones and a steady round, as far as spare
         budget allows: what is free once the rest of this poll is paid for, and no more than
         the poll's share of the minute's budget leaves beside the next poll's full cost (the
-        next poll is due at monotonic `next_poll`).
+        next poll is due at `next_poll`, Unix time).
 
         The share is a rate: over a minute, the polls and the counts stay within the budget.
         Within a 60 s window they may not (slots are held 61 s, and at 30 s a window holds
@@ -416,17 +416,17 @@ class Poller:
         # Still to come in this poll: concurrency limits and events, as last measured.
         rest = self._full_cost - (self._core_cost or 0) + SLOW_ROUND_RESERVE
         spare_now = int(self._budget.available) - rest
-        next_full, _ = self._next_costs(UnixTime(self._clock() + next_poll - self._monotonic()))
+        next_full, _ = self._next_costs(next_poll)
         share = self._budget.per_minute * self._settings.interval / 60
         spare_per_poll = int(share) - (next_full or 0) - SLOW_ROUND_RESERVE
         return max(0, min(wanted, spare_now, spare_per_poll))
 
     async def _queue_stats(
-        self, queues: Sequence[QueueRecord], now: UnixTime, deadline: Deadline, next_poll: float
+        self, queues: Sequence[QueueRecord], now: UnixTime, deadline: Deadline, next_poll: UnixTime
     ) -> tuple[dict[str, QueueRunStats], int]:
         """Every queue's run stats, per queue or run-centric as planned, and the requests the
         slow round spent (they are not part of the poll's core cost); `next_poll` is when the
-        next poll is due (monotonic seconds)."""
+        next poll is due (Unix time)."""
         concurrency = self._settings.concurrency
         mode = self._choose_mode(len(queues))
         before = self._api.requests_sent
@@ -487,18 +487,18 @@ class Poller:
         if self._budget is None:
             return PollPlan.FULL, 0
         patience = self._settings.interval * BUDGET_PATIENCE_SHARE - self._budget_wait
+        last_shortened = self._last_plan is PollPlan.SHORTENED
         plan = plan_poll(
             self._budget.available,
             self._budget.per_minute,
             full_cost,
             core_cost,
-            self._last_plan is PollPlan.SHORTENED,
+            last_shortened,
             full_wait=self._budget.seconds_until(full_cost or 1),
             patience=max(0.0, patience),
         )
         if plan is PollPlan.WAIT:
             return plan, full_cost or 1
-        last_shortened = self._last_plan is PollPlan.SHORTENED
         return plan, requests_to_wait_for(
             full_cost, core_cost, self._budget.per_minute, last_shortened
         )
@@ -511,8 +511,7 @@ class Poller:
         """
         now = UnixTime(self._clock())
         requests_before = self._api.requests_sent
-        started = self._monotonic()
-        deadline = Deadline(started + self._settings.timeout)
+        deadline = Deadline(self._monotonic() + self._settings.timeout)
         concurrency = self._settings.concurrency
         async with asyncio.timeout(self._settings.timeout):
             pools, queues = await asyncio.gather(
@@ -530,7 +529,7 @@ class Poller:
                 pools = [p for p in pools if p.name not in gone]
                 queues = [q for q in queues if q.pool not in gone]
             stats, slow_requests = await self._queue_stats(
-                queues, now, deadline, next_poll=started + self._settings.interval
+                queues, now, deadline, next_poll=UnixTime(now + self._settings.interval)
             )
             orphaned = (
                 await self._orphans.runs_without_work_queue(now, deadline)

@@ -937,7 +937,7 @@ class TestSlowRoundBudget:
     def test_nothing_before_a_full_poll_was_measured(self) -> None:
         """The rest of this poll's cost is unknown: no slow round."""
         p, _, _ = self.setup(30)
-        assert p._refresh_limit([f"q{i}" for i in range(1000)], next_poll=30) == 0
+        assert p._refresh_limit([f"q{i}" for i in range(1000)], next_poll=UnixTime(NOW + 30)) == 0
 
     def test_at_30_s_the_polls_share_of_the_minute_less_the_next_poll(self) -> None:
         """125 a minute at 30 s is 62 a poll; the next poll's 45 and a reserve of 4 leave 13,
@@ -946,36 +946,40 @@ class TestSlowRoundBudget:
         p, _, _ = self.setup(30)
         p._full_cost, p._core_cost = 45, 43
         ids = [f"q{i}" for i in range(1000)]
-        assert p._refresh_limit(ids, next_poll=30) == 62 - 45 - 4
+        assert p._refresh_limit(ids, next_poll=UnixTime(NOW + 30)) == 62 - 45 - 4
         p._mode = PollMode.RUN_CENTRIC
         p._runs._ahead_listing_pages = 16  # and no kept listing: the next poll lists again
-        assert p._refresh_limit(ids, next_poll=30) == 0
+        assert p._refresh_limit(ids, next_poll=UnixTime(NOW + 30)) == 0
 
     def test_at_60_s_the_share_is_twice_as_large(self) -> None:
         """125 at 60 s: the whole 125 a poll, less the next poll's 45 and the reserve."""
         p, _, _ = self.setup(60)
         p._full_cost, p._core_cost = 45, 43
-        assert p._refresh_limit([f"q{i}" for i in range(1000)], next_poll=60) == 125 - 45 - 4
+        assert (
+            p._refresh_limit([f"q{i}" for i in range(1000)], next_poll=UnixTime(NOW + 60))
+            == 125 - 45 - 4
+        )
 
     def test_the_next_poll_pays_for_the_listing_of_runs_ahead_only_when_it_makes_it(
         self,
     ) -> None:
         """A listing kept from Unix time NOW is made again 300 s later: a next poll due
-        before then costs 45, one due after 45 + 16 (the monotonic clock runs 1,000 s apart
-        from the Unix one)."""
-        p, _, now = self.setup(60)
-        p._monotonic = lambda: now[0] + 1000.0
+        before then costs 45, one due after 45 + 16."""
+        p, _, _ = self.setup(60)
         p._full_cost, p._core_cost = 45, 43
         p._mode = PollMode.RUN_CENTRIC
         p._runs._ahead = AheadListing(NOW, frozenset(), {}, frozenset())
         p._runs._ahead_listing_pages = 16
         ids = [f"q{i}" for i in range(1000)]
-        assert p._refresh_limit(ids, next_poll=1000.0 + 299.0) == 125 - 45 - 4
-        assert p._refresh_limit(ids, next_poll=1000.0 + 301.0) == 125 - 45 - 16 - 4
+        assert p._refresh_limit(ids, next_poll=UnixTime(NOW + 299.0)) == 125 - 45 - 4
+        assert p._refresh_limit(ids, next_poll=UnixTime(NOW + 301.0)) == 125 - 45 - 16 - 4
 
     def test_never_more_than_is_free_now(self) -> None:
         """What is free now, less this poll's rest, caps the round too."""
         p, budget, now = self.setup(60)
         p._full_cost, p._core_cost = 45, 43
         self.spend(budget, now, 115, start=0.0)
-        assert p._refresh_limit([f"q{i}" for i in range(1000)], next_poll=1000) == 10 - 6
+        assert (
+            p._refresh_limit([f"q{i}" for i in range(1000)], next_poll=UnixTime(NOW + 1000))
+            == 10 - 6
+        )
