@@ -1,7 +1,7 @@
 """Scale benchmark (issue 10): the exporter against a real Prefect server on PostgreSQL.
 
     .venv/bin/python -m bench.scale [--point tiny|small|medium|full] [--modes run-centric,per-queue]
-        [--out docs/benchmarks.md] [--cycles 5] [--soak MINUTES] [--tag NAME]
+        [--out docs/benchmarks.md] [--cycles 5] [--soak MINUTES] [--tag NAME] [--py-spy PATH]
 
 Per point it starts PostgreSQL (Debian's `postgresql` package, installed with apt-get when
 missing, run as the `postgres` user in a temporary directory on a free port), a Prefect server on
@@ -12,7 +12,10 @@ measures:
 - requests: per poll (the exporter's JSON log), per minute on average and the most in any 60 s
   window (the proxy's own count, checked against `prefect_exporter_api_requests_total`), bytes;
 - poll duration, CPU seconds per poll (/proc/<pid>/stat), peak RSS (VmHWM), series count;
-- `/metrics` p50/p99 while `wrk` (Debian's) scrapes it in a closed loop on one connection;
+- `/metrics` p50/p99 while `wrk` (Debian's) scrapes it in a closed loop on one connection for
+  20 s, plain and then asking for gzip as Prometheus does; with `--py-spy PATH`, py-spy samples
+  which thread holds the GIL, and in which function, during the plain run (folded stacks in
+  bench/scale-results/<name>-wrk.folded, a summary in the results file);
 - freshness: marker changes (a run becomes due, a due run is forced to Pending, a worker's
   heartbeats stop) and the seconds until `/metrics` shows each;
 - exactness: five sample queues' backlog, oldest due, pending, in-flight and Scheduled count, and
@@ -542,19 +545,22 @@ def quantile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def wrk_latency(url: str, seconds: int) -> dict[str, Any]:
-    """p50/p99 of /metrics under Debian's wrk (one thread, one connection, closed loop)."""
+def wrk_latency(url: str, seconds: int, gzip: bool = False) -> dict[str, Any]:
+    """p50/p99 of /metrics under Debian's wrk (one thread, one connection, closed loop);
+    with `gzip`, asking for it as Prometheus does."""
     wrk = shutil.which("wrk")
     if wrk is None:
         return python_latency(url, seconds)
+    headers = ["-H", "Accept-Encoding: gzip"] if gzip else []
     done = subprocess.run(
-        [wrk, "-t1", "-c1", f"-d{seconds}s", "--timeout", "10s", "--latency", url],
+        [wrk, "-t1", "-c1", f"-d{seconds}s", "--timeout", "10s", "--latency", *headers, url],
         capture_output=True,
         text=True,
         timeout=seconds + 60,
     )
     units = {"us": 0.001, "ms": 1.0, "s": 1000.0}
-    result: dict[str, Any] = {"tool": "wrk -t1 -c1", "seconds": seconds}
+    tool = "wrk -t1 -c1" + (" (gzip)" if gzip else "")
+    result: dict[str, Any] = {"tool": tool, "seconds": seconds}
     for percent, value, unit in re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$",
                                            done.stdout, re.M):  # fmt: skip
         result[f"p{percent}_ms"] = float(value) * units[unit]
@@ -563,6 +569,38 @@ def wrk_latency(url: str, seconds: int) -> dict[str, Any]:
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", done.stdout)
     result["errors"] = errors.group(0) if errors else ""
     return result
+
+
+def gil_profile(py_spy: str, pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
+    """Start py-spy sampling which thread of `pid` holds the GIL, and where, for `seconds`
+    (200 samples a second, without pausing the process); folded stacks go to `out`."""
+    return subprocess.Popen(
+        [py_spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "200",
+         "--gil", "--threads", "--nonblocking", "--format", "raw", "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def profile_summary(folded: Path, top: int = 8) -> dict[str, Any]:
+    """Share of GIL samples by thread, and the functions holding it most (leaf frames)."""
+    threads: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    total = 0
+    for line in folded.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        total += int(count)
+        threads[frames[0]] = threads.get(frames[0], 0) + int(count)
+        leaves[frames[-1]] = leaves.get(frames[-1], 0) + int(count)
+    share = {k: round(v / total, 3) for k, v in sorted(threads.items(), key=lambda kv: -kv[1])}
+    hot = sorted(leaves.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "samples": total,
+        "by_thread": share,
+        "top_leaves": {k: round(v / total, 3) for k, v in hot} if total else {},
+    }
 
 
 def python_latency(url: str, seconds: int) -> dict[str, Any]:
@@ -1193,9 +1231,11 @@ def measure_mode(
     log: Callable[[str], None],
     soak_minutes: float = 0.0,
     tag: str = "",
+    py_spy: str | None = None,
 ) -> dict[str, Any]:
     """One exporter run in `mode`: steady state, markers, exactness, load; then the burst;
-    then, with `soak_minutes`, churn until the exporter has run that long."""
+    then, with `soak_minutes`, churn until the exporter has run that long. With `py_spy` (its
+    path), who holds the GIL is sampled during the plain wrk run."""
     run = ExporterRun(server, mode, workdir)
     truth = Truth(admin)
 
@@ -1249,7 +1289,17 @@ def measure_mode(
         log(f"{mode}: {result['series']} series; wrk for 20 s")
         result["steady"] = steady.close(run, "steady")
         assert run.exporter is not None
+        profiling = None
+        if py_spy:
+            folded = RESULTS_DIR / f"{result_name(point, mode, tag)}-wrk.folded"
+            profiling = gil_profile(py_spy, run.pid, 20, folded)
         result["metrics_latency"] = wrk_latency(f"{run.exporter.url}/metrics", 20)
+        if profiling is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                profiling.wait(timeout=60)
+            with contextlib.suppress(OSError):
+                result["gil_profile"] = profile_summary(folded)
+        result["metrics_latency_gzip"] = wrk_latency(f"{run.exporter.url}/metrics", 20, True)
         result["steady_polls"] = poll_summary(
             log_events(run.log_path, "poll_succeeded")[polls_before:]
         )
@@ -1377,7 +1427,12 @@ def render(results: Sequence[dict[str, Any]], machine: str) -> str:
                         fmt(cpu.get("cpu_seconds_per_poll"), 2),
                         fmt(r["rss_peak_mib"]),
                         str(r["series"]),
-                        f"{fmt(lat.get('p50_ms'), 2)} / {fmt(lat.get('p99_ms'), 2)}",
+                        f"{fmt(lat.get('p50_ms'), 2)} / {fmt(lat.get('p99_ms'), 2)}"
+                        + (
+                            f" (gzip {fmt(g['p50_ms'], 2)} / {fmt(g['p99_ms'], 2)})"
+                            if (g := r.get("metrics_latency_gzip"))
+                            else ""
+                        ),
                         fmt(f.get("per_poll")),
                         fmt(ratio, 1),
                     ]
@@ -1533,6 +1588,7 @@ def run_point(
     log: Callable[[str], None],
     soak_minutes: float = 0.0,
     tag: str = "",
+    py_spy: str | None = None,
 ) -> None:
     RESULTS_DIR.mkdir(exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"scale-{point.name}-"))
@@ -1552,7 +1608,7 @@ def run_point(
                     result = measure_mode(
                         point, mode, server, admin, workload, heartbeats, workdir,
                         cycles if mode == modes[0] else min(cycles, 2), log,
-                        soak_minutes if mode == modes[0] else 0.0, tag,
+                        soak_minutes if mode == modes[0] else 0.0, tag, py_spy,
                     )  # fmt: skip
                     result["workload"] = {
                         "build_seconds": round(workload.build_seconds),
@@ -1579,6 +1635,9 @@ def main() -> None:
     parser.add_argument("--point", choices=list(POINTS), default="tiny")
     parser.add_argument("--modes", default="run-centric,per-queue")
     parser.add_argument("--cycles", type=int, default=5, help="freshness markers per kind")
+    parser.add_argument(
+        "--py-spy", metavar="PATH", help="py-spy binary: sample the GIL holder during wrk"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--render-only", action="store_true", help="rewrite the section only")
     parser.add_argument(
@@ -1598,7 +1657,7 @@ def main() -> None:
     if not args.render_only:
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         cycles = max(0, min(args.cycles, 10))
-        run_point(POINTS[args.point], modes, cycles, log, args.soak, args.tag)
+        run_point(POINTS[args.point], modes, cycles, log, args.soak, args.tag, args.py_spy)
     print(write_section(args.out, machine_line()))
 
 

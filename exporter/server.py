@@ -228,12 +228,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.rfile = io.BytesIO(head)
         self._out = io.BytesIO()
         self.wfile = self._out
+        # The cached part of a /metrics body, kept apart from the rest so that it is not copied.
+        self._body: tuple[bytes, ...] = ()
         self.close_connection = True
 
-    def respond(self) -> bytes:
-        """Run the request through the routes; returns the full response, status line first."""
+    def respond(self) -> list[bytes]:
+        """Run the request through the routes; returns the response as at most two writes: the
+        head with the body, or with every part of a /metrics body but the last, which is the
+        cached exposition, sent apart so that it is not copied (b"" for an empty request line).
+
+        One write fewer matters while a poll holds the GIL: each write gives it up and waits up
+        to the switch interval to get it back.
+        """
         self.handle_one_request()
-        return self._out.getvalue()
+        return [self._out.getvalue(), *self._body]
 
     def do_GET(self) -> None:
         app = self.app
@@ -255,7 +263,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.headers.get("Accept-Encoding"),
             )
             extra = {"Content-Encoding": "gzip"} if response.gzip else {}
-            self._send(200, response.content_type, response.body, extra)
+            self._send(200, response.content_type, response.parts, extra)
         elif path == "/healthz":
             health = app.health()
             body = json.dumps(health.body).encode()
@@ -266,18 +274,30 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, "text/plain; charset=utf-8", b"not found\n")
 
     def _send(
-        self, code: int, content_type: str, body: bytes, extra: dict[str, str] | None = None
+        self,
+        code: int,
+        content_type: str,
+        body: bytes | tuple[bytes, ...],
+        extra: dict[str, str] | None = None,
     ) -> None:
+        """Write the status line and headers, and the body: `bytes`, or the parts of a /metrics
+        body, whose last (the cached exposition) is kept apart for `respond`."""
+        parts = (body,) if isinstance(body, bytes) else body
         self.send_response(code)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(sum(len(part) for part in parts)))
         for key, value in (extra or {}).items():
             self.send_header(key, value)
         if self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers:
             # The body is never read, so its bytes would be taken for the next request.
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(body)
+        if isinstance(body, bytes):
+            self.wfile.write(body)
+            return
+        for part in body[:-1]:
+            self.wfile.write(part)
+        self._body = body[-1:]
 
     def end_headers(self) -> None:
         # Every response, errors that http.server writes itself included, gets the headers.
@@ -378,7 +398,11 @@ class MetricsServer:
     @staticmethod
     def _listen(host: str, port: int, backlog: int) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # The protocol named, not left 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only
+        # on sockets whose `proto` is IPPROTO_TCP, and accepted sockets inherit it. With Nagle
+        # on, a response's last short segment waited for the client's delayed acknowledgement:
+        # 40 ms for one /metrics answer in ten to fifty at 1,000 queues.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             # A restarted exporter must not wait for the old socket's TIME_WAIT to pass.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -539,12 +563,15 @@ class MetricsServer:
                 if head == b"":
                     return  # the client closed its side
                 if head is None:
-                    response, keep = self._plain(*_HEAD_TOO_LARGE), False
+                    response, keep = [self._plain(*_HEAD_TOO_LARGE)], False
                 else:
                     response, keep = await self._respond(head, peer)
-                if not response:
+                if not any(response):
                     return  # nothing to say to an empty request line: http.server just closes
-                writer.write(response)
+                for part in response:
+                    # Not joined: the kernel takes a whole part at once while the client keeps
+                    # up, so the large cached part goes out without a copy.
+                    writer.write(part)
                 if writer.transport.get_write_buffer_size():
                     # The kernel took only part of it: wait for the client to read, not forever.
                     async with asyncio.timeout(self._write_timeout):
@@ -628,8 +655,9 @@ class MetricsServer:
                 while await reader.read(65536):
                     pass
 
-    async def _respond(self, head: bytes, peer: Any) -> tuple[bytes, bool]:
-        """The response to one request head, and whether the connection stays open after it."""
+    async def _respond(self, head: bytes, peer: Any) -> tuple[list[bytes], bool]:
+        """The response to one request head (parts to send in order), and whether the
+        connection stays open after it."""
         handler = None
         try:
             active = self._web.current() if self._web is not None else PLAIN
@@ -637,12 +665,12 @@ class MetricsServer:
             if request_path(head) not in UNAUTHENTICATED_PATHS:
                 authorized = await self._authorized(active, head)
                 if authorized is None and active.auth is not None:
-                    return plain_response(*_AUTH_BUSY, active.config.headers), False
+                    return [plain_response(*_AUTH_BUSY, active.config.headers)], False
             handler = _Handler(self._app, head, peer, authorized, active.config.headers)
             response = handler.respond()
         except Exception:  # a bug in a route: answer 500, log it, keep serving others
             self._log.exception("http_request_failed", path=getattr(handler, "path", None))
-            return self._plain(*_INTERNAL_ERROR), False
+            return [self._plain(*_INTERNAL_ERROR)], False
         return response, not handler.close_connection
 
     async def _authorized(self, active: ActiveWebConfig, head: bytes) -> bool | None:

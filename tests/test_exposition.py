@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.collector import ExporterCollector, SnapshotCollector
@@ -22,6 +26,11 @@ def parts() -> tuple[object, CollectorRegistry]:
     return render(SnapshotCollector(snap)), own
 
 
+def families(body: bytes) -> dict[str, object]:
+    """The metric families of a text exposition by name, whatever their order."""
+    return {f.name: f for f in text_string_to_metric_families(body.decode())}
+
+
 class TestCompose:
     """Cached Prefect part + own part = one valid exposition in each format and encoding."""
 
@@ -29,27 +38,46 @@ class TestCompose:
         """Plain text has the pool series and prefect_up."""
         cached, own = parts()
         response = compose(cached, own, None, None)  # type: ignore[arg-type]
-        names = {f.name for f in text_string_to_metric_families(response.body.decode())}
+        names = {f.name for f in text_string_to_metric_families(b"".join(response.parts).decode())}
         assert {"prefect_work_pool_concurrency_limit", "prefect_up"} <= names
         assert response.content_type.startswith("text/plain")
         assert not response.gzip
 
-    def test_gzip_is_one_valid_stream_equal_to_the_plain_body(self) -> None:
-        """The kept compressor state yields a gzip body that decompresses to the plain one."""
+    def test_gzip_is_one_member_with_the_plain_bodys_series(self) -> None:
+        """The kept compressor state yields one gzip member (readers that stop after the first,
+        as Python's and curl's do, see everything) holding the plain body's families."""
         cached, own = parts()
-        plain = compose(cached, own, None, None)  # type: ignore[arg-type]
+        plain = b"".join(compose(cached, own, None, None).parts)  # type: ignore[arg-type]
         zipped = compose(cached, own, None, "gzip, deflate")  # type: ignore[arg-type]
         assert zipped.gzip
-        assert gzip.decompress(zipped.body) == plain.body
         # Twice from the same cache: the saved compressor state is copied, not consumed.
         again = compose(cached, own, None, "gzip")  # type: ignore[arg-type]
-        assert gzip.decompress(again.body) == plain.body
+        for response in (zipped, again):
+            reader = zlib.decompressobj(31)
+            text = reader.decompress(b"".join(response.parts))
+            assert reader.eof
+            assert not reader.unused_data
+            assert families(text) == families(plain)
+
+    def test_openmetrics_ends_with_the_only_eof_gzipped_too(self) -> None:
+        """Plain (own series first) and gzipped (cached first): one # EOF, the last line."""
+        cached, own = parts()
+        for encoding in (None, "gzip"):
+            response = compose(cached, own, OPENMETRICS, encoding)  # type: ignore[arg-type]
+            body = b"".join(response.parts)
+            text = (gzip.decompress(body) if encoding else body).decode()
+            assert text.count("# EOF") == 1
+            assert text.endswith("# EOF\n")
+            assert {"prefect_work_pool_info", "prefect_up"} <= {
+                f.name
+                for f in openmetrics_families(text)  # type: ignore[no-untyped-call]
+            }
 
     def test_openmetrics_has_exactly_one_eof_at_the_end(self) -> None:
         """The cached part drops its # EOF; the composed body ends with the only one."""
         cached, own = parts()
         response = compose(cached, own, OPENMETRICS, None)  # type: ignore[arg-type]
-        body = response.body.decode()
+        body = b"".join(response.parts).decode()
         assert response.content_type.startswith("application/openmetrics-text")
         assert body.count("# EOF") == 1
         assert body.endswith("# EOF\n")
@@ -58,10 +86,20 @@ class TestCompose:
     def test_empty_cache_serves_only_the_exporters_own_series(self) -> None:
         """Without a fresh snapshot there are no Prefect series, but prefect_up is there."""
         _, own = parts()
-        body = compose(EMPTY, own, None, "gzip").body
+        body = b"".join(compose(EMPTY, own, None, "gzip").parts)
         text = gzip.decompress(body).decode()
         assert "prefect_up" in text
         assert "prefect_work_pool" not in text
+
+    def test_the_cached_part_is_sent_as_it_is_not_copied(self) -> None:
+        """The large cached bytes are the very object rendered at the poll, in both encodings:
+        a copy per scrape would allocate (and fault in) the whole body again every time."""
+        cached, own = parts()
+        plain = compose(cached, own, None, None)  # type: ignore[arg-type]
+        zipped = compose(cached, own, None, "gzip")  # type: ignore[arg-type]
+        assert plain.parts[-1] is cached.text.plain  # type: ignore[attr-defined]
+        assert zipped.parts == (zipped.parts[0],)  # gzipped: one member, built per scrape
+        assert plain.length == sum(len(p) for p in plain.parts)
 
 
 class TestNegotiate:
