@@ -550,7 +550,7 @@ def wrk_latency(url: str, seconds: int, gzip: bool = False) -> dict[str, Any]:
     with `gzip`, asking for it as Prometheus does."""
     wrk = shutil.which("wrk")
     if wrk is None:
-        return python_latency(url, seconds)
+        return python_latency(url, seconds, gzip)
     headers = ["-H", "Accept-Encoding: gzip"] if gzip else []
     done = subprocess.run(
         [wrk, "-t1", "-c1", f"-d{seconds}s", "--timeout", "10s", "--latency", *headers, url],
@@ -603,10 +603,11 @@ def profile_summary(folded: Path, top: int = 8) -> dict[str, Any]:
     }
 
 
-def python_latency(url: str, seconds: int) -> dict[str, Any]:
+def python_latency(url: str, seconds: int, gzip: bool = False) -> dict[str, Any]:
     samples: list[float] = []
     end = time.monotonic() + seconds
-    with httpx.Client(timeout=10) as client:
+    encoding = {"Accept-Encoding": "gzip" if gzip else "identity"}
+    with httpx.Client(timeout=10, headers=encoding) as client:
         while time.monotonic() < end and len(samples) < 100_000:
             began = time.perf_counter()
             client.get(url)
@@ -1295,8 +1296,11 @@ def measure_mode(
             profiling = gil_profile(py_spy, run.pid, 20, folded)
         result["metrics_latency"] = wrk_latency(f"{run.exporter.url}/metrics", 20)
         if profiling is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            try:
                 profiling.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                profiling.kill()
+                profiling.wait()
             with contextlib.suppress(OSError):
                 result["gil_profile"] = profile_summary(folded)
         result["metrics_latency_gzip"] = wrk_latency(f"{run.exporter.url}/metrics", 20, True)
@@ -1429,7 +1433,7 @@ def render(results: Sequence[dict[str, Any]], machine: str) -> str:
                         str(r["series"]),
                         f"{fmt(lat.get('p50_ms'), 2)} / {fmt(lat.get('p99_ms'), 2)}"
                         + (
-                            f" (gzip {fmt(g['p50_ms'], 2)} / {fmt(g['p99_ms'], 2)})"
+                            f" (gzip {fmt(g.get('p50_ms'), 2)} / {fmt(g.get('p99_ms'), 2)})"
                             if (g := r.get("metrics_latency_gzip"))
                             else ""
                         ),

@@ -2,7 +2,8 @@
 
 A scrape sends the cached Prefect part and the exporter's few own series, rendered on the spot,
 so /metrics stays fast however large the Prefect installation is. Plain, the cached bytes are
-sent as they are, never copied into a response buffer: at 1,000 queues they are about 1.9 MB,
+sent as they are, not copied into a response buffer (the transport copies what the kernel does
+not take at once, for a client that reads slowly): at 1,000 queues they are about 1.9 MB,
 and each copy is a fresh allocation whose pages the kernel must fault in (2-3 ms a copy on the
 bench machine, with a tail of 17-40 ms). They come last, after the own series, so that the small
 part joins the response head and the whole answer takes two writes (each write gives up the
@@ -11,7 +12,8 @@ GIL, and while a poll runs, getting it back costs up to the switch interval).
 Gzipped, the body must be one gzip member (Python's and curl's readers stop after the first),
 so the cached part comes first: the compressor's state after it is kept and copied per scrape,
 and the own series (and OpenMetrics' end marker) close the member without recompressing the
-large part. The gzipped body (about a tenth of the plain one) is built whole per scrape.
+large part. The gzipped body (70 KB for 1.9 MB at 1,000 synthetic queues) is built whole per
+scrape and goes out with the head in one write.
 """
 
 from __future__ import annotations
@@ -87,16 +89,12 @@ EMPTY = Exposition(Part.of(b""), Part.of(b"", _EOF))
 
 @dataclass(frozen=True)
 class MetricsResponse:
-    """A /metrics body as the parts to send in order; the last is the shared cached part."""
+    """A /metrics body as the parts to send in order: plain, the own series and then the shared
+    cached part; gzipped, one part built for this scrape."""
 
     parts: tuple[bytes, ...]
     content_type: str
     gzip: bool
-
-    @property
-    def length(self) -> int:
-        """The body's length in bytes (its Content-Length)."""
-        return sum(len(part) for part in self.parts)
 
 
 def negotiate(accept: str | None) -> tuple[str, str]:

@@ -200,8 +200,9 @@ UNAUTHENTICATED_PATHS = frozenset({"/healthz"})
 class _Handler(BaseHTTPRequestHandler):
     """Answers one complete request head; the server, not the handler, owns the connection.
 
-    The head comes in as bytes and the response goes out as bytes, so the handler never waits
-    on a client and the connection's task writes the whole response at once. `authorized` is
+    The head comes in as bytes and the response goes out as at most two byte strings (see
+    `respond`), so the handler never waits on a client and the connection's task writes the
+    whole response at once. `authorized` is
     the verdict on the request's credentials (None: no authentication configured); `headers`
     of the web config go on every response.
     """
@@ -234,8 +235,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def respond(self) -> list[bytes]:
         """Run the request through the routes; returns the response as at most two writes: the
-        head with the body, or with every part of a /metrics body but the last, which is the
-        cached exposition, sent apart so that it is not copied (b"" for an empty request line).
+        head with the body, or, for a plain /metrics body, the head with the own series and then
+        the cached exposition, apart so that it is not copied (`[b""]` for an empty request
+        line: nothing to send).
 
         One write fewer matters while a poll holds the GIL: each write gives it up and waits up
         to the switch interval to get it back.
@@ -281,23 +283,23 @@ class _Handler(BaseHTTPRequestHandler):
         extra: dict[str, str] | None = None,
     ) -> None:
         """Write the status line and headers, and the body: `bytes`, or the parts of a /metrics
-        body, whose last (the cached exposition) is kept apart for `respond`."""
+        body; of two or more, the last (the cached exposition) is kept apart for `respond`."""
         parts = (body,) if isinstance(body, bytes) else body
         self.send_response(code)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(sum(len(part) for part in parts)))
+        self.send_header("Content-Length", str(sum(map(len, parts))))
         for key, value in (extra or {}).items():
             self.send_header(key, value)
         if self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers:
             # The body is never read, so its bytes would be taken for the next request.
             self.send_header("Connection", "close")
         self.end_headers()
-        if isinstance(body, bytes):
-            self.wfile.write(body)
-            return
-        for part in body[:-1]:
+        for part in parts[:-1]:
             self.wfile.write(part)
-        self._body = body[-1:]
+        if len(parts) == 1:
+            self.wfile.write(parts[0])  # small: one write with the head
+        else:
+            self._body = parts[-1:]
 
     def end_headers(self) -> None:
         # Every response, errors that http.server writes itself included, gets the headers.
@@ -314,9 +316,10 @@ class MetricsServer:
     """Serves `App` over HTTP/1.1 with asyncio streams, on an event loop in a thread of its own.
 
     The loop is not the poller's, so a poll's parsing never delays a scrape. Each connection is a
-    task that reads request heads and writes responses; routing and rendering (cached bytes plus
-    a small tail) are quick and run on the loop. So idle, slowly sending and slowly reading
-    clients cost a task and their buffers, never a thread, and none of them delays another.
+    task that reads request heads and writes responses; routing and rendering (the exporter's
+    own series beside the cached bytes) are quick and run on the loop. So idle, slowly sending
+    and slowly reading clients cost a task and their buffers, never a thread, and none of them
+    delays another.
 
     Limits (all keyword arguments, defaults are the module constants): `backlog` finished
     handshakes queued by the kernel; `idle_timeout` seconds for a connection to complete a request
@@ -537,6 +540,15 @@ class MetricsServer:
         task = asyncio.current_task()
         assert task is not None
         peer = writer.get_extra_info("peername")
+        # The TCP transport: under TLS, start_tls puts an SSL transport in front of it, whose own
+        # buffer count leaves out the encrypted bytes still waiting here.
+        raw = writer.transport
+
+        def unsent() -> int:
+            """Bytes of responses not yet taken by the kernel, TLS layer and TCP transport."""
+            outer = writer.transport.get_write_buffer_size()
+            return outer + (raw.get_write_buffer_size() if raw is not writer.transport else 0)
+
         try:
             if self._tls:
                 assert self._web is not None
@@ -569,10 +581,10 @@ class MetricsServer:
                 if not any(response):
                     return  # nothing to say to an empty request line: http.server just closes
                 for part in response:
-                    # Not joined: the kernel takes a whole part at once while the client keeps
-                    # up, so the large cached part goes out without a copy.
-                    writer.write(part)
-                if writer.transport.get_write_buffer_size():
+                    # Not joined, and as a view: while the client keeps up, the kernel takes a
+                    # whole part at once and the large cached part is never copied by us.
+                    writer.write(memoryview(part))
+                if unsent():
                     # The kernel took only part of it: wait for the client to read, not forever.
                     async with asyncio.timeout(self._write_timeout):
                         await writer.drain()
@@ -581,7 +593,7 @@ class MetricsServer:
                     # takes turns with the other connections.
                     await asyncio.sleep(0)
             writer.close()
-            if writer.transport.get_write_buffer_size():
+            if unsent():
                 # close() sends the rest first; `_forget` would drop it, so wait, with a limit.
                 async with asyncio.timeout(self._write_timeout):
                     await writer.wait_closed()

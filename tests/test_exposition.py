@@ -83,6 +83,15 @@ class TestCompose:
         assert body.endswith("# EOF\n")
         assert "prefect_work_pool_info" in body
 
+    def test_empty_cache_in_openmetrics_still_ends_with_eof(self) -> None:
+        """No snapshot yet, OpenMetrics plain and gzipped: the own series, then one # EOF."""
+        _, own = parts()
+        for encoding in (None, "gzip"):
+            body = b"".join(compose(EMPTY, own, OPENMETRICS, encoding).parts)
+            text = (gzip.decompress(body) if encoding else body).decode()
+            assert text.count("# EOF") == 1
+            assert text.endswith('prefect_exporter_build_info{version="0.1.0"} 1.0\n# EOF\n')
+
     def test_empty_cache_serves_only_the_exporters_own_series(self) -> None:
         """Without a fresh snapshot there are no Prefect series, but prefect_up is there."""
         _, own = parts()
@@ -99,7 +108,6 @@ class TestCompose:
         zipped = compose(cached, own, None, "gzip")  # type: ignore[arg-type]
         assert plain.parts[-1] is cached.text.plain  # type: ignore[attr-defined]
         assert zipped.parts == (zipped.parts[0],)  # gzipped: one member, built per scrape
-        assert plain.length == sum(len(p) for p in plain.parts)
 
 
 class TestNegotiate:

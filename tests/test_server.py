@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import select
 import selectors
@@ -521,6 +522,15 @@ class TestSegments:
         assert len(big) == 2
         assert big[1] is published.rendered.text.plain
         assert b"prefect_up 1.0" in big[0]
+        head, _, own = big[0].partition(b"\r\n\r\n")
+        assert f"Content-Length: {len(own) + len(big[1])}".encode() in head
+        gzipped = _Handler(
+            app, b"GET /metrics HTTP/1.1\r\nAccept-Encoding: gzip\r\n\r\n", ("t", 1)
+        ).respond()
+        assert len(gzipped) == 1  # built per scrape anyway: sent with the head
+        head, _, body = gzipped[0].partition(b"\r\n\r\n")
+        assert f"Content-Length: {len(body)}".encode() in head
+        assert b"prefect_up 1.0" in gzip.decompress(body)
 
 
 class TestStop:

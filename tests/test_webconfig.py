@@ -37,7 +37,7 @@ from exporter.webconfig import (
     read_web_config,
     tls_context,
 )
-from tests.test_server import Clock, make_app, make_store, serving
+from tests.test_server import Clock, make_app, make_store, serving, snapshot_of
 
 BASE = Path("/etc/exporter")
 # The lowest cost bcrypt allows: a check takes about a millisecond instead of 70.
@@ -880,6 +880,50 @@ class TestServer:
             response = httpx.get(f"http://127.0.0.1:{server.port}/metrics")
         assert response.status_code == 200
         assert "X-Frame-Options" not in response.headers
+
+
+class TestTlsLargeAnswers:
+    """A large answer over TLS reaches a client that reads late, in full."""
+
+    def test_connection_close_waits_for_the_encrypted_bytes(
+        self, ca: trustme.CA, tmp_path: Path
+    ) -> None:
+        """`Connection: close` and a client that reads only after a pause: the whole body
+        arrives. The encrypted bytes wait in the TCP transport under the SSL one, whose own
+        count leaves them out; ending the connection on that count cut the answer short."""
+        cert, key = write_pair(ca, tmp_path)
+        loader = write_web(
+            tmp_path, {"tls_server_config": {"cert_file": cert.name, "key_file": key.name}}
+        )
+        clock = Clock()
+        store = make_store(clock)
+        store.publish(snapshot_of(2000, clock.now), 0.1)
+        client_context = ssl.create_default_context()
+        ca.configure_trust(client_context)
+        with (
+            serving(make_app(store, clock), web=loader) as server,
+            socket.socket() as raw,
+        ):
+            # A small receive window, set before connecting: the server's send buffer stays
+            # small too, so most of the answer must wait in the server's transports.
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            raw.settimeout(10)
+            raw.connect(("127.0.0.1", server.port))
+            sock = client_context.wrap_socket(raw, server_hostname="127.0.0.1")
+            with sock:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                time.sleep(0.5)
+                answer = bytearray()
+                while chunk := sock.recv(1 << 16):
+                    answer += chunk
+        head, _, body = bytes(answer).partition(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        assert length > 1_000_000
+        assert len(body) == length
 
 
 HEADERS = {"X-Frame-Options": "deny", "X-Content-Type-Options": "nosniff"}
