@@ -25,6 +25,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -451,8 +452,9 @@ class Painter:
     def time_axis(self, ax: Any) -> None:
         import matplotlib.dates as mdates
 
-        ax.xaxis.set_major_locator(mdates.AutoDateLocator(minticks=3, maxticks=7))
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
+        # matplotlib.dates is untyped.
+        ax.xaxis.set_major_locator(mdates.AutoDateLocator(minticks=3, maxticks=7))  # type: ignore[no-untyped-call]
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))  # type: ignore[no-untyped-call]
 
     def message(self, ax: Any, text: str) -> None:
         ax.set_xticks([])
@@ -613,7 +615,7 @@ class Painter:
                 ax.barh(
                     i,
                     width,
-                    left=mdates.date2num(datetime.fromtimestamp(t, UTC)),
+                    left=mdates.date2num(datetime.fromtimestamp(t, UTC)),  # type: ignore[no-untyped-call]
                     color="#56a64b" if v >= 1 else "#e02f44",
                     height=0.7,
                 )
@@ -675,7 +677,7 @@ class Painter:
 
 def draw_dashboard(
     dashboard: dict[str, Any],
-    data: dict[int, list[Series] | None],
+    data: Mapping[int, list[Series] | None],
     spans: list[tuple[float, float, str]],
     pending: set[int],
     minutes: float,
