@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from structlog.typing import FilteringBoundLogger
 
 from exporter import __version__
-from exporter.exposition import EMPTY, Exposition, compose
+from exporter.exposition import EMPTY, OWN_SERIES_MAX_AGE, Exposition, OwnSeries, compose
 from exporter.store import PollStatus, Store
 from exporter.webconfig import (
     MAX_PENDING_AUTH_CHECKS,
@@ -51,9 +51,11 @@ class App:
         api_url: str,
         monotonic: Callable[[], float],
         started_at: float,
+        own_max_age: float = OWN_SERIES_MAX_AGE,
     ) -> None:
         self.store = store
-        self.own = own
+        # Rendered at most once per `own_max_age` seconds (see exposition.OWN_SERIES_MAX_AGE).
+        self.own = OwnSeries(own, own_max_age, monotonic)
         self.telemetry_path = telemetry_path
         self.health_window = health_window
         self.api_url = api_url

@@ -180,15 +180,16 @@ class FaultProxy:
                 client: str,
                 injected: bool,
             ) -> None:
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                if "content-type" not in {k.lower() for k in headers}:
-                    self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                # The client may give up reading (an oversized body, say).
+                # The client may give up reading (an oversized body, a poll's time-out) or hang
+                # up before the answer: counted all the same, without a traceback.
                 with contextlib.suppress(OSError):
+                    self.send_response(status)
+                    for key, value in headers.items():
+                        self.send_header(key, value)
+                    self.send_header("Content-Length", str(len(body)))
+                    if "content-type" not in {k.lower() for k in headers}:
+                        self.send_header("Content-Type", "application/json")
+                    self.end_headers()
                     self.wfile.write(body)
                 with proxy._lock:
                     proxy.records.append(

@@ -5,25 +5,26 @@ from __future__ import annotations
 import gzip
 import zlib
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.collector import ExporterCollector, SnapshotCollector
-from exporter.exposition import EMPTY, compose, negotiate, render
+from exporter.exposition import EMPTY, TEXT, Exposition, OwnSeries, compose, negotiate, render
+from exporter.exposition import OPENMETRICS as OPENMETRICS_FORMAT
 from exporter.snapshot import PoolState, Snapshot
 from exporter.store import PollStatus
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
 
-def parts() -> tuple[object, CollectorRegistry]:
+def parts() -> tuple[Exposition, OwnSeries]:
     snap = Snapshot(1.0, (PoolState("p", "process", "READY", 3, 1),), (), ())
     own = CollectorRegistry()
     own.register(ExporterCollector(lambda: PollStatus(up=True, last_success=1.0)))
-    return render(SnapshotCollector(snap)), own
+    return render(SnapshotCollector(snap)), OwnSeries(own, max_age=0.0)
 
 
 def families(body: bytes) -> dict[str, object]:
@@ -37,7 +38,7 @@ class TestCompose:
     def test_text_contains_both_parts(self) -> None:
         """Plain text has the pool series and prefect_up."""
         cached, own = parts()
-        response = compose(cached, own, None, None)  # type: ignore[arg-type]
+        response = compose(cached, own, None, None)
         names = {f.name for f in text_string_to_metric_families(b"".join(response.parts).decode())}
         assert {"prefect_work_pool_concurrency_limit", "prefect_up"} <= names
         assert response.content_type.startswith("text/plain")
@@ -47,11 +48,11 @@ class TestCompose:
         """The kept compressor state yields one gzip member (readers that stop after the first,
         as Python's and curl's do, see everything) holding the plain body's families."""
         cached, own = parts()
-        plain = b"".join(compose(cached, own, None, None).parts)  # type: ignore[arg-type]
-        zipped = compose(cached, own, None, "gzip, deflate")  # type: ignore[arg-type]
+        plain = b"".join(compose(cached, own, None, None).parts)
+        zipped = compose(cached, own, None, "gzip, deflate")
         assert zipped.gzip
         # Twice from the same cache: the saved compressor state is copied, not consumed.
-        again = compose(cached, own, None, "gzip")  # type: ignore[arg-type]
+        again = compose(cached, own, None, "gzip")
         for response in (zipped, again):
             reader = zlib.decompressobj(31)
             text = reader.decompress(b"".join(response.parts))
@@ -63,7 +64,7 @@ class TestCompose:
         """Plain (own series first) and gzipped (cached first): one # EOF, the last line."""
         cached, own = parts()
         for encoding in (None, "gzip"):
-            response = compose(cached, own, OPENMETRICS, encoding)  # type: ignore[arg-type]
+            response = compose(cached, own, OPENMETRICS, encoding)
             body = b"".join(response.parts)
             text = (gzip.decompress(body) if encoding else body).decode()
             assert text.count("# EOF") == 1
@@ -76,7 +77,7 @@ class TestCompose:
     def test_openmetrics_has_exactly_one_eof_at_the_end(self) -> None:
         """The cached part drops its # EOF; the composed body ends with the only one."""
         cached, own = parts()
-        response = compose(cached, own, OPENMETRICS, None)  # type: ignore[arg-type]
+        response = compose(cached, own, OPENMETRICS, None)
         body = b"".join(response.parts).decode()
         assert response.content_type.startswith("application/openmetrics-text")
         assert body.count("# EOF") == 1
@@ -104,10 +105,43 @@ class TestCompose:
         """The large cached bytes are the very object rendered at the poll, in both encodings:
         a copy per scrape would allocate (and fault in) the whole body again every time."""
         cached, own = parts()
-        plain = compose(cached, own, None, None)  # type: ignore[arg-type]
-        zipped = compose(cached, own, None, "gzip")  # type: ignore[arg-type]
-        assert plain.parts[-1] is cached.text.plain  # type: ignore[attr-defined]
+        plain = compose(cached, own, None, None)
+        zipped = compose(cached, own, None, "gzip")
+        assert plain.parts[-1] is cached.text.plain
         assert zipped.parts == (zipped.parts[0],)  # gzipped: one member, built per scrape
+
+
+class TestOwnSeries:
+    """The own series are rendered at most once per max age, per format."""
+
+    def test_reused_within_the_max_age_and_rendered_again_after(self) -> None:
+        """A changed value shows once the rendering is `max_age` seconds old, not before."""
+        now = [100.0]
+        gauge = Gauge("prefect_exporter_example", "An own series.", registry=None)
+        own = CollectorRegistry()
+        own.register(gauge)
+        series = OwnSeries(own, max_age=1.0, monotonic=lambda: now[0])
+        gauge.set(1)
+        first = series.rendered(TEXT)
+        assert b"prefect_exporter_example 1.0" in first
+        gauge.set(2)
+        now[0] += 0.9
+        assert series.rendered(TEXT) is first
+        # Each format is kept on its own: the OpenMetrics one is rendered now, with the new value.
+        assert b"prefect_exporter_example 2.0" in series.rendered(OPENMETRICS_FORMAT)
+        now[0] += 0.1
+        assert b"prefect_exporter_example 2.0" in series.rendered(TEXT)
+
+    def test_max_age_zero_renders_every_time(self) -> None:
+        """With 0 (the tests' choice, and a way to turn reuse off) every call renders."""
+        gauge = Gauge("prefect_exporter_example", "An own series.", registry=None)
+        own = CollectorRegistry()
+        own.register(gauge)
+        series = OwnSeries(own, max_age=0.0, monotonic=lambda: 5.0)
+        gauge.set(1)
+        series.rendered(TEXT)
+        gauge.set(3)
+        assert b"prefect_exporter_example 3.0" in series.rendered(TEXT)
 
 
 class TestNegotiate:
