@@ -134,19 +134,22 @@ class OwnSeries:
         self._collector = collector
         self._max_age = max_age
         self._monotonic = monotonic
-        self._kept: dict[str, tuple[float, bytes]] = {}
+        self._kept: dict[str, tuple[float, Exposition, bytes]] = {}
 
-    def rendered(self, fmt: str) -> bytes:
-        """The own series in `fmt` (TEXT or OPENMETRICS, without the end marker)."""
+    def rendered(self, fmt: str, beside: Exposition) -> bytes:
+        """The own series in `fmt` (TEXT or OPENMETRICS, without the end marker) to send beside
+        the cached exposition `beside`: a rendering made beside another one (before a poll was
+        published) is not reused, so `prefect_up` and the poll's own counters never lag the
+        Prefect series they come with."""
         now = self._monotonic()
         kept = self._kept.get(fmt)
-        if kept is not None and now - kept[0] < self._max_age:
-            return kept[1]
+        if kept is not None and kept[1] is beside and now - kept[0] < self._max_age:
+            return kept[2]
         if fmt == OPENMETRICS:
             body = _openmetrics(self._collector).removesuffix(_EOF)
         else:
             body = _text(self._collector)
-        self._kept[fmt] = (now, body)
+        self._kept[fmt] = (now, beside, body)
         return body
 
 
@@ -155,6 +158,6 @@ def compose(
 ) -> MetricsResponse:
     """The /metrics body for one request: the own series and the cached part (see the module)."""
     fmt, content_type = negotiate(accept)
-    own_series = own.rendered(fmt)
+    own_series = own.rendered(fmt, cached)
     gzipped = wants_gzip(accept_encoding)
     return MetricsResponse(cached.part(fmt).with_own(own_series, gzipped), content_type, gzipped)

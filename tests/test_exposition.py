@@ -122,15 +122,27 @@ class TestOwnSeries:
         own.register(gauge)
         series = OwnSeries(own, max_age=1.0, monotonic=lambda: now[0])
         gauge.set(1)
-        first = series.rendered(TEXT)
+        first = series.rendered(TEXT, EMPTY)
         assert b"prefect_exporter_example 1.0" in first
         gauge.set(2)
         now[0] += 0.9
-        assert series.rendered(TEXT) is first
+        assert series.rendered(TEXT, EMPTY) is first
         # Each format is kept on its own: the OpenMetrics one is rendered now, with the new value.
-        assert b"prefect_exporter_example 2.0" in series.rendered(OPENMETRICS_FORMAT)
+        assert b"prefect_exporter_example 2.0" in series.rendered(OPENMETRICS_FORMAT, EMPTY)
         now[0] += 0.1
-        assert b"prefect_exporter_example 2.0" in series.rendered(TEXT)
+        assert b"prefect_exporter_example 2.0" in series.rendered(TEXT, EMPTY)
+
+    def test_a_new_poll_is_never_served_with_an_older_rendering(self) -> None:
+        """Within the max age, a newly published exposition gets a fresh rendering."""
+        gauge = Gauge("prefect_exporter_example", "An own series.", registry=None)
+        own = CollectorRegistry()
+        own.register(gauge)
+        series = OwnSeries(own, max_age=60.0, monotonic=lambda: 5.0)
+        gauge.set(0)
+        series.rendered(TEXT, EMPTY)
+        gauge.set(1)
+        published, _ = parts()
+        assert b"prefect_exporter_example 1.0" in series.rendered(TEXT, published)
 
     def test_max_age_zero_renders_every_time(self) -> None:
         """With 0 (the tests' choice, and a way to turn reuse off) every call renders."""
@@ -139,9 +151,9 @@ class TestOwnSeries:
         own.register(gauge)
         series = OwnSeries(own, max_age=0.0, monotonic=lambda: 5.0)
         gauge.set(1)
-        series.rendered(TEXT)
+        series.rendered(TEXT, EMPTY)
         gauge.set(3)
-        assert b"prefect_exporter_example 3.0" in series.rendered(TEXT)
+        assert b"prefect_exporter_example 3.0" in series.rendered(TEXT, EMPTY)
 
 
 class TestNegotiate:

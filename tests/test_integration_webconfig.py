@@ -274,7 +274,12 @@ class TestReload:
         write_config(tmp_path, {"basic_auth_users": users("new password")})
         wait_for(lambda: exporter.get("/metrics").status_code == 401, RELOAD, "the new password")
         exporter.auth = (USER, "new password")
-        assert exporter.value("prefect_exporter_web_config_last_reload_successful") == 1
+        # The exporter's own series may be a rendering up to 1 s old (docs/metrics.md).
+        wait_for(
+            lambda: exporter.value("prefect_exporter_web_config_last_reload_successful") == 1,
+            5.0,
+            "the reload counted as successful",
+        )
 
 
 class TestInvalidConfig:
