@@ -204,9 +204,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     The head comes in as bytes and the response goes out as at most two byte strings (see
     `respond`), so the handler never waits on a client and the connection's task writes the
-    whole response at once. `authorized` is
-    the verdict on the request's credentials (None: no authentication configured); `headers`
-    of the web config go on every response.
+    whole response at once. `authorized` is the verdict on the request's credentials (None: no
+    authentication configured); `headers` of the web config go on every response.
     """
 
     server_version = f"prefect-exporter/{__version__}"
@@ -296,12 +295,12 @@ class _Handler(BaseHTTPRequestHandler):
             # The body is never read, so its bytes would be taken for the next request.
             self.send_header("Connection", "close")
         self.end_headers()
-        for part in parts[:-1]:
-            self.wfile.write(part)
         if len(parts) == 1:
             self.wfile.write(parts[0])  # small: one write with the head
-        else:
-            self._body = parts[-1:]
+            return
+        for part in parts[:-1]:
+            self.wfile.write(part)
+        self._body = parts[-1:]
 
     def end_headers(self) -> None:
         # Every response, errors that http.server writes itself included, gets the headers.

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import zlib
+from collections.abc import Callable
 
+import pytest
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
@@ -111,16 +113,21 @@ class TestCompose:
         assert zipped.parts == (zipped.parts[0],)  # gzipped: one member, built per scrape
 
 
+def example_series(max_age: float, monotonic: Callable[[], float]) -> tuple[Gauge, OwnSeries]:
+    """One own gauge, `prefect_exporter_example`, and its `OwnSeries`."""
+    gauge = Gauge("prefect_exporter_example", "An own series.", registry=None)
+    own = CollectorRegistry()
+    own.register(gauge)
+    return gauge, OwnSeries(own, max_age=max_age, monotonic=monotonic)
+
+
 class TestOwnSeries:
     """The own series are rendered at most once per max age, per format."""
 
     def test_reused_within_the_max_age_and_rendered_again_after(self) -> None:
         """A changed value shows once the rendering is `max_age` seconds old, not before."""
         now = [100.0]
-        gauge = Gauge("prefect_exporter_example", "An own series.", registry=None)
-        own = CollectorRegistry()
-        own.register(gauge)
-        series = OwnSeries(own, max_age=1.0, monotonic=lambda: now[0])
+        gauge, series = example_series(max_age=1.0, monotonic=lambda: now[0])
         gauge.set(1)
         first = series.rendered(TEXT, EMPTY)
         assert b"prefect_exporter_example 1.0" in first
@@ -132,28 +139,22 @@ class TestOwnSeries:
         now[0] += 0.1
         assert b"prefect_exporter_example 2.0" in series.rendered(TEXT, EMPTY)
 
-    def test_a_new_poll_is_never_served_with_an_older_rendering(self) -> None:
-        """Within the max age, a newly published exposition gets a fresh rendering."""
-        gauge = Gauge("prefect_exporter_example", "An own series.", registry=None)
-        own = CollectorRegistry()
-        own.register(gauge)
-        series = OwnSeries(own, max_age=60.0, monotonic=lambda: 5.0)
-        gauge.set(0)
-        series.rendered(TEXT, EMPTY)
-        gauge.set(1)
-        published, _ = parts()
-        assert b"prefect_exporter_example 1.0" in series.rendered(TEXT, published)
-
-    def test_max_age_zero_renders_every_time(self) -> None:
-        """With 0 (the tests' choice, and a way to turn reuse off) every call renders."""
-        gauge = Gauge("prefect_exporter_example", "An own series.", registry=None)
-        own = CollectorRegistry()
-        own.register(gauge)
-        series = OwnSeries(own, max_age=0.0, monotonic=lambda: 5.0)
+    @pytest.mark.parametrize(
+        ("max_age", "published"),
+        [(60.0, True), (0.0, False)],
+        ids=["a newly published poll, within the max age", "max age 0, the same exposition"],
+    )
+    def test_rendered_again_for_a_new_poll_or_at_max_age_zero(
+        self, max_age: float, published: bool
+    ) -> None:
+        """A newly published exposition never gets a rendering made beside an older one; with
+        max age 0 (the tests' choice, and a way to turn reuse off) every call renders."""
+        gauge, series = example_series(max_age=max_age, monotonic=lambda: 5.0)
         gauge.set(1)
         series.rendered(TEXT, EMPTY)
         gauge.set(3)
-        assert b"prefect_exporter_example 3.0" in series.rendered(TEXT, EMPTY)
+        beside = parts()[0] if published else EMPTY
+        assert b"prefect_exporter_example 3.0" in series.rendered(TEXT, beside)
 
 
 class TestNegotiate:
