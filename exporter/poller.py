@@ -251,6 +251,7 @@ class Poller:
         self._core_cost: int | None = None
         # Pages of the last poll's periodic listing of runs ahead (every 5 minutes).
         self._ahead_listing_requests = 0
+        self._due_counted = 0  # queues whose due runs the last poll counted rather than listed
         self._last_plan = PollPlan.FULL  # of the last poll attempted (skips do not count)
         # Seconds the coming poll has waited so far for its full cost (plan WAIT).
         self._budget_wait = 0.0
@@ -435,11 +436,13 @@ class Poller:
         if mode is PollMode.RUN_CENTRIC:
             result = await self._runs.read([q.id for q in queues], now, deadline)
             self._ahead_listing_requests = result.ahead_listing_requests
+            self._due_counted = result.due_counted
             stats = dict(result.stats)
             fallback = [q for q in queues if q.id in result.incomplete]
             self._metrics.far_counts_missing.set(result.far_counts_missing)
         else:
             self._ahead_listing_requests = 0
+            self._due_counted = 0
             self._metrics.far_counts_missing.set(0)
         answers = await gather_bounded(
             [self._api.queue_run_stats(q.id, now, deadline) for q in fallback], concurrency
@@ -677,6 +680,8 @@ class Poller:
                 core_requests=(self._core_cost or 0) + self._ahead_listing_requests,
                 # Of those, the listing of runs ahead that run-centric polls make every 5 min.
                 ahead_listing_requests=self._ahead_listing_requests,
+                # Queues whose due runs were counted (one request each) rather than listed.
+                due_counted_queues=self._due_counted,
                 # Seconds this poll waited for its full cost to be affordable (plan WAIT).
                 budget_wait_seconds=round(budget_wait, 3),
                 work_pools=len(snapshot.pools),

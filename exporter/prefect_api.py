@@ -229,14 +229,18 @@ class PrefectApi:
         )
 
     async def active_runs_page(
-        self, queue_ids: Sequence[str], after: UnixTime | None, deadline: Deadline
+        self,
+        queue_ids: Sequence[str],
+        after: UnixTime | None,
+        deadline: Deadline,
+        excluded: Sequence[str] = (),
     ) -> list[RunRecord]:
         """The first page (oldest expected start first) of runs that hold or wait for a slot.
 
         Pending, Running, Cancelling and Paused runs, and AwaitingConcurrencySlot runs, in the
         queues `queue_ids` (runs without a queue are left out), expected to start at `after` or
-        later when given. One request; raises MalformedResponse when the answer shows the queue
-        filter was not applied.
+        later when given, other than the runs whose ids are `excluded`. One request; raises
+        MalformedResponse when the answer shows the queue filter was not applied.
         """
         runs_filter: dict[str, Any] = {
             "state": {
@@ -248,7 +252,7 @@ class PrefectApi:
         if after is not None:
             runs_filter["expected_start_time"] = {"after_": iso(after)}
         body = {"flow_runs": runs_filter}
-        return await self._run_page(body, "EXPECTED_START_TIME_ASC", queue_ids, deadline)
+        return await self._run_page(body, "EXPECTED_START_TIME_ASC", queue_ids, excluded, deadline)
 
     async def scheduled_runs_page(
         self,
@@ -256,12 +260,13 @@ class PrefectApi:
         queue_ids: Sequence[str],
         after: UnixTime | None,
         deadline: Deadline,
+        excluded: Sequence[str] = (),
     ) -> list[RunRecord]:
         """The first page (earliest first) of runs scheduled to start by `until`.
 
         SCHEDULED-type runs other than AwaitingConcurrencySlot (whose next start the deployment
         limit keeps pushing ahead), in the queues `queue_ids`, due at `after` or later when
-        given. One request.
+        given, other than the runs whose ids are `excluded`. One request.
         """
         window = {"before_": iso(until)}
         if after is not None:
@@ -275,7 +280,9 @@ class PrefectApi:
                 "next_scheduled_start_time": window,
             },
         }
-        return await self._run_page(body, "NEXT_SCHEDULED_START_TIME_ASC", queue_ids, deadline)
+        return await self._run_page(
+            body, "NEXT_SCHEDULED_START_TIME_ASC", queue_ids, excluded, deadline
+        )
 
     async def scheduled_counts_after(
         self, queue_id: str, after: UnixTime, deadline: Deadline
@@ -297,12 +304,16 @@ class PrefectApi:
         )
 
     async def scheduled_counts_between(
-        self, queue_id: str, after: UnixTime, before: UnixTime, deadline: Deadline
+        self, queue_id: str, after: UnixTime | None, before: UnixTime, deadline: Deadline
     ) -> tuple[StateCount, ...]:
-        """One queue's SCHEDULED-type runs due from `after` up to `before`, by state name.
+        """One queue's SCHEDULED-type runs due from `after` (or any time) up to `before`, by
+        state name (both ends included, as the API's time filters are).
 
         One request; AwaitingConcurrencySlot runs are left out (the active listing has them).
         """
+        window = {"before_": iso(before)}
+        if after is not None:
+            window["after_"] = iso(after)
         return await self._history(
             queue_id,
             {
@@ -310,7 +321,7 @@ class PrefectApi:
                     "type": {"any_": [StateType.SCHEDULED.value]},
                     "name": {"not_any_": [AWAITING_CONCURRENCY_SLOT]},
                 },
-                "next_scheduled_start_time": {"after_": iso(after), "before_": iso(before)},
+                "next_scheduled_start_time": window,
             },
             deadline,
         )
@@ -341,11 +352,15 @@ class PrefectApi:
         body: Mapping[str, Any],
         sort: str,
         queue_ids: Sequence[str],
+        excluded: Sequence[str],
         deadline: Deadline,
     ) -> list[RunRecord]:
         # The queue filter takes ids to include only (no exclusion); a thousand ids make a
-        # 37 KB body, which is still one cheap request.
+        # 37 KB body, which is still one cheap request. Run ids are left out with
+        # `flow_runs.id.not_any_` (`FlowRunFilterId`, Prefect 3.0 on).
         body = {**body, "work_pool_queues": {"id": {"any_": list(queue_ids)}}}
+        if excluded:
+            body["flow_runs"] = {**body["flow_runs"], "id": {"not_any_": list(excluded)}}
         rows = await self._runs(body, sort, PAGE_SIZE, deadline)
         runs = [parse_run(row) for row in rows]
         asked = set(queue_ids)

@@ -8,16 +8,24 @@ nothing more.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from demo.stack import ExporterProcess, PrefectAdmin, PrefectServer, past, wait_for
+from exporter.budget import RequestBudget
+from exporter.clock import Deadline, UnixTime
+from exporter.prefect_api import PrefectApi
+from exporter.prefect_http import ApiMetrics, Connection, PrefectHttp
 from exporter.prefect_parse import to_timestamp
+from exporter.records import RunRecord
 
 pytestmark = pytest.mark.integration
 
@@ -110,8 +118,10 @@ class TestExactInRunCentricMode:
     def test_backlog_and_oldest_due_equal_the_runs_own_timestamps(
         self, workspace: Workspace
     ) -> None:
-        """warm (listed in full) and hot (more than a page: read per queue) are both exact."""
+        """warm (listed in full) and hot (250 runs due at one instant: a backlog its first
+        page shows, so counted by one request, its oldest from the listing) are both exact."""
         wait_for(lambda: backlog(workspace, "hot") == 250, 120, "hot backlog 250")
+        assert settle(workspace, polls=1)["due_counted_queues"] == 1
         assert backlog(workspace, "warm") == 20
         ids = queue_ids(workspace.admin)
         for queue in ("hot", "warm"):
@@ -171,6 +181,38 @@ class TestExactInRunCentricMode:
             120,
             "the pending run's own timestamp",
         )
+
+
+class TestListingPagesByRunId:
+    """The real server honours the run id exclusion that pages runs sharing one time."""
+
+    def test_a_tie_of_250_runs_pages_into_two_disjoint_pages(self, workspace: Workspace) -> None:
+        """hot's 250 runs are due at one instant: the second page leaves the first's ids out."""
+        wait_for(lambda: backlog(workspace, "hot") is not None, 120, "hot polled")
+        hot = queue_ids(workspace.admin)["hot"]
+
+        async def two_pages() -> tuple[list[RunRecord], list[RunRecord]]:
+            http = PrefectHttp(
+                Connection(workspace.server.api_url),
+                ApiMetrics(CollectorRegistry()),
+                RequestBudget(6000),
+            )
+            api = PrefectApi(http)
+            now, deadline = UnixTime(time.time()), Deadline(time.monotonic() + 60)
+            first = await api.scheduled_runs_page(now, [hot], None, deadline)
+            times = {r.next_scheduled_start for r in first}
+            assert len(times) == 1, "the runs were made due at one instant"
+            after = UnixTime(min(t for t in times if t is not None) - 0.001)
+            second = await api.scheduled_runs_page(
+                now, [hot], after, deadline, excluded=[r.id for r in first]
+            )
+            await api.aclose()
+            return first, second
+
+        first, second = asyncio.run(two_pages())
+        assert len(first) == 200
+        assert len(second) >= 50  # 250 at least (a later test adds 300 more)
+        assert not {r.id for r in first} & {r.id for r in second}
 
 
 class TestCostFollowsRunsNotQueues:

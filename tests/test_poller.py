@@ -116,12 +116,21 @@ class FakeApi:
         return dict.fromkeys(ids, NOW - 100)
 
     async def active_runs_page(
-        self, queue_ids: Sequence[str], after: float | None, deadline: float
+        self,
+        queue_ids: Sequence[str],
+        after: float | None,
+        deadline: float,
+        excluded: Sequence[str] = (),
     ) -> list[RunRecord]:
         return []
 
     async def scheduled_runs_page(
-        self, until: float, queue_ids: Sequence[str], after: float | None, deadline: float
+        self,
+        until: float,
+        queue_ids: Sequence[str],
+        after: float | None,
+        deadline: float,
+        excluded: Sequence[str] = (),
     ) -> list[RunRecord]:
         return [RunRecord("r1", "a", "SCHEDULED", "Late", NOW - 70, NOW - 70, NOW - 60)]
 
@@ -131,7 +140,7 @@ class FakeApi:
         return (StateCount("SCHEDULED", "Scheduled", 5),)
 
     async def scheduled_counts_between(
-        self, queue_id: str, after: float, before: float, deadline: float
+        self, queue_id: str, after: float | None, before: float, deadline: float
     ) -> tuple[StateCount, ...]:
         return ()
 

@@ -584,6 +584,25 @@ class TestRunListings:
         assert scheduled["sort"] == "NEXT_SCHEDULED_START_TIME_ASC"
         assert scheduled["limit"] == 200
 
+    def test_runs_already_listed_are_left_out_by_id(self) -> None:
+        """The next page of a tie leaves out, by id, the runs answered before (Prefect 3.0 on)."""
+        fake = FakePrefect()
+        fake.on("POST", "flow_runs/filter", [])
+        api = make_api(fake)
+        run(call_and_close(api, api.active_runs_page(["q1"], None, FAR, excluded=["r1", "r2"])))
+        api = make_api(fake)
+        later = UnixTime(NOW - 30)
+        page = api.scheduled_runs_page(UnixTime(NOW + 60), ["q1"], later, FAR, excluded=["r3"])
+        run(call_and_close(api, page))
+        api = make_api(fake)
+        run(call_and_close(api, api.scheduled_runs_page(UnixTime(NOW + 60), ["q1"], later, FAR)))
+        active, scheduled, plain = fake.bodies("flow_runs/filter")
+        assert active["flow_runs"]["id"] == {"not_any_": ["r1", "r2"]}
+        assert active["flow_runs"]["state"]["operator"] == "or_"
+        assert scheduled["flow_runs"]["id"] == {"not_any_": ["r3"]}
+        assert "next_scheduled_start_time" in scheduled["flow_runs"]
+        assert "id" not in plain["flow_runs"]
+
     def test_a_run_from_a_queue_not_asked_for_is_malformed(self) -> None:
         """An ignored filter key would otherwise pass every run off as this queue's."""
         row = {
@@ -634,6 +653,16 @@ class TestRunListings:
         window = body["flow_runs"]["next_scheduled_start_time"]
         assert window == {"after_": iso(NOW), "before_": iso(UnixTime(NOW + 3600))}
         assert body["flow_runs"]["state"]["name"] == {"not_any_": ["AwaitingConcurrencySlot"]}
+
+    def test_counts_of_due_runs_have_no_start(self) -> None:
+        """Due runs of a queue too big to list: every one due by the poll's time."""
+        fake = FakePrefect()
+        fake.on("POST", "flow_runs/history", [])
+        api = make_api(fake)
+        counts = run(call_and_close(api, api.scheduled_counts_between("q1", None, NOW, FAR)))
+        assert counts == ()
+        (body,) = fake.bodies("flow_runs/history")
+        assert body["flow_runs"]["next_scheduled_start_time"] == {"before_": iso(NOW)}
 
 
 class TestCsrfConcurrency:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -11,8 +12,11 @@ from exporter.clock import Deadline, UnixTime
 from exporter.errors import MalformedResponse
 from exporter.records import RunRecord, StateCount
 from exporter.run_reader import (
+    DUE_MOVE_AT,
+    DUE_SOFT_PAGES,
     FUTURE_REFRESH_SECONDS,
     HORIZON_SECONDS,
+    MAX_EXCLUDED,
     PAGE_SIZE,
     SOFT_PAGES,
     FarCounts,
@@ -50,8 +54,10 @@ class FakeRuns:
         self.runs = list(runs)
         self.far = far or {}
         self.pages: list[tuple[str, tuple[str, ...]]] = []
+        self.excluded: list[int] = []  # run ids left out, per page request
         self.refreshed: list[str] = []
         self.between: list[str] = []
+        self.due_counted: list[str] = []
         self.ahead_untils: set[float] = set()
 
     def _page(
@@ -60,23 +66,36 @@ class FakeRuns:
         rows: list[RunRecord],
         queue_ids: Sequence[str],
         after: float | None,
+        excluded: Sequence[str],
         key: Callable[[RunRecord], float | None],
     ) -> list[RunRecord]:
+        """Sorted by `key`, runs without one last and left out by a time filter (PostgreSQL);
+        runs at one time in the order they were made (an index's order)."""
         self.pages.append((kind, tuple(queue_ids)))
+        self.excluded.append(len(excluded))
+        left_out = set(excluded)
+        rows = sorted(rows, key=lambda r: (key(r) is None, key(r) or 0))
         return [
-            r for r in rows if r.queue_id in queue_ids and (after is None or (key(r) or 0) >= after)
+            r
+            for r in rows
+            if r.queue_id in queue_ids
+            and r.id not in left_out
+            and (after is None or ((k := key(r)) is not None and k >= after))
         ][:PAGE_SIZE]
 
     async def active_runs_page(
-        self, queue_ids: Sequence[str], after: UnixTime | None, deadline: Deadline
+        self,
+        queue_ids: Sequence[str],
+        after: UnixTime | None,
+        deadline: Deadline,
+        excluded: Sequence[str] = (),
     ) -> list[RunRecord]:
         rows = [
             r
             for r in self.runs
             if r.state_type != "SCHEDULED" or r.state_name == "AwaitingConcurrencySlot"
         ]
-        rows.sort(key=lambda r: r.expected_start or 0)
-        return self._page("active", rows, queue_ids, after, lambda r: r.expected_start)
+        return self._page("active", rows, queue_ids, after, excluded, lambda r: r.expected_start)
 
     async def scheduled_runs_page(
         self,
@@ -84,6 +103,7 @@ class FakeRuns:
         queue_ids: Sequence[str],
         after: UnixTime | None,
         deadline: Deadline,
+        excluded: Sequence[str] = (),
     ) -> list[RunRecord]:
         rows = [
             r
@@ -92,17 +112,19 @@ class FakeRuns:
             and r.state_name != "AwaitingConcurrencySlot"
             and (r.next_scheduled_start or 0) <= until
         ]
-        rows.sort(key=lambda r: r.next_scheduled_start or 0)
         # The listing of runs ahead starts at the poll's time and ends an hour later; the due
         # listing ends at the poll's time. Later pages of a listing keep its `until`.
         if after is not None and until - after == HORIZON_SECONDS:
             self.ahead_untils.add(until)
         kind = "ahead" if until in self.ahead_untils else "scheduled"
-        return self._page(kind, rows, queue_ids, after, lambda r: r.next_scheduled_start)
+        return self._page(kind, rows, queue_ids, after, excluded, lambda r: r.next_scheduled_start)
 
     async def scheduled_counts_between(
-        self, queue_id: str, after: UnixTime, before: UnixTime, deadline: Deadline
+        self, queue_id: str, after: UnixTime | None, before: UnixTime, deadline: Deadline
     ) -> tuple[StateCount, ...]:
+        if after is None:
+            self.due_counted.append(queue_id)
+            return self._counts(queue_id, lambda t: t <= before)
         self.between.append(queue_id)
         return self._counts(queue_id, lambda t: after <= t <= before)
 
@@ -131,12 +153,16 @@ def counts_of(stats_counts: Sequence[StateCount]) -> dict[str, int]:
     return {c.state_name: c.count for c in stats_counts}
 
 
-def listing(fake: FakeRuns, queue_ids: Sequence[str]) -> Listing:
+def listing(
+    fake: FakeRuns, queue_ids: Sequence[str], move_at: int = PAGE_SIZE, soft_pages: int = SOFT_PAGES
+) -> Listing:
     return asyncio.run(
         list_by_queue(
-            lambda ids, after: fake.scheduled_runs_page(NOW, ids, after, FAR),
+            lambda ids, after, excluded: fake.scheduled_runs_page(NOW, ids, after, FAR, excluded),
             queue_ids,
             lambda r: r.next_scheduled_start,
+            move_at,
+            soft_pages,
         )
     )
 
@@ -170,19 +196,82 @@ class TestListByQueue:
         assert result.incomplete == frozenset({"big"})
         assert [r.id for r in result.runs["small"]] == [f"s{i}" for i in range(150)]
 
-    def test_a_page_of_runs_at_one_instant_hands_its_queues_over(self) -> None:
-        """250 runs created at the same time cannot be paged by time: their queue is read apart."""
+    def test_runs_at_one_instant_are_paged_by_id(self) -> None:
+        """250 runs created at the same time: the second page leaves the first's out by id."""
         burst = [scheduled(f"b{i}", "burst", NOW - 100) for i in range(250)]
         fake = FakeRuns([*burst, scheduled("x", "other", NOW - 50)])
         result = listing(fake, ["burst", "other"])
-        assert result.incomplete == frozenset({"burst"})
+        assert len(fake.pages) == 2
+        assert fake.excluded == [0, PAGE_SIZE]
+        assert result.incomplete == frozenset()
+        assert len(result.runs["burst"]) == 250
         assert [r.id for r in result.runs["other"]] == ["x"]
+
+    def test_a_thousand_queues_on_one_cron_are_listed_not_read_apart(self) -> None:
+        """One run due at the same minute in each of 1,000 queues: five pages, every queue
+        complete (a tie handed to per-queue reads would cost 1,000 requests or more)."""
+        fake = FakeRuns([scheduled(f"r{i}", f"q{i}", NOW - 60) for i in range(1000)])
+        result = listing(fake, [f"q{i}" for i in range(1000)])
+        assert len(fake.pages) == 6  # the sixth, empty, says the fifth was the last
+        assert result.incomplete == frozenset()
+        assert all(len(result.runs[f"q{i}"]) == 1 for i in range(1000))
+        assert fake.excluded == [0, 200, 400, 600, 800, 1000]
+
+    def test_a_tie_too_large_to_leave_out_by_id_hands_its_largest_queues_over(self) -> None:
+        """40 queues of 60 runs at one time: the body never lists more than MAX_EXCLUDED ids;
+        the queues that leave are named with their earliest run, the others are complete."""
+        runs = [scheduled(f"q{q}-{i}", f"q{q}", NOW - 60) for q in range(40) for i in range(60)]
+        fake = FakeRuns([*runs, scheduled("early", "q39", NOW - 90)])
+        result = listing(fake, [f"q{q}" for q in range(40)])
+        assert max(fake.excluded) <= MAX_EXCLUDED
+        assert result.incomplete
+        assert set(result.earliest) == result.incomplete
+        for q in range(40):
+            if f"q{q}" in result.incomplete:
+                assert result.earliest[f"q{q}"] == (NOW - 90 if q == 39 else NOW - 60)
+            else:
+                assert len(result.runs[f"q{q}"]) == 60 + (q == 39)
+
+    def test_a_queue_with_a_quarter_page_of_due_runs_leaves_after_the_first_page(self) -> None:
+        """As the due listing does it: a queue holding 67 of the first 400 runs leaves the
+        listing after the second page (its 800 later runs are counted, not paged), and its
+        first listed run is its earliest. With the active listing's bar (a full page, after
+        three pages) it leaves two pages later."""
+        light = [scheduled(f"l{i}", f"l{i}", NOW - 10_000 + 10 * i) for i in range(500)]
+        heavy = [scheduled(f"h{i}", "heavy", NOW - 10_000 + 50 * i + 1) for i in range(100)]
+        heavy += [scheduled(f"H{i}", "heavy", NOW - 5000 + 5 * i) for i in range(800)]
+        queues = ["heavy", *(f"l{i}" for i in range(500))]
+        fake = FakeRuns(light + heavy)
+        result = listing(fake, queues, DUE_MOVE_AT, DUE_SOFT_PAGES)
+        assert result.incomplete == frozenset({"heavy"})
+        assert result.earliest == {"heavy": NOW - 10_000 + 1}
+        assert all(len(result.runs[f"l{i}"]) == 1 for i in range(500))
+        assert len(fake.pages) == 3
+        fake = FakeRuns(light + heavy)
+        assert listing(fake, queues).incomplete == frozenset({"heavy"})
+        assert len(fake.pages) == 5
+
+    def test_runs_without_a_time_are_paged_by_id(self) -> None:
+        """Runs that have no key at all (sorted last) cannot move the time: the ids do."""
+        rows = [run(f"p{i}", "q", "PENDING", "Pending", NOW - 10) for i in range(450)]
+        fake = FakeRuns(rows)
+        result = asyncio.run(
+            list_by_queue(
+                lambda ids, after, excluded: fake.active_runs_page(ids, after, FAR, excluded),
+                ["q"],
+                lambda r: r.expected_start,
+            )
+        )
+        assert len(result.runs["q"]) == 450
+        assert len(fake.pages) == 3
 
     def test_a_server_ignoring_the_filters_is_malformed(self) -> None:
         """Full pages that never change would page on forever: refused instead."""
         rows = [scheduled(f"r{i}", "q", NOW - i) for i in range(PAGE_SIZE)]
 
-        async def stubborn(queue_ids: Sequence[str], after: UnixTime | None) -> list[RunRecord]:
+        async def stubborn(
+            queue_ids: Sequence[str], after: UnixTime | None, excluded: Sequence[str]
+        ) -> list[RunRecord]:
             return rows
 
         with pytest.raises(MalformedResponse):
@@ -315,6 +404,52 @@ class TestRunCentricReader:
         assert counts_of(result.stats["busy"].counts) == {"Pending": 1, "Scheduled": 1, "Late": 1}
         assert result.stats["busy"].due_scheduled == 2
         assert HORIZON_SECONDS > 100
+
+    def test_a_standing_backlog_is_counted_not_listed_and_stays_exact(self) -> None:
+        """5,000 runs due at one instant in 10 queues (made queue by queue, as the scale bench
+        does) beside small queues: the due listing pages a few of them and counts the 10
+        queues (one request each), not 25 pages a poll; every figure equals the truth."""
+        burst = [
+            scheduled(f"b{q}-{i}", f"b{q}", NOW - 300, "Late" if i % 2 else "Scheduled")
+            for q in range(10)
+            for i in range(500)
+        ]
+        small = [scheduled(f"s{i}", f"s{i % 40}", NOW - 900 + i) for i in range(120)]
+        small += [run(f"p{i}", f"b{i}", "PENDING", "Pending", NOW - 30, NOW - 60) for i in range(3)]
+        fake = FakeRuns(burst + small)
+        queues = [*(f"b{q}" for q in range(10)), *(f"s{i}" for i in range(40))]
+        result = read(RunCentricReader(fake, concurrency=4), queues, NOW, limit=0)
+        assert result.incomplete == frozenset()
+        assert result.due_counted == 10
+        assert sorted(fake.due_counted) == sorted(f"b{q}" for q in range(10))
+        # Made queue by queue, a burst's runs come a queue at a time: the first page (the
+        # small queues and b0), one page for each other burst queue, one to end; 27 in full.
+        assert [kind for kind, _ in fake.pages].count("scheduled") == 11
+        for q in queues:
+            due = [
+                r
+                for r in fake.runs
+                if r.queue_id == q and r.next_scheduled_start and r.next_scheduled_start <= NOW
+            ]
+            stats = result.stats[q]
+            assert stats.due_scheduled == len(due), q
+            assert stats.oldest_due_scheduled == min(r.next_scheduled_start or 0 for r in due), q
+            expected = Counter(r.state_name for r in fake.runs if r.queue_id == q)
+            assert counts_of(stats.counts) == dict(expected), q
+
+    def test_a_counted_queue_emptied_meanwhile_has_no_oldest(self) -> None:
+        """Listed, then claimed before the count: no due run, so no oldest due time either."""
+        fake = FakeRuns([scheduled(f"b{i}", "b", NOW - 300) for i in range(900)])
+
+        async def claimed_meanwhile(
+            queue_id: str, after: UnixTime | None, before: UnixTime, deadline: Deadline
+        ) -> tuple[StateCount, ...]:
+            return ()
+
+        fake.scheduled_counts_between = claimed_meanwhile  # type: ignore[method-assign]
+        result = read(RunCentricReader(fake, concurrency=4), ["b"], NOW, limit=0)
+        assert result.stats["b"].due_scheduled == 0
+        assert result.stats["b"].oldest_due_scheduled is None
 
     def test_a_deleted_queue_is_forgotten(self) -> None:
         """Slow counts of queues that are gone are dropped (memory stays bounded)."""
