@@ -803,7 +803,9 @@ class ExporterRun:
 
     def __init__(self, server: PrefectServer, mode: str, workdir: Path) -> None:
         self.mode = mode
-        self.proxy = FaultProxy(f"http://127.0.0.1:{server.port}", lambda *_: None)
+        # WebSockets relayed: the exporter follows the event stream as it would deployed (the
+        # proxy refused them before 2026-11-30, so events were paged: 10 requests a poll at burst).
+        self.proxy = FaultProxy(f"http://127.0.0.1:{server.port}", lambda *_: None, websockets=True)
         self.log_path = workdir / f"exporter-{mode}.log"
         self.exporter: ExporterProcess | None = None
         self.started_monotonic = 0.0

@@ -8,14 +8,18 @@ tests can compare the proxy's own count with what the exporter and the worker's 
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+
+from tests.tcprelay import pump
 
 _HOP_BY_HOP = {
     "connection",
@@ -100,10 +104,20 @@ class EveryNth:
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, rule: Rule, after: After | None = None) -> None:
+    """The proxy: `rule` picks the requests it answers itself; `after` sees the others' status.
+
+    WebSocket upgrades are refused (404) unless `websockets`: then the connection is relayed to
+    the upstream byte for byte, and counted in `tunnels`, not in `records` (not an API request).
+    """
+
+    def __init__(
+        self, upstream: str, rule: Rule, after: After | None = None, websockets: bool = False
+    ) -> None:
         self.upstream = upstream.rstrip("/")
         self.rule = rule
         self.after = after
+        self.websockets = websockets
+        self.tunnels = 0
         self.records: list[Record] = []
         self._lock = threading.Lock()
         self._client = httpx.Client(timeout=30)
@@ -145,6 +159,9 @@ class FaultProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 if self.headers.get("Upgrade", "").lower() == "websocket":
+                    if proxy.websockets:
+                        self._tunnel()
+                        return
                     # No WebSockets here: Prefect's worker then heartbeats over REST.
                     self._reply(404, {}, b"", received, client, injected=False)
                     return
@@ -170,6 +187,31 @@ class FaultProxy:
                 )
                 if proxy.after is not None:
                     proxy.after(client, self.command, self.path, upstream.status_code)
+
+            def _tunnel(self) -> None:
+                """Relay this upgrade and the frames after it both ways until either side closes."""
+                target = urlsplit(proxy.upstream)
+                head = [f"{self.command} {target.path}{self.path} HTTP/1.1"]
+                head += [f"{k}: {v}" for k, v in self.headers.items() if k.lower() != "host"]
+                head.append(f"Host: {target.netloc}")
+                self.close_connection = True
+                with proxy._lock:
+                    proxy.tunnels += 1
+                try:
+                    upstream = socket.create_connection(
+                        (target.hostname or "127.0.0.1", target.port or 80), timeout=30
+                    )
+                except OSError:
+                    return
+                upstream.settimeout(None)
+                with upstream:
+                    upstream.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+                    back = threading.Thread(
+                        target=pump, args=(upstream, self.connection), daemon=True
+                    )
+                    back.start()
+                    pump(self.connection, upstream)
+                    back.join(timeout=5)
 
             def _reply(
                 self,

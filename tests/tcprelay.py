@@ -60,13 +60,14 @@ class TcpRelay:
                 self._open += [client, server]
                 self.accepted += 1
             for source, target in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+                threading.Thread(target=pump, args=(source, target), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, target: socket.socket) -> None:
+
+def pump(source: socket.socket, target: socket.socket) -> None:
+    """Copy bytes from `source` to `target` until either ends, then shut both down."""
+    with contextlib.suppress(OSError):
+        while chunk := source.recv(65536):
+            target.sendall(chunk)
+    for sock in (source, target):
         with contextlib.suppress(OSError):
-            while chunk := source.recv(65536):
-                target.sendall(chunk)
-        for sock in (source, target):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+            sock.shutdown(socket.SHUT_RDWR)

@@ -105,6 +105,27 @@ class TestStream:
         finally:
             exporter.stop()
 
+    def test_the_stream_passes_a_proxy_that_relays_websockets(
+        self, prefect_server: PrefectServer, admin: PrefectAdmin, pool: str, tmp_path: Path
+    ) -> None:
+        """The scale bench counts requests through this proxy: the stream must work through
+        it as it does without one, so that the bench measures the exporter as deployed."""
+        proxy = FaultProxy(
+            prefect_server.api_url.removesuffix("/api"), lambda *_: None, websockets=True
+        )
+        proxy.start()
+        exporter = streaming_exporter(proxy.url + "/api", "120s", tmp_path)
+        try:
+            wait_connected(exporter)
+            start_runs(admin, pool, 2)
+            wait_for(lambda: transitions(exporter, pool, "Running") == 2, 30, "two Running")
+            assert event_pages(exporter) == 0
+            assert proxy.tunnels >= 1
+            assert not [r for r in proxy.requests_of("exporter") if "events" in r.path]
+        finally:
+            exporter.stop()
+            proxy.stop()
+
 
 class TestFallback:
     """A refused or dropped stream falls back to paging, then resumes, counting nothing twice."""
