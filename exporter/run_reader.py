@@ -8,19 +8,19 @@ the runs that matter across every queue at once and groups them locally:
 - scheduled runs due before the listing window's end, earliest first.
 
 Pages follow a time key (keyset paging: each page asks for runs at or after the last one's time,
-less a millisecond, leaving out by id the runs already answered at or after it), never an
-offset, which would skip runs as others leave the listing. The ids make runs that share one time
-(a burst created at once, a thousand deployments on the same cron) page like any others; at
-most MAX_EXCLUDED ids are sent, beyond which the queues holding most of the tie leave the
-listing. A queue holding many runs leaves the listing too: from the active listing, after three
-pages, to the per-queue path (1 to 6 requests, at a full page of runs); from the due listing,
-after its first full page, its due runs are counted by state (one request, at a quarter page
-of runs listed), and its oldest due
-run is the first one listed, as the listing asked about the queue from its start. So a burst of
-thousands of due runs in a few queues costs a few pages and one request a queue, not one page
-per 200 runs: measured at 1,000 queues, a standing backlog of 5,000 runs in 10 queues took polls
-from 45 to 85-94 requests when listed. Many small queues with a few runs each cost their runs /
-200 pages.
+less a millisecond, leaving out by id the runs already answered at or after it), never an offset,
+which would skip runs as others leave the listing. The ids make runs that share one time (a burst
+created at once, a thousand deployments on the same cron) page like any others; a request leaves
+out at most MAX_EXCLUDED ids, and a larger tie is listed in parts, half the queues at a time. A
+queue holding many runs leaves the listing: from the active listing, after three pages, to the
+per-queue path (1 to 6 requests, at a full page of runs); from the due listing, after its first
+full page, its due runs are counted by state (one request, at a quarter page of runs listed), and
+its oldest due run is the first one listed, as the listing asked about the queue from its start.
+So a backlog of thousands of due runs in a few queues costs a few pages and one request a queue,
+not one page per 200 runs: measured at 1,000 queues, a standing backlog of 5,000 runs due at one
+instant in 10 queues took polls from 45 to 85-94 requests when its queues were handed to the
+per-queue path a tie page at a time. Many small queues with a few runs each cost their runs / 200
+pages.
 
 Scheduled runs not yet due but within the window (the next hour) change slowly: the scheduler
 adds runs far ahead, and a run only matters to the backlog once due. So the window is listed in
@@ -45,7 +45,10 @@ even when it runs out of time or budget: it never makes a poll fail for want of 
 
 The two listings are read concurrently but not atomically: a run that changes state between the
 two answers may be counted in neither or both for one poll (the per-queue path's single history
-request has no such gap).
+request has no such gap). Likewise a counted queue's oldest due run is listed before its runs
+are counted: claimed in between, it is still reported for that poll. And a kept run ahead that is
+moved earlier, to due, in a counted queue is counted twice (kept and counted) unless the due
+listing saw it, until the next listing of runs ahead (at most `future_refresh`).
 """
 
 from __future__ import annotations
@@ -88,8 +91,8 @@ SOFT_PAGES = 3
 # Due runs leave after the first full page: a queue holding a quarter of it is a backlog.
 DUE_SOFT_PAGES = 1
 DUE_MOVE_AT = PAGE_SIZE // 4
-# Run ids a page request leaves out at most (about 40 bytes each in the body): 2,000 queues'
-# runs due at the same minute still page by id.
+# Run ids a page request leaves out at most (about 40 bytes each in the body); a larger tie is
+# listed in parts, a half of the queues at a time.
 MAX_EXCLUDED = 2000
 # A listing longer than this is a server that does not honour the filters, not a workspace.
 MAX_PAGES = 1000
@@ -172,6 +175,7 @@ class Listing:
     runs: dict[str, list[RunRecord]]
     incomplete: frozenset[str]
     earliest: dict[str, float] = field(default_factory=dict)
+    seen: frozenset[str] = frozenset()  # ids of every run listed, of incomplete queues too
 
 
 @dataclass(frozen=True)
@@ -200,74 +204,109 @@ async def list_by_queue(
     key: Callable[[RunRecord], float | None],
     move_at: int = PAGE_SIZE,
     soft_pages: int = SOFT_PAGES,
+    max_excluded: int = MAX_EXCLUDED,
 ) -> Listing:
     """Page through one listing of the queues `queue_ids` (see the module doc).
 
     `fetch(ids, after, excluded)` returns one page of the runs in the queues `ids` whose `key`
-    is at or after `after`, sorted by `key`, without the runs whose ids are `excluded`. After
-    `soft_pages` full pages, a queue holding `move_at` listed runs leaves the listing (it is in
-    `incomplete`, with the key of its first run in `earliest`). Raises MalformedResponse when
-    the pages show the server ignored a filter.
+    is at or after `after`, sorted by `key`, without the runs whose ids are `excluded` (at most
+    `max_excluded`). After `soft_pages` full pages, a queue holding `move_at` listed runs
+    leaves the listing (it is in `incomplete`, with the key of its first run in `earliest`).
+    Raises MalformedResponse when the pages show the server ignored a filter.
     """
-    remaining = list(queue_ids)
-    incomplete: set[str] = set()
-    seen: set[str] = set()
-    runs: dict[str, list[RunRecord]] = defaultdict(list)
-    after: UnixTime | None = None
-    # Runs answered at or after `after`: the next page leaves them out by id, so runs sharing
-    # one time (a burst created at once) are paged like any others.
-    tail: list[RunRecord] = []
-    for pages in range(1, MAX_PAGES + 1):
-        excluded = [r.id for r in tail if r.queue_id not in incomplete]
-        page = await fetch(remaining, after, excluded)
-        fresh = [r for r in page if r.id not in seen and r.queue_id not in incomplete]
-        for run in fresh:
-            seen.add(run.id)
-            if run.queue_id is not None:
-                runs[run.queue_id].append(run)
-        if len(page) < PAGE_SIZE:
-            break
-        if not fresh:
-            # Every run was answered before, although excluded or before the key.
-            raise MalformedResponse("flow_runs/filter: the run id or time filter was not applied")
-        last = key(page[-1])
-        if last is not None:
-            after = UnixTime(last - KEY_OVERLAP_SECONDS)
-        # Without a time to page from (runs without one sort last on PostgreSQL), the ids
-        # alone move the listing on.
-        tail = [r for r in (*tail, *page) if after is None or (k := key(r)) is None or k >= after]
-        if len(tail) > MAX_EXCLUDED:
-            # Thousands of runs at one time: the queues holding most of them leave the listing
-            # rather than the request body growing without bound.
-            incomplete |= _largest_holders(tail, MAX_EXCLUDED)
-        if pages >= soft_pages:
-            incomplete |= {q for q, listed in runs.items() if len(listed) >= move_at}
-        tail = [r for r in tail if r.queue_id not in incomplete]
-        remaining = [q for q in remaining if q not in incomplete]
-        if not remaining:
-            break
-    else:
-        raise MalformedResponse(f"flow_runs/filter: more than {MAX_PAGES} pages")
+    paging = _Paging(fetch, key, move_at, soft_pages, max_excluded)
+    await paging.page_on(list(queue_ids), None, [])
+    incomplete = paging.incomplete
     earliest = {
         q: first
         for q in incomplete
-        if (first := _oldest(key(run) for run in runs.get(q, ()))) is not None
+        if (first := _oldest(key(run) for run in paging.runs.get(q, ()))) is not None
     }
     return Listing(
-        {q: r for q, r in runs.items() if q not in incomplete}, frozenset(incomplete), earliest
+        {q: r for q, r in paging.runs.items() if q not in incomplete},
+        frozenset(incomplete),
+        earliest,
+        frozenset(paging.seen),
     )
 
 
-def _largest_holders(tail: Sequence[RunRecord], room: int) -> set[str]:
-    """The fewest queues whose runs, taken out of `tail`, leave at most `room` runs."""
-    held = Counter(run.queue_id for run in tail if run.queue_id is not None)
-    over, leaving = len(tail) - room, set()
-    for queue_id, count in held.most_common():
-        if over <= 0:
-            break
-        leaving.add(queue_id)
-        over -= count
-    return leaving
+class _Paging:
+    """One listing's progress: the runs seen, by queue, and the queues that left it."""
+
+    def __init__(
+        self,
+        fetch: Fetch,
+        key: Callable[[RunRecord], float | None],
+        move_at: int,
+        soft_pages: int,
+        max_excluded: int,
+    ) -> None:
+        self._fetch = fetch
+        self._key = key
+        self._move_at = move_at
+        self._soft_pages = soft_pages
+        self._max_excluded = max_excluded
+        self.pages = 0
+        self.seen: set[str] = set()
+        self.runs: dict[str, list[RunRecord]] = defaultdict(list)
+        self.incomplete: set[str] = set()
+
+    async def page_on(
+        self, remaining: list[str], after: UnixTime | None, tail: list[RunRecord]
+    ) -> None:
+        """List the queues `remaining` from `after`, leaving out the runs of `tail` by id.
+
+        `tail` holds the runs already answered at or after `after`: leaving them out by id
+        makes runs that share one time (a burst created at once) page like any others. When
+        it outgrows `max_excluded`, the queues are split in two halves, each listed on from
+        here with its own part of the tail: the body stays bounded and no queue leaves.
+        """
+        key = self._key
+        while remaining:
+            if len(tail) > self._max_excluded:
+                if len(remaining) == 1:
+                    # One queue holding that many runs at one time: counted or read apart.
+                    self.incomplete.add(remaining[0])
+                    return
+                middle = len(remaining) // 2
+                for part in (remaining[:middle], remaining[middle:]):
+                    # A queue of the second part may have left while the first was listed.
+                    queues = [q for q in part if q not in self.incomplete]
+                    held = set(queues)
+                    await self.page_on(queues, after, [r for r in tail if r.queue_id in held])
+                return
+            if self.pages >= MAX_PAGES:
+                raise MalformedResponse(f"flow_runs/filter: more than {MAX_PAGES} pages")
+            self.pages += 1
+            page = await self._fetch(remaining, after, [r.id for r in tail])
+            fresh = [r for r in page if r.id not in self.seen and r.queue_id not in self.incomplete]
+            for run in fresh:
+                self.seen.add(run.id)
+                if run.queue_id is not None:
+                    self.runs[run.queue_id].append(run)
+            if len(page) < PAGE_SIZE:
+                return
+            if not fresh:
+                # Every run was answered before, although left out by id or by time.
+                raise MalformedResponse(
+                    "flow_runs/filter: the run id or time filter was not applied"
+                )
+            last = key(page[-1])
+            if last is not None:
+                after = UnixTime(last - KEY_OVERLAP_SECONDS)
+            # Once `after` is set, the time filter leaves runs without a time out; before, the
+            # ids alone move the listing on.
+            tail = [
+                r
+                for r in (*tail, *page)
+                if after is None or ((k := key(r)) is not None and k >= after)
+            ]
+            if self.pages >= self._soft_pages:
+                self.incomplete |= {
+                    q for q, listed in self.runs.items() if len(listed) >= self._move_at
+                }
+            remaining = [q for q in remaining if q not in self.incomplete]
+            tail = [r for r in tail if r.queue_id not in self.incomplete]
 
 
 def _oldest(times: Iterable[float | None]) -> float | None:
@@ -446,8 +485,10 @@ class RunCentricReader:
         # listing could not finish have their due runs counted.
         incomplete = active.incomplete
         # Runs already listed as due or active, in any queue: a kept run ahead that a worker
-        # claimed early (prefetch), or that moved queue, is not counted again as Scheduled.
-        listed = {run.id for runs in (*active.runs.values(), *due.runs.values()) for run in runs}
+        # claimed early (prefetch), or that moved queue, is not counted again as Scheduled. (A
+        # kept run moved earlier, to due, in a queue whose due runs are counted is counted
+        # twice unless listed before the queue left: until the next listing of runs ahead.)
+        listed = active.seen | due.seen
         counted = [q for q in queue_ids if q in ahead.incomplete and q not in incomplete]
         due_counted = [q for q in queue_ids if q in due.incomplete and q not in incomplete]
         answers = await gather_bounded(

@@ -217,20 +217,31 @@ class TestListByQueue:
         assert all(len(result.runs[f"q{i}"]) == 1 for i in range(1000))
         assert fake.excluded == [0, 200, 400, 600, 800, 1000]
 
-    def test_a_tie_too_large_to_leave_out_by_id_hands_its_largest_queues_over(self) -> None:
-        """40 queues of 60 runs at one time: the body never lists more than MAX_EXCLUDED ids;
-        the queues that leave are named with their earliest run, the others are complete."""
-        runs = [scheduled(f"q{q}-{i}", f"q{q}", NOW - 60) for q in range(40) for i in range(60)]
-        fake = FakeRuns([*runs, scheduled("early", "q39", NOW - 90)])
-        result = listing(fake, [f"q{q}" for q in range(40)])
-        assert max(fake.excluded) <= MAX_EXCLUDED
-        assert result.incomplete
-        assert set(result.earliest) == result.incomplete
-        for q in range(40):
-            if f"q{q}" in result.incomplete:
-                assert result.earliest[f"q{q}"] == (NOW - 90 if q == 39 else NOW - 60)
-            else:
-                assert len(result.runs[f"q{q}"]) == 60 + (q == 39)
+    @pytest.mark.parametrize("max_excluded", [300, MAX_EXCLUDED])
+    def test_a_tie_too_large_to_leave_out_by_id_is_listed_in_parts(self, max_excluded: int) -> None:
+        """1,000 queues holding 1 to 5 runs each at one instant (3,000 runs, three hourly
+        deployments a queue): no request leaves out more than `max_excluded` ids, no queue
+        leaves the listing, every run is listed once, in about one page per 200 runs."""
+        runs = [
+            scheduled(f"q{q}-{i}", f"q{q}", NOW - 60) for q in range(1000) for i in range(1 + q % 5)
+        ]
+        fake = FakeRuns([*runs, scheduled("early", "q999", NOW - 90)])
+        queues = [f"q{q}" for q in range(1000)]
+        result = asyncio.run(
+            list_by_queue(
+                lambda ids, after, excluded: fake.scheduled_runs_page(
+                    NOW, ids, after, FAR, excluded
+                ),
+                queues,
+                lambda r: r.next_scheduled_start,
+                max_excluded=max_excluded,
+            )
+        )
+        assert max(fake.excluded) <= max_excluded
+        assert result.incomplete == frozenset()
+        for q in range(1000):
+            assert len(result.runs[f"q{q}"]) == 1 + q % 5 + (q == 999)
+        assert len(fake.pages) <= len(runs) // PAGE_SIZE + 2 * (len(runs) // max_excluded) + 2
 
     def test_a_queue_with_a_quarter_page_of_due_runs_leaves_after_the_first_page(self) -> None:
         """As the due listing does it: a queue holding 67 of the first 400 runs leaves the
@@ -269,13 +280,33 @@ class TestListByQueue:
         """Full pages that never change would page on forever: refused instead."""
         rows = [scheduled(f"r{i}", "q", NOW - i) for i in range(PAGE_SIZE)]
 
+        fetches = []
+
         async def stubborn(
             queue_ids: Sequence[str], after: UnixTime | None, excluded: Sequence[str]
         ) -> list[RunRecord]:
+            fetches.append(after)
             return rows
 
         with pytest.raises(MalformedResponse):
             asyncio.run(list_by_queue(stubborn, ["q", "r", "s"], lambda r: r.next_scheduled_start))
+        assert len(fetches) == 2
+
+    def test_a_server_ignoring_the_run_id_filter_is_malformed(self) -> None:
+        """300 runs at one instant from a server that honours the time filter but not the ids:
+        the second page repeats the first, and the listing stops there."""
+        fake = FakeRuns([scheduled(f"r{i}", "q", NOW - 60) for i in range(300)])
+        fetches = []
+
+        async def ids_ignored(
+            queue_ids: Sequence[str], after: UnixTime | None, excluded: Sequence[str]
+        ) -> list[RunRecord]:
+            fetches.append(len(excluded))
+            return await fake.scheduled_runs_page(NOW, queue_ids, after, FAR)
+
+        with pytest.raises(MalformedResponse, match="run id or time filter"):
+            asyncio.run(list_by_queue(ids_ignored, ["q"], lambda r: r.next_scheduled_start))
+        assert fetches == [0, PAGE_SIZE]
 
 
 class TestQueueStats:
