@@ -792,6 +792,42 @@ class TestPollModes:
         assert registry.get_sample_value("prefect_exporter_poll_mode", {"mode": "run-centric"}) == 1
         assert registry.get_sample_value("prefect_exporter_poll_mode", {"mode": "per-queue"}) == 0
 
+    def test_the_slow_round_is_told_what_this_poll_spent_so_far(self) -> None:
+        """The requests of this poll before the slow round, its listing of runs ahead aside."""
+
+        class Counted(FakeApi):
+            async def scheduled_runs_page(
+                self,
+                until: float,
+                queue_ids: Sequence[str],
+                after: float | None,
+                deadline: float,
+                excluded: Sequence[str] = (),
+            ) -> list[RunRecord]:
+                self.requests_sent += 1
+                return await super().scheduled_runs_page(
+                    until, queue_ids, after, deadline, excluded
+                )
+
+        api = Counted()
+        api.requests_sent = 100  # before this poll
+        settings = PollSettings(
+            interval=30, timeout=5, concurrency=2, heartbeat_multiple=3, mode="run-centric"
+        )
+        p = poller(api, FakeStore(), CollectorRegistry(), settings)
+        told: list[tuple[int | None, int, int]] = []
+        limit = p._refresh_limit
+
+        def spy(queue_ids: Sequence[str], next_poll: UnixTime, spent: int | None = None) -> int:
+            told.append((spent, api.requests_sent, p._ahead_listing_requests))
+            return limit(queue_ids, next_poll, spent)
+
+        p._refresh_limit = spy  # type: ignore[method-assign]
+        asyncio.run(p.poll_and_publish())
+        ((spent, sent, ahead),) = told
+        assert ahead == 1  # the first poll lists the runs ahead: one page here
+        assert spent == sent - 100 - ahead == 1  # the due listing's page
+
     def test_auto_moves_to_run_centric_when_queues_cost_more_than_listings(self) -> None:
         """Measured per-queue cost of 6 a queue makes listings (about 3 requests) the choice."""
 
@@ -959,6 +995,17 @@ class TestSlowRoundBudget:
         p._mode = PollMode.RUN_CENTRIC
         p._runs._ahead_listing_pages = 16  # and no kept listing: the next poll lists again
         assert p._refresh_limit(ids, next_poll=UnixTime(NOW + 30)) == 0
+
+    def test_a_poll_dearer_than_the_last_expects_the_next_as_dear(self) -> None:
+        """A backlog fell due: the listings of this poll cost 63 where the last core was 43, so
+        the next poll is planned at 45 + 20 and the share leaves nothing; as cheap as the last
+        (or cheaper), the plan is the last cost's."""
+        p, _, _ = self.setup(30)
+        p._full_cost, p._core_cost = 45, 43
+        ids = [f"q{i}" for i in range(1000)]
+        assert p._refresh_limit(ids, next_poll=UnixTime(NOW + 30), spent=63) == 0
+        assert p._refresh_limit(ids, next_poll=UnixTime(NOW + 30), spent=50) == 62 - 52 - 4
+        assert p._refresh_limit(ids, next_poll=UnixTime(NOW + 30), spent=41) == 62 - 45 - 4
 
     def test_at_60_s_the_share_is_twice_as_large(self) -> None:
         """125 at 60 s: the whole 125 a poll, less the next poll's 45 and the reserve."""
