@@ -58,7 +58,7 @@ import contextlib
 import math
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from exporter.clock import Deadline, UnixTime
@@ -508,6 +508,16 @@ class RunCentricReader:
             self._concurrency,
         )
         ahead_counts = dict(zip(counted, answers[: len(counted)], strict=True))
+        if emptied := {q for q, counts in ahead_counts.items() if not any(c.count for c in counts)}:
+            # A backfill that fell due leaves nothing ahead: kept as listed with no runs (a run
+            # made ahead since shows at the next listing, as in any listed queue), not counted
+            # every poll until then. Measured at 1,000 queues: 10 requests a poll for up to
+            # 5 minutes after a 5,000-run backfill fell due.
+            self._ahead = replace(
+                ahead,
+                runs={**ahead.runs, **{q: [] for q in emptied}},
+                incomplete=ahead.incomplete - emptied,
+            )
         due_counts = {
             q: DueCount(counts, due.earliest.get(q))
             for q, counts in zip(due_counted, answers[len(counted) :], strict=True)

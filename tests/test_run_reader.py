@@ -559,6 +559,26 @@ class TestRunsAhead:
         # Three pages, then one for the small queue alone after the burst is handed over.
         assert len(self.ahead_pages(fake)) == SOFT_PAGES + 1
 
+    def test_a_counted_backfill_that_fell_due_is_no_longer_counted_ahead(self) -> None:
+        """Once the count of its runs ahead is 0 (the backfill fell due), the queue is kept as
+        listed with nothing ahead until the next listing: no count a poll in between, and a
+        run made ahead meanwhile shows at that listing, as in a listed queue."""
+        fake = FakeRuns([scheduled(f"b{i}", "burst", NOW + 100 + i / 10) for i in range(700)])
+        reader = RunCentricReader(fake, concurrency=4)
+        read(reader, ["burst"], NOW, limit=0)
+        assert fake.between == ["burst"]
+        result = read(reader, ["burst"], UnixTime(NOW + 200), limit=0)  # all due now
+        assert fake.between == ["burst", "burst"]  # counted once more: 0 ahead
+        assert result.stats["burst"].due_scheduled == 700
+        fake.runs.append(scheduled("new", "burst", NOW + 900))
+        for offset in (230, 260):
+            result = read(reader, ["burst"], UnixTime(NOW + offset), limit=0)
+            assert counts_of(result.stats["burst"].counts) == {"Scheduled": 700}
+        assert fake.between == ["burst", "burst"]
+        later = UnixTime(NOW + FUTURE_REFRESH_SECONDS + 10)  # the next listing of runs ahead
+        result = read(reader, ["burst"], later, limit=0)
+        assert counts_of(result.stats["burst"].counts) == {"Scheduled": 701}
+
     def test_a_new_queue_is_listed_alone_and_joins_the_kept_listing(self) -> None:
         """Queues made between two listings cost a listing of their own runs ahead only."""
         fake = FakeRuns([scheduled("a1", "a", NOW + 600), scheduled("b1", "b", NOW + 700)])
