@@ -29,7 +29,8 @@ two tiers: the due part (`next_scheduled_start <= now`) every poll, and the part
 ahead of it (by id, never twice with the due listing); a run made or deleted within the hour
 shows in the Scheduled count within `future_refresh`, and once due at the next poll. A queue
 holding more than the listing's soft pages of runs ahead (5,000 runs of a backfill scheduled for
-midnight, say) is not listed: its runs ahead are counted every poll, one request a queue.
+midnight, say) is not listed: its runs ahead are counted every poll, one request a queue, until
+a count finds none (the backfill fell due), after which it is kept as listed with none.
 Measured at 1,000 queues with a 5,000-run burst 28 minutes ahead in 10 queues: listing the whole
 window every poll cost 72 requests a poll against 39 before the burst, and with a budget of 125 a
 minute two such polls no longer fit in one minute.
