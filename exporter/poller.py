@@ -252,6 +252,9 @@ class Poller:
         # Pages of the last poll's periodic listing of runs ahead (every 5 minutes).
         self._ahead_listing_requests = 0
         self._due_counted = 0  # queues whose due runs the last poll counted rather than listed
+        # Requests of the last run-centric poll before its slow round (its listing of runs
+        # ahead aside): what the next one is compared with.
+        self._spent_before_slow_round: int | None = None
         self._last_plan = PollPlan.FULL  # of the last poll attempted (skips do not count)
         # Seconds the coming poll has waited so far for its full cost (plan WAIT).
         self._budget_wait = 0.0
@@ -425,7 +428,10 @@ class Poller:
         if next_full is not None and spent is not None:
             # Measured at 1,000 queues: a 5,000-run backlog fell due, its first poll cost 63
             # (45 before) and still took 13 counts planned on 45, and the next poll was skipped.
-            next_full += max(0, spent - (self._core_cost or 0))
+            # Compared with the same part of the last poll (the core less what comes after the
+            # slow round), or with its whole core before one was measured.
+            last = self._spent_before_slow_round
+            next_full += max(0, spent - (last if last is not None else (self._core_cost or 0)))
         share = self._budget.per_minute * self._settings.interval / 60
         spare_per_poll = int(share) - (next_full or 0) - SLOW_ROUND_RESERVE
         return max(0, min(wanted, spare_now, spare_per_poll))
@@ -469,6 +475,7 @@ class Poller:
             slow_before = self._api.requests_sent
             so_far = slow_before - poll_started - self._ahead_listing_requests
             limit = self._refresh_limit(listed, next_poll, so_far)
+            self._spent_before_slow_round = so_far
             await self._runs.refresh(listed, now, deadline, limit, self._monotonic)
             slow = self._api.requests_sent - slow_before
             interval = self._settings.interval

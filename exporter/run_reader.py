@@ -30,7 +30,8 @@ ahead of it (by id, never twice with the due listing); a run made or deleted wit
 shows in the Scheduled count within `future_refresh`, and once due at the next poll. A queue
 holding more than the listing's soft pages of runs ahead (5,000 runs of a backfill scheduled for
 midnight, say) is not listed: its runs ahead are counted every poll, one request a queue, until
-a count finds none (the backfill fell due), after which it is kept as listed with none.
+a count reaching as far as the kept listing finds none (the backfill fell due), after which it
+is kept as listed with none.
 Measured at 1,000 queues with a 5,000-run burst 28 minutes ahead in 10 queues: listing the whole
 window every poll cost 72 requests a poll against 39 before the burst, and with a budget of 125 a
 minute two such polls no longer fit in one minute.
@@ -509,11 +510,18 @@ class RunCentricReader:
             self._concurrency,
         )
         ahead_counts = dict(zip(counted, answers[: len(counted)], strict=True))
-        if emptied := {q for q, counts in ahead_counts.items() if not any(c.count for c in counts)}:
+        emptied = {
+            q
+            for q, counts in ahead_counts.items()
+            if not any(c.count for c in counts) and (q not in valid or valid[q].cut >= reach)
+        }
+        if emptied:
             # A backfill that fell due leaves nothing ahead: kept as listed with no runs (a run
             # made ahead since shows at the next listing, as in any listed queue), not counted
             # every poll until then. Measured at 1,000 queues: 10 requests a poll for up to
-            # 5 minutes after a 5,000-run backfill fell due.
+            # 5 minutes after a 5,000-run backfill fell due. Only when the count reached as far
+            # as the kept listing does: a far-ahead cut made before it stops the count short,
+            # and the runs between that cut and the listing's reach would be counted by none.
             self._ahead = replace(
                 ahead,
                 runs={**ahead.runs, **{q: [] for q in emptied}},

@@ -796,6 +796,10 @@ class TestPollModes:
         """The requests of this poll before the slow round, its listing of runs ahead aside."""
 
         class Counted(FakeApi):
+            async def work_pools(self, deadline: float) -> list[PoolRecord]:
+                self.requests_sent += 1
+                return await super().work_pools(deadline)
+
             async def scheduled_runs_page(
                 self,
                 until: float,
@@ -826,7 +830,8 @@ class TestPollModes:
         asyncio.run(p.poll_and_publish())
         ((spent, sent, ahead),) = told
         assert ahead == 1  # the first poll lists the runs ahead: one page here
-        assert spent == sent - 100 - ahead == 1  # the due listing's page
+        assert spent == sent - 100 - ahead == 2  # the pool list and the due listing's page
+        assert p._spent_before_slow_round == 2  # what the next poll is compared with
 
     def test_auto_moves_to_run_centric_when_queues_cost_more_than_listings(self) -> None:
         """Measured per-queue cost of 6 a queue makes listings (about 3 requests) the choice."""
@@ -1004,6 +1009,10 @@ class TestSlowRoundBudget:
         p._full_cost, p._core_cost = 45, 43
         ids = [f"q{i}" for i in range(1000)]
         assert p._refresh_limit(ids, next_poll=UnixTime(NOW + 30), spent=63) == 0
+        # Compared with the last poll's requests before its slow round, once measured.
+        p._spent_before_slow_round = 41
+        assert p._refresh_limit(ids, next_poll=UnixTime(NOW + 30), spent=43) == 62 - 47 - 4
+        p._spent_before_slow_round = None
         assert p._refresh_limit(ids, next_poll=UnixTime(NOW + 30), spent=50) == 62 - 52 - 4
         assert p._refresh_limit(ids, next_poll=UnixTime(NOW + 30), spent=41) == 62 - 45 - 4
 

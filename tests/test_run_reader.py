@@ -579,6 +579,24 @@ class TestRunsAhead:
         result = read(reader, ["burst"], later, limit=0)
         assert counts_of(result.stats["burst"].counts) == {"Scheduled": 701}
 
+    def test_a_count_stopped_short_by_an_old_cut_keeps_the_queue_counted(self) -> None:
+        """The count of runs ahead stops at the queue's far-ahead cut; a cut made before the
+        kept listing falls short of its reach. A count of 0 there says nothing of the runs in
+        between (`late`, beyond the old cut): the queue stays counted, and once the slow round
+        moves the cut out, the count finds `late` (kept as listed with nothing ahead, it would
+        be counted by none until the next listing)."""
+        fake = FakeRuns([scheduled("late", "burst", NOW + 3700)])
+        reader = RunCentricReader(fake, concurrency=4)
+        read(reader, ["burst"], NOW, limit=10)  # far-ahead cut at NOW + 3600: `late` beyond it
+        fake.runs += [scheduled(f"b{i}", "burst", NOW + 1750 + i / 10) for i in range(700)]
+        listed_at = UnixTime(NOW + 1700)  # the next listing of runs ahead: the backfill is ahead
+        read(reader, ["burst"], listed_at, limit=0)
+        # The backfill fell due; the old cut is due for refresh and moves to NOW + 5300.
+        result = read(reader, ["burst"], UnixTime(NOW + 1900), limit=10)
+        assert counts_of(result.stats["burst"].counts) == {"Scheduled": 701}
+        result = read(reader, ["burst"], UnixTime(NOW + 1930), limit=0)
+        assert counts_of(result.stats["burst"].counts) == {"Scheduled": 701}
+
     def test_a_new_queue_is_listed_alone_and_joins_the_kept_listing(self) -> None:
         """Queues made between two listings cost a listing of their own runs ahead only."""
         fake = FakeRuns([scheduled("a1", "a", NOW + 600), scheduled("b1", "b", NOW + 700)])
