@@ -38,6 +38,7 @@ SETTINGS = PollSettings(interval=30, timeout=5, concurrency=2, heartbeat_multipl
 
 class FakeApi:
     requests_sent = 0
+    counts_reads = False  # count the pool list and scheduled pages as requests sent
 
     def __init__(self, fail: Exception | None = None, fail_on_queue: str | None = None) -> None:
         self.fail = fail
@@ -53,6 +54,7 @@ class FakeApi:
     async def work_pools(self, deadline: float) -> list[PoolRecord]:
         if self.fail:
             raise self.fail
+        self.requests_sent += self.counts_reads
         return [PoolRecord("p", "process", "READY", False, None)]
 
     async def work_queues(self, deadline: float) -> list[QueueRecord]:
@@ -132,6 +134,7 @@ class FakeApi:
         deadline: float,
         excluded: Sequence[str] = (),
     ) -> list[RunRecord]:
+        self.requests_sent += self.counts_reads
         return [RunRecord("r1", "a", "SCHEDULED", "Late", NOW - 70, NOW - 70, NOW - 60)]
 
     async def scheduled_counts_after(
@@ -795,25 +798,8 @@ class TestPollModes:
     def test_the_slow_round_is_told_what_this_poll_spent_so_far(self) -> None:
         """The requests of this poll before the slow round, its listing of runs ahead aside."""
 
-        class Counted(FakeApi):
-            async def work_pools(self, deadline: float) -> list[PoolRecord]:
-                self.requests_sent += 1
-                return await super().work_pools(deadline)
-
-            async def scheduled_runs_page(
-                self,
-                until: float,
-                queue_ids: Sequence[str],
-                after: float | None,
-                deadline: float,
-                excluded: Sequence[str] = (),
-            ) -> list[RunRecord]:
-                self.requests_sent += 1
-                return await super().scheduled_runs_page(
-                    until, queue_ids, after, deadline, excluded
-                )
-
-        api = Counted()
+        api = FakeApi()
+        api.counts_reads = True
         api.requests_sent = 100  # before this poll
         settings = PollSettings(
             interval=30, timeout=5, concurrency=2, heartbeat_multiple=3, mode="run-centric"
