@@ -100,6 +100,24 @@ class Transport(Protocol):
     async def aclose(self) -> None: ...
 
 
+def _scheduled_between(after: UnixTime | None, before: UnixTime | None) -> dict[str, Any]:
+    """The `flow_runs` filter of SCHEDULED-type runs other than AwaitingConcurrencySlot (whose
+    next start a deployment limit keeps pushing ahead) due from `after` up to `before`, each
+    end included when given (the API's time filters include both ends)."""
+    window: dict[str, str] = {}
+    if before is not None:
+        window["before_"] = iso(before)
+    if after is not None:
+        window["after_"] = iso(after)
+    return {
+        "state": {
+            "type": {"any_": [StateType.SCHEDULED.value]},
+            "name": {"not_any_": [AWAITING_CONCURRENCY_SLOT]},
+        },
+        "next_scheduled_start_time": window,
+    }
+
+
 class PrefectApi:
     """Read-only client for the Prefect 3 REST API, returning records (see records.py).
 
@@ -268,18 +286,7 @@ class PrefectApi:
         limit keeps pushing ahead), in the queues `queue_ids`, due at `after` or later when
         given, other than the runs whose ids are `excluded`. One request.
         """
-        window = {"before_": iso(until)}
-        if after is not None:
-            window["after_"] = iso(after)
-        body = {
-            "flow_runs": {
-                "state": {
-                    "type": {"any_": [StateType.SCHEDULED.value]},
-                    "name": {"not_any_": [AWAITING_CONCURRENCY_SLOT]},
-                },
-                "next_scheduled_start_time": window,
-            },
-        }
+        body = {"flow_runs": _scheduled_between(after, until)}
         return await self._run_page(
             body, "NEXT_SCHEDULED_START_TIME_ASC", queue_ids, excluded, deadline
         )
@@ -291,17 +298,7 @@ class PrefectApi:
 
         AwaitingConcurrencySlot runs are left out (the active listing has them).
         """
-        return await self._history(
-            queue_id,
-            {
-                "state": {
-                    "type": {"any_": [StateType.SCHEDULED.value]},
-                    "name": {"not_any_": [AWAITING_CONCURRENCY_SLOT]},
-                },
-                "next_scheduled_start_time": {"after_": iso(after)},
-            },
-            deadline,
-        )
+        return await self._history(queue_id, _scheduled_between(after, None), deadline)
 
     async def scheduled_counts_between(
         self, queue_id: str, after: UnixTime | None, before: UnixTime, deadline: Deadline
@@ -311,20 +308,7 @@ class PrefectApi:
 
         One request; AwaitingConcurrencySlot runs are left out (the active listing has them).
         """
-        window = {"before_": iso(before)}
-        if after is not None:
-            window["after_"] = iso(after)
-        return await self._history(
-            queue_id,
-            {
-                "state": {
-                    "type": {"any_": [StateType.SCHEDULED.value]},
-                    "name": {"not_any_": [AWAITING_CONCURRENCY_SLOT]},
-                },
-                "next_scheduled_start_time": window,
-            },
-            deadline,
-        )
+        return await self._history(queue_id, _scheduled_between(after, before), deadline)
 
     async def _history(
         self, queue_id: str, runs_filter: Mapping[str, Any], deadline: Deadline
